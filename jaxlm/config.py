@@ -1,0 +1,249 @@
+"""The one config schema of jaxlm, its loader and its command-line overrides.
+
+Every field a run can set is declared (and commented) in `base_config()`. A config file
+under `configs/` is a Python file whose `get_config()` starts from `base_config()` and
+changes values; it cannot add fields, so a typo fails loudly instead of being ignored.
+
+Command line (shared by `jaxlm.main`, `jaxlm.train` and `jaxlm.evaluate`):
+
+    python -m jaxlm.main --config=configs/gpt/debug.py --workdir=runs/debug \
+        --config.train.steps=50 --config.model.position=rope
+
+Shape letters used in variable names across the code base:
+  B batch, L sequence length, D model width, H heads, K head dim (D = H*K),
+  F MLP hidden width, V vocabulary, M microbatches.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A user-facing config problem; the message names the offending field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults (a small GPT that trains on CPU in minutes)."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 258          # V; must be >= the tokenizer's vocab (byte tokenizer: 258)
+    m.max_len = 256             # longest sequence the model accepts (size of learned positions)
+    m.num_layers = 4
+    m.d_model = 128             # D
+    m.num_heads = 4             # H; head dim K = D / H
+    m.mlp_dim = 512             # F; GPT-2 uses 4*D
+    m.dropout = 0.0             # on embeddings, attention output and MLP output
+    m.attention_dropout = 0.0   # on attention probabilities
+    m.position = "learned"      # "learned" (GPT-2) or "rope" (rotary, applied to q and k)
+    m.rope_base = 10000.0       # rotary base frequency (used when position = "rope")
+    m.tie_embeddings = True     # output projection reuses the token embedding (GPT-2 does)
+    m.layer_norm_eps = 1e-5
+    m.dtype = "float32"         # compute dtype ("bfloat16" for mixed precision)
+    m.param_dtype = "float32"   # storage dtype of parameters and optimizer state
+    m.attention_impl = "xla"    # seam for fused kernels (cuDNN / Pallas) behind one signature
+    m.remat = False             # recompute each block's activations in the backward pass
+    m.init_std = 0.02           # normal init std; residual output projections get / sqrt(2*layers)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "synthetic"        # built-in offline corpus (jaxlm.data.synthetic)
+    d.seed = 0                  # seeds the synthetic world and the document order
+    d.seq_len = 128             # tokens per training sequence (<= model.max_len)
+    d.tokenizer = "byte"        # see jaxlm.data.tokenizer.get_tokenizer
+    d.prefetch = 2              # batches prepared ahead on a background thread
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000              # optimizer steps
+    t.batch_size = 32           # global batch, in sequences, per optimizer step
+    t.microbatches = 1          # gradient accumulation: batch_size is split into this many
+    t.seed = 0                  # parameter init and dropout
+    t.log_every = 25            # steps between logged metrics
+    t.checkpoint_every = 500    # steps between checkpoints (one is always written at the end)
+    t.keep_checkpoints = 2      # most recent checkpoints kept on disk
+
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.learning_rate = 3e-3      # peak learning rate, reached after warmup
+    o.warmup_steps = 100        # linear warmup from 0
+    o.min_lr_ratio = 0.1        # cosine decays to learning_rate * min_lr_ratio at train.steps
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1        # decoupled (AdamW)
+    # Parameters whose path contains any of these names are not decayed (biases, norms).
+    o.no_decay = ("bias", "scale")
+    o.grad_clip_norm = 1.0      # global-norm clipping; 0 disables
+
+    c.mesh = me = ml_collections.ConfigDict()
+    # Mesh axis sizes; -1 takes the devices left over. Product must equal the device count.
+    me.data = -1
+    me.fsdp = 1
+    me.tensor = 1
+    # Logical axis -> mesh axes. The default is pure data parallelism: only the batch is
+    # split; every parameter is replicated. Other strategies are other rule lists.
+    me.rules = (
+        ("batch", ("data", "fsdp")),
+    )
+
+    c.evaluate = e = ml_collections.ConfigDict()
+    e.tasks = ("rule_mc", "rule_exact", "facts_mc", "arithmetic_mc")
+    e.shots = (0, 1, 4, 8)
+    e.num_examples = 200        # per task (fewer if the task has fewer)
+    e.batch_size = 32           # sequences scored per forward pass
+    e.seed = 0                  # which demonstrations are drawn for each example
+    e.max_new_tokens = 16       # for exact-match tasks
+    e.num_samples = 3           # generated samples printed after training
+    e.sample_len = 96           # bytes per sample
+    e.temperature = 0.8
+
+    c.hardware = h = ml_collections.ConfigDict()
+    h.peak_flops = 0.0          # per-device peak FLOP/s for MFU; 0 = look up the device kind
+
+    c.lock()
+    return c
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its `get_config()`, locked."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} defines no get_config()")
+    cfg = module.get_config()
+    cfg.lock()
+    return cfg
+
+
+def _leaf_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _leaf_paths(value, name + ".")
+        else:
+            out.append(name)
+    return out
+
+
+def _parse_value(field: str, text: str, current):
+    """Parses `text` into the type of the field's current value."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config.{field}: expected a bool (true/false), got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"config.{field}: expected {type(current).__name__}, got {text!r}") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, tuple) and not isinstance(value, tuple):
+        value = (value,)
+    if type(value) is not type(current):
+        raise ConfigError(
+            f"config.{field}: expected {type(current).__name__}, got {text!r} "
+            f"({type(value).__name__})")
+    return value
+
+
+def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> None:
+    """Sets `cfg.<field>` from its command-line text, checking name and type."""
+    known = _leaf_paths(cfg)
+    if field not in known:
+        close = difflib.get_close_matches(field, known, n=1)
+        hint = f" (did you mean config.{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config field config.{field}{hint}")
+    *parents, leaf = field.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[leaf] = _parse_value(field, text, node[leaf])
+
+
+@dataclasses.dataclass
+class Args:
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    config_path: str
+
+
+def parse_args(argv: list[str]) -> Args:
+    """`--config=FILE --workdir=DIR [--config.a.b=VALUE ...]` -> Args, all checked."""
+    config_path, workdir, overrides = None, None, []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"unrecognised argument {arg!r}; expected --name=value")
+        name, value = arg[2:].split("=", 1)
+        if name == "config":
+            config_path = value
+        elif name == "workdir":
+            workdir = value
+        elif name.startswith("config."):
+            overrides.append((name[len("config."):], value))
+        else:
+            raise ConfigError(f"unknown flag --{name}; known: --config, --workdir, --config.<field>")
+    if config_path is None or workdir is None:
+        raise ConfigError("both --config=FILE and --workdir=DIR are required")
+    cfg = load_config(config_path)
+    for field, value in overrides:
+        apply_override(cfg, field, value)
+    validate(cfg)
+    return Args(config=cfg, workdir=pathlib.Path(workdir), config_path=config_path)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks the relations between fields that types alone cannot; raises ConfigError."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(m.d_model % m.num_heads == 0,
+         f"config.model.d_model={m.d_model} is not divisible by config.model.num_heads={m.num_heads}")
+    need(m.position in ("learned", "rope"),
+         f"config.model.position={m.position!r}: expected 'learned' or 'rope'")
+    need(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
+         "config.model.position='rope' needs an even head dim (d_model / num_heads)")
+    for f in ("dtype", "param_dtype"):
+        need(m[f] in ("float32", "bfloat16", "float16"),
+             f"config.model.{f}={m[f]!r}: expected float32, bfloat16 or float16")
+    need(m.attention_impl in ("xla",),
+         f"config.model.attention_impl={m.attention_impl!r}: only 'xla' exists so far")
+    need(d.seq_len <= m.max_len,
+         f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}")
+    for f in ("steps", "batch_size", "microbatches", "log_every", "checkpoint_every",
+              "keep_checkpoints"):
+        need(t[f] > 0, f"config.train.{f}={t[f]} must be positive")
+    need(t.batch_size % t.microbatches == 0,
+         f"config.train.batch_size={t.batch_size} is not divisible by "
+         f"config.train.microbatches={t.microbatches}")
+    need(0 <= cfg.optimizer.warmup_steps <= t.steps,
+         f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be in [0, train.steps]")
+    need(all(k >= 0 for k in cfg.evaluate.shots), "config.evaluate.shots must be >= 0")
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)

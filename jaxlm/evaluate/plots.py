@@ -1,0 +1,46 @@
+"""PNG plots of a run: the training loss curve and few-shot accuracy against k."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from jaxlm.train.metrics import read_history  # noqa: E402
+
+
+def write_plots(workdir: pathlib.Path, results: dict, shots) -> list[pathlib.Path]:
+    out_dir = pathlib.Path(workdir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    history = read_history(workdir)
+    if history:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+        ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, r) in enumerate(results.items()):
+        color = f"C{i}"
+        ax.plot(shots, [r["shots"][str(k)]["accuracy"] for k in shots], "o-", color=color,
+                label=name)
+        ax.axhline(r["chance"], color=color, ls=":", lw=1)
+    ax.set(xlabel="shots (k)", ylabel="accuracy", title="Few-shot accuracy (dotted: chance)",
+           ylim=(0, 1.02))
+    ax.set_xticks(list(shots))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "fewshot.png", dpi=100)
+    plt.close(fig)
+    written.append(out_dir / "fewshot.png")
+    return written

@@ -1,0 +1,74 @@
+"""GPT: a decoder-only transformer (GPT-2 layout: pre-LN blocks, final LN, tied output).
+
+    model = GPT(config.model)
+    params = model.init(rng, tokens_BxL)["params"]
+    logits_BxLxV = model.apply({"params": params}, tokens_BxL)
+
+One forward pass, top to bottom: embed tokens (+ learned positions) -> dropout ->
+num_layers x Block(causal) -> LayerNorm -> logits over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models import layers
+
+Array = jax.Array
+
+
+class GPT(nn.Module):
+    cfg: layers.Config  # config.model
+
+    @nn.compact
+    def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
+                 segments_BxL: Array | None = None, *, deterministic: bool = True,
+                 decode: bool = False) -> Array:
+        """Returns logits [B, L, V] in fp32.
+
+        positions default to 0..L-1; segments (0 = padding) keep attention inside one
+        document. decode=True runs incrementally against the KV cache (see layers.Attention).
+        """
+        cfg = self.cfg
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        embed = layers.Embeddings(cfg, name="embed")
+        x_BxLxD = embed(tokens_BxL, positions_BxL)
+        x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+
+        block = layers.Block
+        if cfg.remat:
+            block = nn.remat(block, static_argnums=(4, 5))  # (self, x, pos, seg, det, decode)
+        for i in range(cfg.num_layers):
+            x_BxLxD = block(cfg, causal=True, name=f"block_{i}")(
+                x_BxLxD, positions_BxL, segments_BxL, deterministic, decode)
+        x_BxLxD = layers.LayerNorm(cfg, name="ln_final")(x_BxLxD)
+
+        if cfg.tie_embeddings:
+            logits_BxLxV = embed.attend(x_BxLxD)
+        else:
+            logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
+                                    kernel_init=layers.init(cfg.init_std, ("embed", "vocab")),
+                                    **layers.dtypes(cfg))(x_BxLxD)
+        logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        return logits_BxLxV.astype(jnp.float32)
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(cfg: layers.Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6*N + 12*layers*D*seq_len.
+
+    6N counts the forward (2N) and backward (4N) matmuls over the N non-embedding
+    parameters plus the output projection (Kaplan et al. 2020, Sec. 2.1), and
+    12*layers*D*L the attention score and value matmuls (forward + backward, PaLM appendix B).
+    Position/token embedding lookups are not matmuls and are excluded.
+    """
+    D, F, Lyr, V = cfg.d_model, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
+    per_layer = 4 * D * D + 2 * D * F          # q, k, v, out + MLP in/out kernels
+    n_matmul = Lyr * per_layer + D * V         # + the output (logits) projection
+    return 6.0 * n_matmul + 12.0 * Lyr * D * seq_len

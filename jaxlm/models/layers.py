@@ -1,0 +1,250 @@
+"""The transformer sublayers, written once: GPT (causal) and BERT (bidirectional) reuse them.
+
+Every parameter carries logical axis names and key activations carry logical constraints,
+so how a model is split across devices is decided by `config.mesh.rules`, not here.
+
+Logical axes: batch, length, embed (D), heads (H), kv (K, head dim), mlp (F), vocab (V),
+pos (rows of the learned position table).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+Config = ml_collections.ConfigDict
+
+
+def dtypes(cfg: Config) -> dict:
+    """Compute and parameter dtypes, for `dtype=`/`param_dtype=` of flax layers."""
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def init(std: float, names: tuple[str | None, ...]):
+    """Normal(0, std) initializer that records the parameter's logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Declares an activation's logical layout (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, names)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with logically named scale and bias; statistics are computed in fp32."""
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return nn.LayerNorm(
+            epsilon=self.cfg.layer_norm_eps,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            **dtypes(self.cfg))(x)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def rope(x_BxLxHxK: Array, positions_BxL: Array, base: float) -> Array:
+    """Rotary position embedding: rotates pairs (x[i], x[i + K/2]) by position-dependent angles.
+
+    Computed in fp32 (the angles lose precision in bf16 at long positions).
+    """
+    K = x_BxLxHxK.shape[-1]
+    freq_K2 = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
+    sin, cos = jnp.sin(angle_BxLxK2)[:, :, None], jnp.cos(angle_BxLxK2)[:, :, None]
+    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus (when config.position == "learned") a learned position table.
+
+    `attend` maps hidden states back to vocabulary logits with the same table (tied output).
+    """
+    cfg: Config
+
+    def setup(self):
+        cfg = self.cfg
+        self.tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
+                               embedding_init=init(cfg.init_std, ("vocab", "embed")),
+                               **dtypes(cfg))
+        if cfg.position == "learned":
+            self.positions = nn.Embed(cfg.max_len, cfg.d_model,
+                                      embedding_init=init(cfg.init_std / 2, ("pos", "embed")),
+                                      **dtypes(cfg))
+
+    def __call__(self, tokens_BxL: Array, positions_BxL: Array) -> Array:
+        x_BxLxD = self.tokens(tokens_BxL)
+        if self.cfg.position == "learned":
+            x_BxLxD = x_BxLxD + self.positions(positions_BxL)
+        return constrain(x_BxLxD, ("batch", "length", "embed"))
+
+    def attend(self, x_BxLxD: Array) -> Array:
+        return self.tokens.attend(x_BxLxD)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_mask(q_positions_BxL: Array, kv_positions_BxS: Array, *, causal: bool,
+                   q_segments_BxL: Array | None = None,
+                   kv_segments_BxS: Array | None = None) -> Array:
+    """Boolean mask [B, 1, L, S]: True where query l may attend to key s.
+
+    Causal masks compare absolute positions; segment ids (0 = padding) keep attention
+    inside one packed document and away from padding.
+    """
+    mask = jnp.ones((q_positions_BxL.shape[0], q_positions_BxL.shape[1],
+                     kv_positions_BxS.shape[1]), bool)
+    if causal:
+        mask &= q_positions_BxL[:, :, None] >= kv_positions_BxS[:, None, :]
+    if kv_segments_BxS is not None:
+        mask &= (kv_segments_BxS != 0)[:, None, :]
+        if q_segments_BxL is not None:
+            mask &= q_segments_BxL[:, :, None] == kv_segments_BxS[:, None, :]
+    return mask[:, None]
+
+
+def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
+                          mask_Bx1xLxS: Array, *, dropout_rate: float = 0.0,
+                          dropout_rng: Array | None = None) -> Array:
+    """Plain XLA attention. Fused kernels (cuDNN, Pallas) will sit behind this signature.
+
+    Logits and softmax run in fp32 whatever the compute dtype: bf16 has too few mantissa
+    bits for the exp/sum of a softmax over long rows.
+    """
+    K = q_BxLxHxK.shape[-1]
+    logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
+    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxLxS.shape)
+        probs_BxHxLxS = jnp.where(keep, probs_BxHxLxS / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an optional KV cache for incremental decoding.
+
+    decode=True keeps keys/values in the "cache" collection (sized to model.max_len): the
+    first call may pass a whole prompt, later calls one token each; positions are
+    absolute and the cache index advances by the number of tokens passed.
+    """
+    cfg: Config
+    causal: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, positions_BxL: Array, segments_BxL: Array | None,
+                 *, deterministic: bool, decode: bool = False) -> Array:
+        cfg = self.cfg
+        H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
+        proj = functools.partial(nn.DenseGeneral, features=(H, K), axis=-1,
+                                 kernel_init=init(cfg.init_std, ("embed", "heads", "kv")),
+                                 bias_init=nn.with_logical_partitioning(
+                                     nn.initializers.zeros, ("heads", "kv")),
+                                 **dtypes(cfg))
+        q_BxLxHxK = proj(name="query")(x_BxLxD)
+        k_BxLxHxK = proj(name="key")(x_BxLxD)
+        v_BxLxHxK = proj(name="value")(x_BxLxD)
+        if cfg.position == "rope":
+            q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_base)
+            k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, cfg.rope_base)
+        q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "kv"))
+        k_BxLxHxK = constrain(k_BxLxHxK, ("batch", "length", "heads", "kv"))
+        v_BxLxHxK = constrain(v_BxLxHxK, ("batch", "length", "heads", "kv"))
+
+        if decode:
+            k_BxSxHxK, v_BxSxHxK, kv_pos_BxS, kv_seg_BxS = self._update_cache(
+                k_BxLxHxK, v_BxLxHxK, positions_BxL, segments_BxL)
+        else:
+            k_BxSxHxK, v_BxSxHxK = k_BxLxHxK, v_BxLxHxK
+            kv_pos_BxS, kv_seg_BxS = positions_BxL, segments_BxL
+        mask = attention_mask(positions_BxL, kv_pos_BxS, causal=self.causal,
+                              q_segments_BxL=None if decode else segments_BxL,
+                              kv_segments_BxS=kv_seg_BxS)
+        use_dropout = not deterministic and cfg.attention_dropout > 0
+        out_BxLxHxK = dot_product_attention(
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask,
+            dropout_rate=cfg.attention_dropout if use_dropout else 0.0,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None)
+        out_BxLxD = nn.DenseGeneral(
+            features=cfg.d_model, axis=(-2, -1), name="out",
+            kernel_init=init(cfg.init_std / (2 * cfg.num_layers) ** 0.5, ("heads", "kv", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            **dtypes(cfg))(out_BxLxHxK)
+        return constrain(out_BxLxD, ("batch", "length", "embed"))
+
+    def _update_cache(self, k_BxLxHxK, v_BxLxHxK, positions_BxL, segments_BxL):
+        """Writes this call's keys/values at the cache index; returns the whole cache.
+
+        Unwritten slots keep segment 0, so the mask ignores them like padding.
+        """
+        B, L, H, K = k_BxLxHxK.shape
+        S = self.cfg.max_len
+        zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
+        ck = self.variable("cache", "cached_key", zeros, (B, S, H, K), k_BxLxHxK.dtype)
+        cv = self.variable("cache", "cached_value", zeros, (B, S, H, K), v_BxLxHxK.dtype)
+        cpos = self.variable("cache", "positions", zeros, (B, S), jnp.int32)
+        cseg = self.variable("cache", "segments", zeros, (B, S), jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if segments_BxL is None:
+            segments_BxL = jnp.ones((B, L), jnp.int32)
+        i = index.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxLxHxK, (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxLxHxK, (0, i, 0, 0))
+        cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BxL.astype(jnp.int32), (0, i))
+        cseg.value = jax.lax.dynamic_update_slice(cseg.value, segments_BxL.astype(jnp.int32), (0, i))
+        index.value = i + L
+        return ck.value, cv.value, cpos.value, cseg.value
+
+
+# ----------------------------------------------------------------------------- MLP and block
+
+
+class Mlp(nn.Module):
+    """Dense(D->F), GELU, Dense(F->D), dropout."""
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
+        cfg = self.cfg
+        h_BxLxF = nn.Dense(cfg.mlp_dim, name="fc_in",
+                           kernel_init=init(cfg.init_std, ("embed", "mlp")),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                           **dtypes(cfg))(x_BxLxD)
+        h_BxLxF = constrain(nn.gelu(h_BxLxF, approximate=True), ("batch", "length", "mlp"))
+        out_BxLxD = nn.Dense(cfg.d_model, name="fc_out",
+                             kernel_init=init(cfg.init_std / (2 * cfg.num_layers) ** 0.5,
+                                              ("mlp", "embed")),
+                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                             **dtypes(cfg))(h_BxLxF)
+        out_BxLxD = nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=deterministic)
+        return constrain(out_BxLxD, ("batch", "length", "embed"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    cfg: Config
+    causal: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, positions_BxL: Array, segments_BxL: Array | None,
+                 deterministic: bool, decode: bool = False) -> Array:
+        # deterministic/decode are positional so nn.remat can mark them static.
+        h = Attention(self.cfg, self.causal, name="attn")(
+            LayerNorm(self.cfg, name="ln_attn")(x_BxLxD), positions_BxL, segments_BxL,
+            deterministic=deterministic, decode=decode)
+        x_BxLxD = x_BxLxD + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
+        h = Mlp(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln_mlp")(x_BxLxD),
+                                      deterministic=deterministic)
+        return constrain(x_BxLxD + h, ("batch", "length", "embed"))

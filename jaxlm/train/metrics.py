@@ -1,0 +1,110 @@
+"""Throughput/MFU arithmetic and the run's metric sinks (console, TensorBoard, metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import sys
+
+import jax
+
+log = logging.getLogger("jaxlm")
+
+# Dense bf16 peak FLOP/s per JAX device, from the vendors' spec sheets. MFU is quoted
+# against this peak whatever the compute dtype (the usual convention). Keys are matched
+# as substrings of `device.device_kind`, first match wins.
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),      # SXM; the PCIe card is lower (756e12): set hardware.peak_flops
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6 lite", 918e12),  # v6e
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5", 459e12),       # v5p
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops_per_device(override: float = 0.0, device=None) -> float | None:
+    """config.hardware.peak_flops if set, else the table entry for the device; None if unknown
+    (CPUs have no entry: their peak depends on the core count and vector units)."""
+    if override > 0:
+        return override
+    kind = (device or jax.devices()[0]).device_kind
+    for key, peak in PEAK_FLOPS:
+        if key in kind:
+            return peak
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int,
+        peak: float | None) -> float | None:
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_second / (peak * num_devices)
+
+
+class MetricSink:
+    """Writes step metrics to WORKDIR/metrics.jsonl, TensorBoard (WORKDIR/tb) and the console.
+
+    Only process 0 writes. A progress bar is shown on an interactive terminal, plain log
+    lines otherwise (CI, SLURM logs).
+    """
+
+    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int):
+        self.enabled = jax.process_index() == 0
+        self.bar = None
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+        for k, v in clean.items():
+            if v is not None and math.isfinite(v):
+                self.tb.add_scalar(f"train/{k}", v, step)
+        text = (f"loss {clean['loss']:.4f}  ppl {clean['perplexity']:.2f}  "
+                f"tok/s {clean['tokens_per_second']:,.0f}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            extra = f"  grad_norm {clean['grad_norm']:.3f}  lr {clean['learning_rate']:.2e}"
+            if clean.get("mfu") is not None:
+                extra += f"  mfu {100 * clean['mfu']:.1f}%"
+            log.info("step %d  %s%s", step, text, extra)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.close()
+            self.tb.close()
+            self.jsonl.close()
+
+
+def read_history(workdir: pathlib.Path) -> list[dict]:
+    """metrics.jsonl as a list, keeping the last record of each step (a resumed run may
+    have logged a step twice)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,137 @@
+"""Train state, the loss, and the pure train step.
+
+`train_step(state, batch, rng) -> (state, metrics)` is a module-level function of its
+inputs only; `compile_train_step` binds the model/optimizer and jits it once with explicit
+shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array       # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                  weights_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (sum of weighted token losses, sum of weights), both fp32 scalars.
+
+    Sums rather than means so that microbatches add up to exactly the full-batch loss.
+    """
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
+
+
+def loss_sum(params, batch, rng, *, model: nn.Module, deterministic: bool):
+    logits_BxLxV = model.apply({"params": params}, batch["inputs"],
+                               batch.get("positions"), batch.get("segments"),
+                               deterministic=deterministic, rngs={"dropout": rng})
+    return cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               microbatches: int) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch, accumulating gradients over microbatches.
+
+    Microbatch i takes rows i, i+M, i+2M, ... so that every data-parallel shard keeps its
+    own rows (a contiguous split would move data between devices). Gradients of the summed
+    loss are accumulated and divided once by the total token weight, which makes M
+    microbatches equal to one M-times larger batch up to float summation order.
+    """
+    rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_sum, model=model, deterministic=False), has_aux=True)
+
+    def split(x):  # [B, ...] -> [M, B/M, ...], microbatch i = rows i::M
+        x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    def accumulate(carry, xs):
+        grads, loss, weight = carry
+        i, micro = xs
+        (l, w), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+        return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, weight + w), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    micro_batches = jax.tree_util.tree_map(split, batch)
+    (grads, loss, weight), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
+        (jnp.arange(microbatches), micro_batches))
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step), "tokens": weight}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_loss(params, batch, *, model: nn.Module) -> dict:
+    loss, weight = loss_sum(params, batch, jax.random.PRNGKey(0), model=model, deterministic=True)
+    return {"loss": loss / jnp.maximum(weight, 1.0), "tokens": weight}
+
+
+# ----------------------------------------------------------------------------- state creation
+
+
+def abstract_state(model: nn.Module, tx, seq_len: int):
+    """Shapes (with logical-axis boxes) of the train state, computed without allocating."""
+    def init(rng):
+        tokens = jnp.zeros((1, seq_len), jnp.int32)
+        params = model.init(rng, tokens)["params"]  # boxed: carries logical axis names
+        # tx.init on boxed params gives moments boxed with the same names, so they
+        # are sharded exactly like their parameters.
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+    return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def state_shardings(model: nn.Module, tx, seq_len: int, mesh, cfg_mesh):
+    """NamedShardings of the train state; optimizer moments follow their parameters."""
+    boxed = abstract_state(model, tx, seq_len)
+    return sharding.logical_shardings(boxed, mesh, cfg_mesh)
+
+
+def create_state(model: nn.Module, tx, seq_len: int, rng: jax.Array, mesh, cfg_mesh):
+    """Initializes the state directly into its shardings: no host holds the full model."""
+    shardings = state_shardings(model, tx, seq_len, mesh, cfg_mesh)
+
+    def init(rng):
+        tokens = jnp.zeros((1, seq_len), jnp.int32)
+        params = nn.meta.unbox(model.init(rng, tokens)["params"])
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+
+    with mesh, nn.logical_axis_rules(sharding.rules(cfg_mesh)):
+        return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def compile_train_step(model, tx, schedule, microbatches: int, mesh, cfg_mesh, shardings):
+    """jit(train_step) with explicit in/out shardings; the old state's buffers are donated."""
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                             microbatches=microbatches)
+    batch_sh = sharding.batch_sharding(mesh, cfg_mesh)
+    rep = sharding.replicated(mesh)
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sh, rep),
+                     out_shardings=(shardings, rep), donate_argnums=(0,))
+
+    def run(state, batch, rng):
+        with mesh, nn.logical_axis_rules(sharding.rules(cfg_mesh)):
+            return jitted(state, batch, rng)
+    run.jitted = jitted
+    return run
