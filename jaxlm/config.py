@@ -110,6 +110,37 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# GPT-2 sizes (Radford et al. 2019) with the GPT-3 paper's learning rates for models of
+# that size (Brown et al. 2020, Table 2.1). Batch: 512 x 1024 tokens (~0.5M), as GPT-3 used
+# for its 125M-350M models.
+GPT2_SIZES = {
+    #         layers  d_model heads  peak lr
+    "small":  (12,    768,    12,    6e-4),   # 124M parameters
+    "medium": (24,    1024,   16,    3e-4),   # 355M
+    "large":  (36,    1280,   20,    2.5e-4),  # 774M
+    "xl":     (48,    1600,   25,    2e-4),   # 1.56B
+}
+
+
+def gpt2_config(size: str) -> ml_collections.ConfigDict:
+    """A GPT-2-shaped model (50257-token vocabulary, 1024 positions, tied embeddings).
+
+    Until the GPT-2 BPE tokenizer lands, data.tokenizer stays "byte": the model keeps
+    GPT-2's vocabulary size so parameter counts and HF conversion line up.
+    """
+    layers, d_model, heads, lr = GPT2_SIZES[size]
+    c = base_config()
+    c.model.update(num_layers=layers, d_model=d_model, num_heads=heads, mlp_dim=4 * d_model,
+                   vocab_size=50257, max_len=1024, dropout=0.0, attention_dropout=0.0)
+    c.data.seq_len = 1024
+    c.train.update(steps=100_000, batch_size=512, microbatches=1, log_every=50,
+                   checkpoint_every=1000, keep_checkpoints=3)
+    c.optimizer.update(learning_rate=lr, warmup_steps=2000, min_lr_ratio=0.1,
+                       weight_decay=0.1)
+    c.evaluate.batch_size = 16
+    return c
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -17,7 +17,8 @@ log = logging.getLogger("jaxlm")
 
 def run(train: bool = True, evaluate: bool = True, argv: list[str] | None = None) -> dict:
     """Parses flags, then trains and/or evaluates. User errors exit 2 with one line."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)  # our lines at INFO; libraries (orbax, absl) at WARNING
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = config_lib.parse_args(argv)

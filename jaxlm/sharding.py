@@ -7,6 +7,7 @@ the same jitted code runs on a laptop and on a pod.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -67,3 +68,11 @@ def data_parallel_size(mesh: Mesh, cfg_mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, cfg_mesh):
+    """Makes `mesh` and the config's logical rules current, so the logical constraints in
+    the model become sharding constraints while a function is traced."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules(cfg_mesh)):
+        yield

@@ -29,13 +29,13 @@ class Scorer:
 
     def __init__(self, model: nn.Module, params, tokenizer, mesh, cfg_mesh, batch_size: int):
         self.model, self.params, self.tok = model, params, tokenizer
-        self.mesh, self.rules = mesh, sharding.rules(cfg_mesh)
+        self.mesh, self.cfg_mesh = mesh, cfg_mesh
         self.batch_size = batch_size
         self.max_len = model.cfg.max_len
         self.truncated = 0  # requests whose context was cut on the left to fit max_len
 
     def _run(self, fn, *args):
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with sharding.activate(self.mesh, self.cfg_mesh):
             return jax.device_get(fn(self.params, *args))
 
     # ------------------------------------------------------------------ log-likelihood

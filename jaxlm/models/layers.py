@@ -48,6 +48,32 @@ class LayerNorm(nn.Module):
             **dtypes(self.cfg))(x)
 
 
+class EinsumDense(nn.Module):
+    """y = einsum(equation, x, kernel) + bias, the kernel kept in its natural (e.g. D, H, K)
+    shape with one logical name per axis. The bias spans the kernel's output axes.
+
+    (flax's DenseGeneral initialises a flattened kernel, which its logical-axis box
+    cannot describe once a mesh is active.)
+    """
+    cfg: Config
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_names: tuple[str, ...]
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        inputs, output = self.equation.split("->")
+        out_axes = [i for i, c in enumerate(inputs.split(",")[1]) if c in output]
+        kernel = self.param("kernel", init(self.std, self.kernel_names), self.kernel_shape,
+                            jnp.dtype(self.cfg.param_dtype))
+        bias = self.param("bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, tuple(self.kernel_names[i] for i in out_axes)),
+            tuple(self.kernel_shape[i] for i in out_axes), jnp.dtype(self.cfg.param_dtype))
+        dtype = jnp.dtype(self.cfg.dtype)
+        return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
 # ----------------------------------------------------------------------------- positions
 
 
@@ -147,12 +173,9 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD: Array, positions_BxL: Array, segments_BxL: Array | None,
                  *, deterministic: bool, decode: bool = False) -> Array:
         cfg = self.cfg
-        H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
-        proj = functools.partial(nn.DenseGeneral, features=(H, K), axis=-1,
-                                 kernel_init=init(cfg.init_std, ("embed", "heads", "kv")),
-                                 bias_init=nn.with_logical_partitioning(
-                                     nn.initializers.zeros, ("heads", "kv")),
-                                 **dtypes(cfg))
+        D, H, K = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
+        proj = functools.partial(EinsumDense, cfg, "bld,dhk->blhk", (D, H, K),
+                                 ("embed", "heads", "kv"), std=cfg.init_std)
         q_BxLxHxK = proj(name="query")(x_BxLxD)
         k_BxLxHxK = proj(name="key")(x_BxLxD)
         v_BxLxHxK = proj(name="value")(x_BxLxD)
@@ -177,11 +200,9 @@ class Attention(nn.Module):
             q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask,
             dropout_rate=cfg.attention_dropout if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None)
-        out_BxLxD = nn.DenseGeneral(
-            features=cfg.d_model, axis=(-2, -1), name="out",
-            kernel_init=init(cfg.init_std / (2 * cfg.num_layers) ** 0.5, ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            **dtypes(cfg))(out_BxLxHxK)
+        out_BxLxD = EinsumDense(cfg, "blhk,hkd->bld", (H, K, D), ("heads", "kv", "embed"),
+                                std=cfg.init_std / (2 * cfg.num_layers) ** 0.5,
+                                name="out")(out_BxLxHxK)
         return constrain(out_BxLxD, ("batch", "length", "embed"))
 
     def _update_cache(self, k_BxLxHxK, v_BxLxHxK, positions_BxL, segments_BxL):

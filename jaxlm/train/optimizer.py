@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import flax
-import jax
 import optax
 
 
@@ -37,6 +36,3 @@ def make_optimizer(cfg_opt, total_steps: int) -> optax.GradientTransformation:
         return optax.chain(optax.clip_by_global_norm(cfg_opt.grad_clip_norm), adamw)
     return adamw
 
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)

@@ -78,7 +78,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "tokens": weight}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -117,8 +117,9 @@ def create_state(model: nn.Module, tx, seq_len: int, rng: jax.Array, mesh, cfg_m
         params = nn.meta.unbox(model.init(rng, tokens)["params"])
         return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
 
-    with mesh, nn.logical_axis_rules(sharding.rules(cfg_mesh)):
-        return jax.jit(init, out_shardings=shardings)(rng), shardings
+    # No mesh context here: out_shardings places the result, and flax's DenseGeneral would
+    # apply its (H, K)-shaped kernel's logical names to the flattened init shape.
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
 def compile_train_step(model, tx, schedule, microbatches: int, mesh, cfg_mesh, shardings):
@@ -131,7 +132,7 @@ def compile_train_step(model, tx, schedule, microbatches: int, mesh, cfg_mesh, s
                      out_shardings=(shardings, rep), donate_argnums=(0,))
 
     def run(state, batch, rng):
-        with mesh, nn.logical_axis_rules(sharding.rules(cfg_mesh)):
+        with sharding.activate(mesh, cfg_mesh):
             return jitted(state, batch, rng)
     run.jitted = jitted
     return run

@@ -1,0 +1,11 @@
+"""GPT-2 medium (355M parameters), sequence length 1024.
+Sizes and learning rates: jaxlm.config.GPT2_SIZES.
+
+    python -m jaxlm.main --config=configs/gpt/gpt2_medium.py --workdir=runs/gpt2_medium
+"""
+
+from jaxlm.config import gpt2_config
+
+
+def get_config():
+    return gpt2_config("medium")
