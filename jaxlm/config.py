@@ -184,6 +184,8 @@ def _parse_value(field: str, text: str, current):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if isinstance(current, tuple) and all(isinstance(x, str) for x in current):
+            return tuple(x.strip() for x in text.split(",") if x.strip())  # a,b,c
         raise ConfigError(
             f"config.{field}: expected {type(current).__name__}, got {text!r}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
