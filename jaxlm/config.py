@@ -86,11 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
     me.data = -1
     me.fsdp = 1
     me.tensor = 1
-    # Logical axis -> mesh axes. The default is pure data parallelism: only the batch is
-    # split; every parameter is replicated. Other strategies are other rule lists.
-    me.rules = (
-        ("batch", ("data", "fsdp")),
-    )
+    # How parameters and activations are split (jaxlm.sharding.STRATEGIES): "dp" (data
+    # parallel, replicated params), "fsdp" (ZeRO-3: params, grads and Adam moments split
+    # over the fsdp axis), "tp" (Megatron tensor parallel over the tensor axis), "fsdp_tp".
+    me.strategy = "dp"
+    # Extra (logical axis, mesh axes) rules, tried before the strategy's own.
+    me.rules = ()
 
     c.evaluate = e = ml_collections.ConfigDict()
     e.tasks = ("rule_mc", "rule_exact", "facts_mc", "arithmetic_mc")
@@ -263,6 +264,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for f in ("dtype", "param_dtype"):
         need(m[f] in ("float32", "bfloat16", "float16"),
              f"config.model.{f}={m[f]!r}: expected float32, bfloat16 or float16")
+    from jaxlm.sharding import STRATEGIES  # noqa: the table lives with the mesh code
+    need(cfg.mesh.strategy in STRATEGIES,
+         f"config.mesh.strategy={cfg.mesh.strategy!r}: expected one of {sorted(STRATEGIES)}")
     need(m.attention_impl in ("xla",),
          f"config.model.attention_impl={m.attention_impl!r}: only 'xla' exists so far")
     need(d.seq_len <= m.max_len,

@@ -43,9 +43,26 @@ def make_mesh(cfg_mesh, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+_BATCH = ("batch", ("data", "fsdp"))
+_FSDP = (("embed", "fsdp"),)
+_TP = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+
+# Logical axis -> mesh axes, by strategy. Rules are tried in order and a mesh axis is used
+# at most once per array, so under FSDP activations take "fsdp" for their batch and leave
+# their embed axis whole, while parameters (no batch axis) are split along embed.
+STRATEGIES = {
+    "dp": (_BATCH,),
+    "fsdp": (_BATCH, *_FSDP),
+    "tp": (_BATCH, *_TP),
+    "fsdp_tp": (_BATCH, *_FSDP, *_TP),
+}
+
+
 def rules(cfg_mesh) -> tuple:
-    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                 for name, axes in cfg_mesh.rules)
+    """The config's extra rules, then its strategy's."""
+    extra = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                  for name, axes in cfg_mesh.rules)
+    return extra + STRATEGIES[cfg_mesh.strategy]
 
 
 def logical_shardings(tree, mesh: Mesh, cfg_mesh):
@@ -76,3 +93,23 @@ def activate(mesh: Mesh, cfg_mesh):
     the model become sharding constraints while a function is traced."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules(cfg_mesh)):
         yield
+
+
+def check_divisible(boxed_tree, mesh: Mesh, cfg_mesh) -> None:
+    """Every sharded dimension must split evenly over its mesh axes; raises ConfigError
+    naming the parameter, its logical axis and the sizes otherwise."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    for path, leaf in leaves:
+        if not isinstance(leaf, nn.Partitioned):
+            continue
+        spec = nn.logical_to_mesh_axes(leaf.names, rules(cfg_mesh))
+        for dim, (size, axes) in enumerate(zip(leaf.value.shape, spec)):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            parts = math.prod(mesh.shape[a] for a in axes)
+            if size % parts:
+                name = jax.tree_util.keystr(path)
+                raise ConfigError(
+                    f"parameter {name} has {leaf.names[dim]}={size}, which config.mesh."
+                    f"strategy={cfg_mesh.strategy!r} splits over mesh axes {axes} of total "
+                    f"size {parts}: not divisible (change the model size or config.mesh)")

@@ -1,10 +1,14 @@
 """Shared fixtures: tiny configs (D=32, H=4, 2 layers) that compile and run in seconds."""
 
+import os
 import pathlib
 
-import pytest
+# 8 fake CPU devices for the sharding tests; set before anything imports JAX.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from jaxlm.config import base_config
+import pytest  # noqa: E402
+
+from jaxlm.config import base_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -57,6 +57,7 @@ def build(cfg: ml_collections.ConfigDict) -> Setup:
                           f"the data-parallel size {dp} x config.train.microbatches="
                           f"{cfg.train.microbatches}")
     boxed = step_lib.abstract_state(model, tx, cfg.data.seq_len)
+    sharding.check_divisible(boxed, mesh, cfg.mesh)
     shardings = sharding.logical_shardings(boxed, mesh, cfg.mesh)
     return Setup(cfg, tokenizer, model, tx, schedule, mesh, shardings, nn.meta.unbox(boxed))
 
