@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxlm import sharding
 from jaxlm.config import ConfigError
 from jaxlm.train import loop
-from jaxlm.train import step as step_lib
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -29,14 +27,8 @@ def sharded_config(strategy, shape):
 
 
 def run_steps(cfg, devices, batches):
-    model = loop.GPT(cfg.model)
-    tx = loop.optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
-    schedule = loop.optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    state, shardings = step_lib.create_state(model, tx, cfg.data.seq_len, jax.random.PRNGKey(0),
-                                             mesh, cfg.mesh)
-    run = step_lib.compile_train_step(model, tx, schedule, cfg.train.microbatches, mesh, cfg.mesh,
-                                      shardings)
+    setup = loop.build(cfg, devices)
+    state, run = setup.init_state(), setup.compile_step()
     losses = []
     for b in batches:
         state, m = run(state, b, jax.random.PRNGKey(1))

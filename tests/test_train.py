@@ -1,5 +1,6 @@
 """Train step: overfitting, determinism, gradient accumulation, weight-decay mask, schedule."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,22 +8,16 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from jaxlm import sharding
 from jaxlm.models.gpt import GPT
-from jaxlm.train import optimizer
-from jaxlm.train import step as step_lib
+from jaxlm.train import loop, optimizer
 
 
 def make(cfg, microbatches=None):
-    model = GPT(cfg.model)
-    tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
-    schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    state, sh = step_lib.create_state(model, tx, cfg.data.seq_len, jax.random.PRNGKey(cfg.train.seed),
-                                      mesh, cfg.mesh)
-    run = step_lib.compile_train_step(model, tx, schedule, microbatches or cfg.train.microbatches,
-                                      mesh, cfg.mesh, sh)
-    return state, run
+    """(initial state, jitted step) on one device."""
+    if microbatches:
+        cfg.train.microbatches = microbatches
+    setup = loop.build(cfg, jax.devices()[:1])
+    return setup.init_state(), setup.compile_step()
 
 
 def batch(cfg, seed=0):
@@ -83,9 +78,9 @@ def test_weight_decay_mask(no_decay):
     cfg = tiny_config()
     cfg.optimizer.update(no_decay=no_decay, warmup_steps=0, weight_decay=0.5, grad_clip_norm=0.0)
     model = GPT(cfg.model)
-    params = jax.tree_util.tree_map(
-        lambda x: x + 1.0,  # non-zero everywhere (biases init to zero)
-        __import__("flax").linen.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+    boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    # + 1 so that every parameter is non-zero (biases start at zero).
+    params = jax.tree_util.tree_map(lambda x: x + 1.0, nn.meta.unbox(boxed))
     tx = optimizer.make_optimizer(cfg.optimizer, 10)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)

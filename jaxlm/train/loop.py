@@ -41,8 +41,18 @@ class Setup:
     shardings: object          # NamedShardings of the train state
     abstract_state: object     # its shapes/dtypes (unboxed)
 
+    def init_state(self) -> step_lib.TrainState:
+        return step_lib.create_state(self.model, self.tx, self.cfg.data.seq_len,
+                                     jax.random.PRNGKey(self.cfg.train.seed), self.shardings)
 
-def build(cfg: ml_collections.ConfigDict) -> Setup:
+    def compile_step(self):
+        return step_lib.compile_train_step(self.model, self.tx, self.schedule,
+                                           self.cfg.train.microbatches, self.mesh,
+                                           self.cfg.mesh, self.shardings)
+
+
+def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
+    """Model, optimizer, mesh and state shardings from the config (all devices by default)."""
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size} is smaller than the "
@@ -50,7 +60,7 @@ def build(cfg: ml_collections.ConfigDict) -> Setup:
     model = GPT(cfg.model)
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     dp = sharding.data_parallel_size(mesh, cfg.mesh)
     if cfg.train.batch_size % (dp * cfg.train.microbatches):
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
@@ -64,15 +74,12 @@ def build(cfg: ml_collections.ConfigDict) -> Setup:
 
 def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer):
     """(state, next_sample): resume from the workdir's latest checkpoint, else a fresh init."""
-    cfg = setup.cfg
-    if ckpt.check_compatible(cfg, setup.tokenizer) is not None:
+    if ckpt.check_compatible(setup.cfg, setup.tokenizer) is not None:
         step = ckpt.latest_step()
         state, meta = ckpt.restore(step, setup.abstract_state, setup.shardings)
         log.info("resumed from %s at step %d", ckpt.directory, step)
         return state, meta["data"]["next_sample"]
-    state, _ = step_lib.create_state(setup.model, setup.tx, cfg.data.seq_len,
-                                     jax.random.PRNGKey(cfg.train.seed), setup.mesh, cfg.mesh)
-    return state, 0
+    return setup.init_state(), 0
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
@@ -99,9 +106,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     log.info("model: %s parameters, %.3g training FLOPs/token; mesh %s; steps %d -> %d",
              f"{n_params:,}", fpt, dict(setup.mesh.shape), start, cfg.train.steps)
 
-    run_step = step_lib.compile_train_step(setup.model, setup.tx, setup.schedule,
-                                           cfg.train.microbatches, setup.mesh, cfg.mesh,
-                                           setup.shardings)
+    run_step = setup.compile_step()
     source = lm.make_source(cfg.data, setup.tokenizer)
     batches = lm.Batches(source, start, B, cfg.model.vocab_size,
                          sharding.batch_sharding(setup.mesh, cfg.mesh), cfg.data.prefetch)

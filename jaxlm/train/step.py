@@ -102,24 +102,16 @@ def abstract_state(model: nn.Module, tx, seq_len: int):
     return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
-def state_shardings(model: nn.Module, tx, seq_len: int, mesh, cfg_mesh):
-    """NamedShardings of the train state; optimizer moments follow their parameters."""
-    boxed = abstract_state(model, tx, seq_len)
-    return sharding.logical_shardings(boxed, mesh, cfg_mesh)
-
-
-def create_state(model: nn.Module, tx, seq_len: int, rng: jax.Array, mesh, cfg_mesh):
+def create_state(model: nn.Module, tx, seq_len: int, rng: jax.Array, shardings) -> TrainState:
     """Initializes the state directly into its shardings: no host holds the full model."""
-    shardings = state_shardings(model, tx, seq_len, mesh, cfg_mesh)
-
     def init(rng):
         tokens = jnp.zeros((1, seq_len), jnp.int32)
         params = nn.meta.unbox(model.init(rng, tokens)["params"])
         return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
 
-    # No mesh context here: out_shardings places the result, and flax's DenseGeneral would
-    # apply its (H, K)-shaped kernel's logical names to the flattened init shape.
-    return jax.jit(init, out_shardings=shardings)(rng), shardings
+    # No mesh context here: out_shardings places the result, and the model's logical
+    # constraints are not needed for an init.
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def compile_train_step(model, tx, schedule, microbatches: int, mesh, cfg_mesh, shardings):
