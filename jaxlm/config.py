@@ -34,6 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     """All fields with their defaults (a small GPT that trains on CPU in minutes)."""
     c = ml_collections.ConfigDict()
 
+    # "jit": one program over the whole mesh, XLA inserts the collectives (all strategies).
+    # "pmap": the classic data-parallel path: replicated params, psum of gradients, local
+    # devices only; config.mesh is ignored.
+    c.parallelism = "jit"
+
     c.model = m = ml_collections.ConfigDict()
     m.vocab_size = 258          # V; must be >= the tokenizer's vocab (byte tokenizer: 258)
     m.max_len = 256             # longest sequence the model accepts (size of learned positions)
@@ -269,6 +274,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          f"config.mesh.strategy={cfg.mesh.strategy!r}: expected one of {sorted(STRATEGIES)}")
     need(m.attention_impl in ("xla",),
          f"config.model.attention_impl={m.attention_impl!r}: only 'xla' exists so far")
+    need(cfg.parallelism in ("jit", "pmap"),
+         f"config.parallelism={cfg.parallelism!r}: expected 'jit' or 'pmap'")
     need(d.seq_len <= m.max_len,
          f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}")
     for f in ("steps", "batch_size", "microbatches", "log_every", "checkpoint_every",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -69,14 +70,18 @@ def local_batch(source, step: int, global_batch: int, vocab_size: int,
 
 
 class Batches:
-    """Iterator of device-sharded global batches from `start_step` on, prepared ahead on a
-    background thread (`prefetch` batches) so that the Python data work overlaps the step."""
+    """Iterator of device batches from `start_step` on, prepared ahead on a background
+    thread (`prefetch` batches) so that the Python data work overlaps the step.
+
+    `place` turns this process's numpy rows into device arrays (a global sharded
+    jax.Array for jit, per-device shards for pmap).
+    """
 
     def __init__(self, source, start_step: int, global_batch: int, vocab_size: int,
-                 sharding: jax.sharding.Sharding, prefetch: int = 2):
+                 place: Callable[[dict], dict], prefetch: int = 2):
         self.step = start_step
         self._args = (source, global_batch, vocab_size)
-        self._sharding = sharding
+        self._place = place
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(start_step,), daemon=True)
@@ -108,8 +113,7 @@ class Batches:
         if isinstance(item, Exception):
             raise item
         self.step += 1
-        return {k: jax.make_array_from_process_local_data(self._sharding, v)
-                for k, v in item.items()}
+        return self._place(item)
 
     def close(self):
         self._stop.set()

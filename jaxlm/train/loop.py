@@ -41,14 +41,39 @@ class Setup:
     shardings: object          # NamedShardings of the train state
     abstract_state: object     # its shapes/dtypes (unboxed)
 
+    @property
+    def pmap(self) -> bool:
+        return self.cfg.parallelism == "pmap"
+
     def init_state(self) -> step_lib.TrainState:
         return step_lib.create_state(self.model, self.tx, self.cfg.data.seq_len,
                                      jax.random.PRNGKey(self.cfg.train.seed), self.shardings)
 
     def compile_step(self):
+        """`run(state, batch, rng) -> (state, metrics)`; under pmap the state it takes and
+        returns is replicated (`to_device` / `from_device` convert)."""
+        if self.pmap:
+            return step_lib.compile_pmap_train_step(self.model, self.tx, self.schedule,
+                                                    self.cfg.train.microbatches)
         return step_lib.compile_train_step(self.model, self.tx, self.schedule,
                                            self.cfg.train.microbatches, self.mesh,
                                            self.cfg.mesh, self.shardings)
+
+    def to_device(self, state):
+        return step_lib.replicate(state) if self.pmap else state
+
+    def from_device(self, state):
+        return step_lib.unreplicate(state) if self.pmap else state
+
+    def place_batch(self, local_batch: dict) -> dict:
+        """This process's numpy rows -> device arrays in the layout the step expects."""
+        if self.pmap:
+            n, sh = jax.local_device_count(), step_lib.pmap_sharding()
+            return {k: jax.device_put(v.reshape((n, -1) + v.shape[1:]), sh)
+                    for k, v in local_batch.items()}
+        batch_sharding = sharding.batch_sharding(self.mesh, self.cfg.mesh)
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                for k, v in local_batch.items()}
 
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
@@ -60,8 +85,12 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     model = GPT(cfg.model)
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    dp = sharding.data_parallel_size(mesh, cfg.mesh)
+    if cfg.parallelism == "pmap":  # built on one device, then replicated by to_device
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+        dp = jax.local_device_count()
+    else:
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+        dp = sharding.data_parallel_size(mesh, cfg.mesh)
     if cfg.train.batch_size % (dp * cfg.train.microbatches):
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"the data-parallel size {dp} x config.train.microbatches="
@@ -107,9 +136,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
              f"{n_params:,}", fpt, dict(setup.mesh.shape), start, cfg.train.steps)
 
     run_step = setup.compile_step()
+    state = setup.to_device(state)
     source = lm.make_source(cfg.data, setup.tokenizer)
-    batches = lm.Batches(source, start, B, cfg.model.vocab_size,
-                         sharding.batch_sharding(setup.mesh, cfg.mesh), cfg.data.prefetch)
+    batches = lm.Batches(source, start, B, cfg.model.vocab_size, setup.place_batch,
+                         cfg.data.prefetch)
     sink = metrics_lib.MetricSink(workdir, cfg.train.steps, start)
     rng = jax.random.PRNGKey(cfg.train.seed + 1)
 
@@ -149,7 +179,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {done}; not saving a "
                                              "checkpoint of a diverged state")
-                ckpt.save(done, state, checkpoint.make_meta(cfg, setup.tokenizer, done * B),
+                ckpt.save(done, setup.from_device(state),
+                          checkpoint.make_meta(cfg, setup.tokenizer, done * B),
                           force=True)
         if pending is not None and pending[0] > window[0]:
             last = report(*pending)
@@ -158,6 +189,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         sink.close()
         ckpt.wait()
         ckpt.close()
-    return {"step": int(state.step), "loss": last.get("loss"), "params": n_params,
+    return {"step": int(setup.from_device(state).step), "loss": last.get("loss"), "params": n_params,
             "seconds": time.time() - t_begin}
 

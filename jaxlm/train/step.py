@@ -14,6 +14,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxlm import sharding
@@ -44,17 +45,13 @@ def loss_sum(params, batch, rng, *, model: nn.Module, deterministic: bool):
     return cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch, accumulating gradients over microbatches.
+def accumulate_gradients(params, batch: dict, rng: jax.Array, *, model: nn.Module,
+                         microbatches: int) -> tuple[Any, jax.Array, jax.Array]:
+    """Sums over microbatches of (gradients of the summed loss, summed loss, token weight).
 
     Microbatch i takes rows i, i+M, i+2M, ... so that every data-parallel shard keeps its
-    own rows (a contiguous split would move data between devices). Gradients of the summed
-    loss are accumulated and divided once by the total token weight, which makes M
-    microbatches equal to one M-times larger batch up to float summation order.
+    own rows (a contiguous split would move data between devices).
     """
-    rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(
         functools.partial(loss_sum, model=model, deterministic=False), has_aux=True)
 
@@ -65,17 +62,26 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     def accumulate(carry, xs):
         grads, loss, weight = carry
         i, micro = xs
-        (l, w), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+        (l, w), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
         return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, weight + w), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     micro_batches = jax.tree_util.tree_map(split, batch)
     (grads, loss, weight), _ = jax.lax.scan(
         accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
         (jnp.arange(microbatches), micro_batches))
+    return grads, loss, weight
+
+
+def apply_gradients(state: TrainState, grads, loss, weight, *, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> tuple[TrainState, dict]:
+    """Normalises the summed gradients by the total token weight and takes the step.
+
+    Dividing once, after summing, makes M microbatches (or N pmap devices) equal to one
+    M-times larger batch up to float summation order.
+    """
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
@@ -83,9 +89,26 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_loss(params, batch, *, model: nn.Module) -> dict:
-    loss, weight = loss_sum(params, batch, jax.random.PRNGKey(0), model=model, deterministic=True)
-    return {"loss": loss / jnp.maximum(weight, 1.0), "tokens": weight}
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               microbatches: int) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch (jit path: XLA inserts the collectives)."""
+    rng = jax.random.fold_in(rng, state.step)
+    sums = accumulate_gradients(state.params, batch, rng, model=model, microbatches=microbatches)
+    return apply_gradients(state, *sums, tx=tx, schedule=schedule)
+
+
+def pmap_train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    microbatches: int) -> tuple[TrainState, dict]:
+    """The classic data-parallel step, run per device under `jax.pmap(axis_name="batch")`:
+    each device sums over its rows, one `psum` adds the sums of all devices, and every
+    replica then takes the identical update."""
+    device = jax.lax.axis_index("batch")
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
+    sums = accumulate_gradients(state.params, batch, rng, model=model, microbatches=microbatches)
+    sums = jax.lax.psum(sums, axis_name="batch")
+    return apply_gradients(state, *sums, tx=tx, schedule=schedule)
 
 
 # ----------------------------------------------------------------------------- state creation
@@ -128,3 +151,33 @@ def compile_train_step(model, tx, schedule, microbatches: int, mesh, cfg_mesh, s
             return jitted(state, batch, rng)
     run.jitted = jitted
     return run
+
+
+def compile_pmap_train_step(model, tx, schedule, microbatches: int):
+    """pmap(pmap_train_step) over this host's devices. The state carries a leading device
+    axis (see `replicate`), the batch is split [devices, B/devices, ...]."""
+    step = functools.partial(pmap_train_step, model=model, tx=tx, schedule=schedule,
+                             microbatches=microbatches)
+    pmapped = jax.pmap(step, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
+
+    def run(state, batch, rng):
+        state, metrics = pmapped(state, batch, rng)
+        return state, jax.tree_util.tree_map(lambda x: x[0], metrics)
+    return run
+
+
+def pmap_sharding() -> jax.sharding.NamedSharding:
+    """Leading axis split over this host's devices: the layout pmap reads and writes."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("batch",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+
+
+def replicate(tree):
+    """One copy per local device, stacked on a new leading axis."""
+    n, sh = jax.local_device_count(), pmap_sharding()
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), sh), tree)
+
+
+def unreplicate(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
