@@ -109,6 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
     e.sample_len = 96           # bytes per sample
     e.temperature = 0.8
 
+    c.distributed = di = ml_collections.ConfigDict()
+    # Multi-process runs (one process per host, jax.distributed). Empty/0/-1 = not set:
+    # then a SLURM or TPU-pod environment is detected by jax itself, and a lone process
+    # needs nothing. launch/local.py fills these for several processes on one machine.
+    di.coordinator_address = ""  # host:port of process 0
+    di.num_processes = 0
+    di.process_id = -1
+    di.cpu_devices = 0          # CPU devices per process (testing without accelerators)
+
     c.hardware = h = ml_collections.ConfigDict()
     h.peak_flops = 0.0          # per-device peak FLOP/s for MFU; 0 = look up the device kind
 

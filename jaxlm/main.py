@@ -23,8 +23,10 @@ def run(train: bool = True, evaluate: bool = True, argv: list[str] | None = None
     try:
         args = config_lib.parse_args(argv)
         # Imported here so that a bad flag fails fast, before JAX starts up.
+        from jaxlm import distributed
         from jaxlm.evaluate.fewshot import evaluate as run_eval
         from jaxlm.train.loop import train as run_train
+        distributed.initialize(args.config.distributed)
         out = {}
         if train:
             out["train"] = run_train(args.config, args.workdir)

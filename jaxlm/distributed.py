@@ -1,0 +1,49 @@
+"""Starting JAX's multi-controller runtime: one jaxlm process per host, all running the
+same program; `jax.distributed` connects them. No process orchestration of our own.
+
+Where the settings come from, first match wins:
+  1. config.distributed.* (launch/local.py sets them for processes on one machine);
+  2. a cluster jax recognises by itself (SLURM job with several tasks, multi-host TPU VM);
+  3. nothing: a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from jaxlm.config import ConfigError
+
+log = logging.getLogger("jaxlm")
+
+
+def _cluster_detected() -> bool:
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    return slurm or tpu_pod
+
+
+def initialize(cfg_dist) -> None:
+    """Call once, before anything asks JAX for devices."""
+    if cfg_dist.cpu_devices > 0:
+        jax.config.update("jax_num_cpu_devices", cfg_dist.cpu_devices)
+    if cfg_dist.coordinator_address:
+        n, pid = cfg_dist.num_processes, cfg_dist.process_id
+        if n < 1 or not 0 <= pid < n:
+            raise ConfigError(
+                f"config.distributed: coordinator_address is set, so num_processes (got {n}) "
+                f"must be >= 1 and process_id (got {pid}) in [0, num_processes)")
+        if jax.config.jax_platforms in (None, "", "cpu") and cfg_dist.cpu_devices > 0:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(cfg_dist.coordinator_address, n, pid)
+        if jax.process_count() != n:
+            raise ConfigError(f"config.distributed.num_processes={n}, but the coordinator "
+                              f"reports {jax.process_count()} processes")
+    elif _cluster_detected():
+        jax.distributed.initialize()
+    else:
+        return
+    log.info("process %d of %d; %d local of %d devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,67 @@
+"""Multi-process training: 2 processes x 4 CPU devices, joined by jax.distributed (gloo CPU
+collectives) through launch/local.py, train exactly like 1 process x 8 devices."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_main import TINY, run
+from jaxlm.train.metrics import read_history
+
+ARGS = ("--config.train.steps=6", "--config.train.log_every=2", "--config.train.checkpoint_every=3")
+
+
+def launch(*argv, timeout=600):
+    return subprocess.run([sys.executable, str(REPO / "launch/local.py"), *argv],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+@pytest.mark.skipif(jax.device_count() != 8, reason="compares against 8 devices in one process")
+@pytest.mark.parametrize("strategy", ["dp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, strategy):
+    flags = (*TINY, *ARGS, f"--config.mesh.strategy={strategy}")
+    if strategy == "fsdp":
+        flags += ("--config.mesh.data=1", "--config.mesh.fsdp=8")
+    proc = launch("--processes=2", "--cpu-devices=4", "--", "-m", "jaxlm.train",
+                  f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}", *flags)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[p1]" in proc.stdout and "process 1 of 2; 4 local of 8 devices" in proc.stdout
+    run(tmp_path / "sp", *flags[len(TINY):], evaluate=False)
+
+    multi, single = read_history(tmp_path / "mp"), read_history(tmp_path / "sp")
+    assert [h["step"] for h in multi] == [h["step"] for h in single] == [2, 4, 6]
+    np.testing.assert_allclose([h["loss"] for h in multi], [h["loss"] for h in single], rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "mp" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["3", "6"]
+
+
+def test_failing_process_fails_the_launch(tmp_path):
+    proc = launch("--processes=2", "--cpu-devices=1", "--", "-m", "jaxlm.train",
+                  f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path}",
+                  "--config.train.stepz=1", timeout=120)
+    assert proc.returncode == 2
+    assert "[p0] error: unknown config field config.train.stepz" in proc.stdout
+
+
+def test_dry_run_prints_one_command_per_process():
+    proc = launch("--processes=3", "--port=1234", "--dry-run", "--", "-m", "jaxlm.train",
+                  "--config=c.py", "--workdir=w", timeout=60)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 3
+    for i, line in enumerate(lines):
+        assert "-m jaxlm.train --config=c.py --workdir=w" in line
+        assert "--config.distributed.coordinator_address=localhost:1234" in line
+        assert line.endswith(f"--config.distributed.process_id={i}")
+
+
+def test_inconsistent_distributed_config_is_named():
+    from jaxlm import distributed
+    from jaxlm.config import ConfigError, base_config
+    cfg = base_config()
+    cfg.distributed.update(coordinator_address="localhost:1", num_processes=2, process_id=2)
+    with pytest.raises(ConfigError, match=r"num_processes \(got 2\).*process_id \(got 2\)"):
+        distributed.initialize(cfg.distributed)
