@@ -110,9 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
     e.temperature = 0.8
 
     c.distributed = di = ml_collections.ConfigDict()
-    # Multi-process runs (one process per host, jax.distributed). Empty/0/-1 = not set:
-    # then a SLURM or TPU-pod environment is detected by jax itself, and a lone process
-    # needs nothing. launch/local.py fills these for several processes on one machine.
+    # Multi-process runs (one process per host, jax.distributed). A lone process needs
+    # nothing. On a cluster JAX recognises (SLURM, Cloud TPU, GKE, MPI) set auto_detect
+    # (launch/slurm.sh and launch/tpu_pod.sh do); launch/local.py sets the other fields
+    # for several processes on one machine.
+    di.auto_detect = False
     di.coordinator_address = ""  # host:port of process 0
     di.num_processes = 0
     di.process_id = -1

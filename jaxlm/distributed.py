@@ -1,28 +1,20 @@
 """Starting JAX's multi-controller runtime: one jaxlm process per host, all running the
 same program; `jax.distributed` connects them. No process orchestration of our own.
 
-Where the settings come from, first match wins:
-  1. config.distributed.* (launch/local.py sets them for processes on one machine);
-  2. a cluster jax recognises by itself (SLURM job with several tasks, multi-host TPU VM);
-  3. nothing: a single process.
+config.distributed says how: explicit coordinator/process fields (launch/local.py), or
+auto_detect, which lets jax read the cluster's environment (SLURM, Cloud TPU, GKE, MPI;
+launch/slurm.sh and launch/tpu_pod.sh), or neither: a single process.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 
 from jaxlm.config import ConfigError
 
 log = logging.getLogger("jaxlm")
-
-
-def _cluster_detected() -> bool:
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
-    tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    return slurm or tpu_pod
 
 
 def initialize(cfg_dist) -> None:
@@ -41,7 +33,7 @@ def initialize(cfg_dist) -> None:
         if jax.process_count() != n:
             raise ConfigError(f"config.distributed.num_processes={n}, but the coordinator "
                               f"reports {jax.process_count()} processes")
-    elif _cluster_detected():
+    elif cfg_dist.auto_detect:
         jax.distributed.initialize()
     else:
         return

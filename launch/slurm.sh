@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Submits a multi-node GPU run to SLURM: one jaxlm process per node, all GPUs of the node
+# each, joined by jax.distributed (JAX reads the SLURM environment: auto_detect=true).
+#
+#   launch/slurm.sh --nodes=4 --gpus-per-node=8 --config=configs/gpt/gpt2_xl.py \
+#       --workdir=/shared/runs/xl [--partition=P] [--time=24:00:00] [--venv=.venv] \
+#       [--dry-run] [-- --config.train.steps=1000]
+#
+# Writes the batch script to logs/slurm/<job>.sbatch and submits it with sbatch; --dry-run
+# prints the script and the sbatch command instead. Logs: logs/slurm/<job>-%j.out.
+set -euo pipefail
+
+NODES=1 GPUS=8 CONFIG= WORKDIR= PARTITION= TIME=24:00:00 VENV=.venv DRY=0 EXTRA=()
+for arg in "$@"; do
+  if [[ ${#EXTRA[@]} -gt 0 || $arg == "--" ]]; then EXTRA+=("$arg"); continue; fi
+  case $arg in
+    --nodes=*) NODES=${arg#*=} ;;
+    --gpus-per-node=*) GPUS=${arg#*=} ;;
+    --config=*) CONFIG=${arg#*=} ;;
+    --workdir=*) WORKDIR=${arg#*=} ;;
+    --partition=*) PARTITION=${arg#*=} ;;
+    --time=*) TIME=${arg#*=} ;;
+    --venv=*) VENV=${arg#*=} ;;
+    --dry-run) DRY=1 ;;
+    *) echo "slurm.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+EXTRA=("${EXTRA[@]:1}")
+[[ -n $CONFIG && -n $WORKDIR ]] || { echo "slurm.sh: --config=... and --workdir=... are required" >&2; exit 2; }
+
+cd "$(dirname "$0")/.."
+JOB="jaxlm-$(basename "$CONFIG" .py)"
+SCRIPT="logs/slurm/$JOB.sbatch"
+ARGS="--config=$CONFIG --workdir=$WORKDIR --config.distributed.auto_detect=true"
+for e in "${EXTRA[@]}"; do ARGS+=" $(printf '%q' "$e")"; done
+
+BODY="#!/usr/bin/env bash
+#SBATCH --job-name=$JOB
+#SBATCH --nodes=$NODES
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=$GPUS
+#SBATCH --time=$TIME
+#SBATCH --output=logs/slurm/$JOB-%j.out
+${PARTITION:+#SBATCH --partition=$PARTITION}
+set -euo pipefail
+cd $(pwd)
+source $VENV/bin/activate
+srun python -m jaxlm.main $ARGS"
+
+if [[ $DRY == 1 ]]; then
+  echo "# $SCRIPT"
+  echo "$BODY"
+  echo "sbatch $SCRIPT"
+else
+  mkdir -p logs/slurm
+  echo "$BODY" > "$SCRIPT"
+  sbatch "$SCRIPT"
+fi
