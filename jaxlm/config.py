@@ -235,32 +235,44 @@ def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> Non
 @dataclasses.dataclass
 class Args:
     config: ml_collections.ConfigDict
-    workdir: pathlib.Path
+    workdir: pathlib.Path | None
     config_path: str
+    flags: dict[str, str]  # the command's own flags (see `parse_args(flags=...)`)
 
 
-def parse_args(argv: list[str]) -> Args:
-    """`--config=FILE --workdir=DIR [--config.a.b=VALUE ...]` -> Args, all checked."""
-    config_path, workdir, overrides = None, None, []
+def parse_args(argv: list[str], *, workdir: bool = True,
+               flags: dict[str, str] | None = None) -> Args:
+    """`--config=FILE --workdir=DIR [--config.a.b=VALUE ...]` -> Args, all checked.
+
+    `flags` names a command's own extra flags with their defaults (e.g. jaxlm.plan's
+    --topology); `workdir=False` for commands that write nothing.
+    """
+    config_path, workdir_value, overrides = None, None, []
+    extra = dict(flags or {})
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"unrecognised argument {arg!r}; expected --name=value")
         name, value = arg[2:].split("=", 1)
         if name == "config":
             config_path = value
-        elif name == "workdir":
-            workdir = value
+        elif name == "workdir" and workdir:
+            workdir_value = value
         elif name.startswith("config."):
             overrides.append((name[len("config."):], value))
+        elif name in extra:
+            extra[name] = value
         else:
-            raise ConfigError(f"unknown flag --{name}; known: --config, --workdir, --config.<field>")
-    if config_path is None or workdir is None:
-        raise ConfigError("both --config=FILE and --workdir=DIR are required")
+            known = ["--config", "--workdir"][:1 + workdir] + [f"--{f}" for f in extra]
+            raise ConfigError(f"unknown flag --{name}; known: {', '.join(known)}, --config.<field>")
+    if config_path is None or (workdir and workdir_value is None):
+        raise ConfigError("--config=FILE " + ("and --workdir=DIR are" if workdir else "is")
+                          + " required")
     cfg = load_config(config_path)
     for field, value in overrides:
         apply_override(cfg, field, value)
     validate(cfg)
-    return Args(config=cfg, workdir=pathlib.Path(workdir), config_path=config_path)
+    return Args(config=cfg, workdir=pathlib.Path(workdir_value) if workdir else None,
+                config_path=config_path, flags=extra)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

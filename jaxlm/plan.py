@@ -1,0 +1,170 @@
+"""Fit check: compile the train step for a target topology, without the hardware.
+
+    python -m jaxlm.plan --config=configs/gpt/gpt2_xl.py --topology=cpu:8 \
+        --config.mesh.strategy=fsdp --config.mesh.data=1 --config.mesh.fsdp=8
+    python -m jaxlm.plan --config=... --topology=tpu:v5e:4x4      # needs libtpu installed
+
+Prints per-device memory (from the compiled program's memory analysis), FLOPs per step,
+each parameter's sharding, and plain-words warnings about weak choices. Nothing is
+allocated: the state and batch are abstract shapes carrying their shardings.
+
+Topologies: `cpu:N` uses N fake CPU devices (always available); `tpu:<name>` (e.g.
+v4:2x2x2, v5e:4x4) uses libtpu's topology descriptions, which need `pip install libtpu`
+of the version matching jax, but no TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxlm import sharding
+from jaxlm.config import ConfigError, parse_args
+
+# HBM per device, for the "does it fit" verdict (vendor spec sheets). Matched as substrings
+# of device_kind like metrics.PEAK_FLOPS.
+HBM_BYTES = (
+    ("H200", 141e9), ("H100", 80e9), ("A100", 80e9),
+    ("TPU v6 lite", 32e9), ("TPU v5 lite", 16e9), ("TPU v5", 95e9), ("TPU v4", 32e9),
+)
+
+
+def topology_devices(spec: str) -> list:
+    kind, _, rest = spec.partition(":")
+    if kind == "cpu":
+        n = int(rest or 1)
+        jax.config.update("jax_num_cpu_devices", n)
+        if jax.device_count() != n:
+            raise ConfigError(f"--topology={spec}: JAX already started with "
+                              f"{jax.device_count()} CPU devices")
+        return jax.devices()
+    if kind == "tpu":
+        from jax.experimental import topologies
+        try:
+            return topologies.get_topology_desc(platform="tpu", topology_name=rest).devices
+        except Exception as e:  # libtpu missing or unknown name: say which
+            raise ConfigError(f"--topology={spec}: no TPU topology description ({e}); "
+                              "install libtpu matching your jax version") from None
+    raise ConfigError(f"--topology={spec}: expected cpu:N or tpu:<name>")
+
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict
+    device_kind: str
+    argument_bytes: int      # per device: state + batch
+    output_bytes: int
+    temp_bytes: int          # activations and scratch
+    alias_bytes: int         # outputs written in place of donated arguments
+    flops_per_step: float    # per device, from XLA's cost analysis
+    param_shardings: dict    # parameter path -> PartitionSpec
+    warnings: list
+
+    @property
+    def peak_bytes(self) -> int:
+        """What one device must hold at once: arguments + outputs + temporaries, outputs
+        that reuse donated arguments counted once."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def compile_train_step(cfg: ml_collections.ConfigDict, devices):
+    """AOT-compiles the jitted train step for `devices`; returns (compiled, setup)."""
+    from jaxlm.train.loop import build
+
+    setup = build(cfg, devices)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   setup.abstract_state, setup.shardings)
+    batch_sh = sharding.batch_sharding(setup.mesh, cfg.mesh)
+    batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh)
+             for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(setup.mesh))
+    with sharding.activate(setup.mesh, cfg.mesh):
+        compiled = setup.compile_step().jitted.lower(state, batch, rng).compile()
+    return compiled, setup
+
+
+def weak_choices(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[str]:
+    """Plain-words warnings about configurations that run but waste the hardware."""
+    m, me, out = cfg.model, cfg.mesh, []
+    strategy = me.strategy
+    if "fsdp" in strategy and mesh_shape["fsdp"] == 1:
+        out.append(f"strategy {strategy!r} shards parameters over the fsdp axis, but "
+                   "config.mesh.fsdp is 1: every device holds the full model and optimizer "
+                   "state. Give fsdp the devices (e.g. config.mesh.data=1, fsdp=-1).")
+    if "tp" in strategy and mesh_shape["tensor"] == 1:
+        out.append(f"strategy {strategy!r} splits heads and MLP over the tensor axis, but "
+                   "config.mesh.tensor is 1: nothing is tensor-parallel.")
+    if mesh_shape["tensor"] > m.num_heads:
+        out.append(f"the tensor axis ({mesh_shape['tensor']}) is wider than the number of "
+                   f"heads ({m.num_heads}): attention cannot be split that many ways.")
+    if strategy == "dp" and mesh_shape["fsdp"] * mesh_shape["tensor"] > 1:
+        out.append("strategy 'dp' replicates parameters, so the fsdp/tensor axes only add "
+                   "data parallelism.")
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    per_device = cfg.train.batch_size / cfg.train.microbatches / dp
+    if per_device < 1:
+        out.append(f"each microbatch of {cfg.train.batch_size // cfg.train.microbatches} "
+                   f"sequences is smaller than the {dp} data-parallel devices.")
+    elif per_device * cfg.data.seq_len < 2048:
+        out.append(f"each device processes only {per_device:g} sequence(s) x {cfg.data.seq_len} "
+                   "tokens per microbatch: too little work to keep an accelerator busy; raise "
+                   "the batch or lower microbatches.")
+    return out
+
+
+def make_plan(cfg: ml_collections.ConfigDict, devices) -> Plan:
+    compiled, setup = compile_train_step(cfg, devices)
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    specs = {jax.tree_util.keystr(path): s.spec for path, s in
+             jax.tree_util.tree_leaves_with_path(setup.shardings.params)}
+    mesh_shape = dict(setup.mesh.shape)
+    warnings = weak_choices(cfg, mesh_shape)
+    plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
+                mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
+                float(cost.get("flops", 0.0)), specs, warnings)
+    hbm = next((b for k, b in HBM_BYTES if k in plan.device_kind), None)
+    if hbm is not None and plan.peak_bytes > hbm:
+        warnings.append(f"needs {plan.peak_bytes / 1e9:.1f} GB per device, more than the "
+                        f"{hbm / 1e9:.0f} GB of a {plan.device_kind}: shard more (fsdp), "
+                        "turn on config.model.remat, or raise config.train.microbatches.")
+    return plan
+
+
+def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
+    gb = lambda b: f"{b / 1e9:.3f} GB"
+    lines = [f"mesh {plan.mesh} of {plan.device_kind}; strategy {cfg.mesh.strategy!r}",
+             f"per device: arguments {gb(plan.argument_bytes)}, outputs {gb(plan.output_bytes)} "
+             f"(aliased {gb(plan.alias_bytes)}), temporaries {gb(plan.temp_bytes)}",
+             f"per device peak: {gb(plan.peak_bytes)}",
+             f"FLOPs per step per device (XLA cost analysis): {plan.flops_per_step:.4g}",
+             "parameter shardings:"]
+    width = max(map(len, plan.param_shardings))
+    lines += [f"  {name:<{width}}  {spec}" for name, spec in plan.param_shardings.items()]
+    lines += ["warnings:" if plan.warnings else "warnings: none"]
+    lines += [f"  - {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> Plan:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, workdir=False,
+                          flags={"topology": "cpu:1"})
+        devices = topology_devices(args.flags["topology"])
+        plan = make_plan(args.config, devices)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(format_plan(plan, args.config))
+    return plan
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""jaxlm.plan: ahead-of-time compile for a topology, memory per device, plain-words warnings."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import REPO, tiny_config
+from jaxlm import plan
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+
+def config(strategy, data, fsdp, tensor, **model):
+    cfg = tiny_config(vocab_size=264, **model)
+    cfg.mesh.update(strategy=strategy, data=data, fsdp=fsdp, tensor=tensor)
+    return cfg
+
+
+def test_fsdp_holds_an_eighth_of_the_state_per_device():
+    dp = plan.make_plan(config("dp", 8, 1, 1), jax.devices())
+    fsdp = plan.make_plan(config("fsdp", 1, 8, 1), jax.devices())
+    # Parameters + Adam moments dominate the arguments; the batch is the same in both.
+    assert fsdp.argument_bytes < dp.argument_bytes / 4
+    assert fsdp.param_shardings["['block_0']['mlp']['fc_in']['kernel']"] == jax.sharding.PartitionSpec("fsdp", None)
+    assert dp.flops_per_step > 0 and fsdp.peak_bytes > 0
+
+
+def test_weak_choices_are_explained():
+    warnings = plan.make_plan(config("fsdp", 8, 1, 1), jax.devices()).warnings
+    assert any("config.mesh.fsdp is 1" in w for w in warnings)
+    cfg = config("tp", 1, 1, 8, d_model=64, num_heads=4)
+    assert any("wider than the number of heads (4)" in w
+               for w in plan.weak_choices(cfg, {"data": 1, "fsdp": 1, "tensor": 8}))
+
+
+def test_cli_prints_memory_and_shardings():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxlm.plan", f"--config={REPO}/configs/gpt/debug.py",
+         "--topology=cpu:4", "--config.mesh.strategy=fsdp", "--config.mesh.data=1",
+         "--config.mesh.fsdp=-1",
+         "--config.train.batch_size=8"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1} of cpu" in proc.stdout
+    assert "per device peak:" in proc.stdout
+    assert "['block_0']['mlp']['fc_in']['kernel']" in proc.stdout
+
+
+def test_unknown_topology_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.plan", f"--config={REPO}/configs/gpt/debug.py",
+                           "--topology=gpu:8"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("--topology=gpu:8: expected cpu:N or tpu:<name>")
