@@ -130,6 +130,11 @@ def make_plan(cfg: ml_collections.ConfigDict, devices) -> Plan:
     plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
                 mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
                 float(cost.get("flops", 0.0)), specs, warnings)
+    if cfg.model.remat and devices[0].platform == "cpu":
+        warnings.append("XLA:CPU's memory analysis ignores rematerialisation (its temporaries "
+                        "come out the same with and without jax.checkpoint), so with "
+                        "config.model.remat the temporaries above are an over-estimate; "
+                        "compile for a tpu:<topology> for a remat-aware figure.")
     hbm = next((b for k, b in HBM_BYTES if k in plan.device_kind), None)
     if hbm is not None and plan.peak_bytes > hbm:
         warnings.append(f"needs {plan.peak_bytes / 1e9:.1f} GB per device, more than the "
