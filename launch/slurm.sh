@@ -12,6 +12,8 @@ set -euo pipefail
 
 NODES=1 GPUS=8 CONFIG= WORKDIR= PARTITION= TIME=24:00:00 VENV=.venv DRY=0 EXTRA=()
 for arg in "$@"; do
+  # --dry-run counts wherever it stands, even after "--": a misplaced one must not launch.
+  if [[ $arg == --dry-run ]]; then DRY=1; continue; fi
   if [[ ${#EXTRA[@]} -gt 0 || $arg == "--" ]]; then EXTRA+=("$arg"); continue; fi
   case $arg in
     --nodes=*) NODES=${arg#*=} ;;
@@ -21,7 +23,6 @@ for arg in "$@"; do
     --partition=*) PARTITION=${arg#*=} ;;
     --time=*) TIME=${arg#*=} ;;
     --venv=*) VENV=${arg#*=} ;;
-    --dry-run) DRY=1 ;;
     *) echo "slurm.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
 done

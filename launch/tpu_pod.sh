@@ -15,6 +15,8 @@ set -euo pipefail
 NAME= ZONE= ACCEL= CONFIG= WORKDIR= PROJECT= VERSION=tpu-ubuntu2204-base
 CREATE=0 DRY=0 WORKERS= EXTRA=()
 for arg in "$@"; do
+  # --dry-run counts wherever it stands, even after "--": a misplaced one must not launch.
+  if [[ $arg == --dry-run ]]; then DRY=1; continue; fi
   if [[ ${#EXTRA[@]} -gt 0 || $arg == "--" ]]; then EXTRA+=("$arg"); continue; fi
   case $arg in
     --name=*) NAME=${arg#*=} ;;
@@ -26,7 +28,6 @@ for arg in "$@"; do
     --version=*) VERSION=${arg#*=} ;;
     --workers=*) WORKERS=${arg#*=} ;;
     --create) CREATE=1 ;;
-    --dry-run) DRY=1 ;;
     *) echo "tpu_pod.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
 done

@@ -68,3 +68,9 @@ def test_debug_script_passes_overrides(tmp_path):
                            "--config.train.stpes=1"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 2 and "did you mean config.train.steps" in proc.stderr
+
+
+def test_dry_run_after_double_dash_still_runs_nothing(tmp_path):
+    out = dry_run(tmp_path, "slurm.sh", "--config=configs/gpt/debug.py", "--workdir=w",
+                  extra=["--config.train.steps=1", "--dry-run"])
+    assert "sbatch logs/slurm/jaxlm-debug.sbatch" in out and "--dry-run" not in out
