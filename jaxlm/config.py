@@ -90,7 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axis sizes; -1 takes the devices left over. Product must equal the device count.
     me.data = -1
     me.fsdp = 1
+    me.sequence = 1             # splits activations along their length (long sequences)
     me.tensor = 1
+    # Slices (TPU slices / GPU hosts) each axis spans across the data-centre network; the
+    # axis sizes above are then per slice. Only data and fsdp may span slices.
+    me.dcn_data = 1
+    me.dcn_fsdp = 1
     # How parameters and activations are split (jaxlm.sharding.STRATEGIES): "dp" (data
     # parallel, replicated params), "fsdp" (ZeRO-3: params, grads and Adam moments split
     # over the fsdp axis), "tp" (Megatron tensor parallel over the tensor axis), "fsdp_tp".

@@ -1,8 +1,12 @@
 """Mesh construction and logical-axis rules.
 
-Parameters and activations are annotated with logical names (see models/layers.py);
-`config.mesh.rules` maps them to mesh axes. A single device is the trivial 1x1x1 mesh, so
-the same jitted code runs on a laptop and on a pod.
+Parameters and activations are annotated with logical names (see models/layers.py); the
+strategy named by `config.mesh.strategy` maps them to mesh axes. A single device is the
+trivial 1x1x1x1 mesh, so the same jitted code runs on a laptop and on a pod.
+
+Multi-slice (TPU slices joined by the data-centre network, or GPU hosts): config.mesh.dcn_*
+say how many slices each axis spans. The mesh is then built with
+`mesh_utils.create_hybrid_device_mesh`, so that only those axes cross the slow network.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+DCN_AXES = ("data", "fsdp")  # axes that may span slices (config.mesh.dcn_<axis>)
 
 
-def mesh_shape(cfg_mesh, num_devices: int) -> tuple[int, ...]:
+def mesh_shape(cfg_mesh, num_devices: int, where: str = "") -> tuple[int, ...]:
     """Resolves the -1 entry of config.mesh and checks the product against the devices."""
     sizes = [cfg_mesh[a] for a in MESH_AXES]
     if sizes.count(-1) > 1:
@@ -29,32 +35,55 @@ def mesh_shape(cfg_mesh, num_devices: int) -> tuple[int, ...]:
     if -1 in sizes:
         if num_devices % known:
             raise ConfigError(f"config.mesh: fixed axes multiply to {known}, which does not "
-                              f"divide the {num_devices} devices")
+                              f"divide the {num_devices} devices{where}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} multiplies to "
-                          f"{math.prod(sizes)}, but there are {num_devices} devices")
+                          f"{math.prod(sizes)}, but there are {num_devices} devices{where}")
     return tuple(sizes)
 
 
+def _granules(devices, count: int) -> bool:
+    """Whether slices are told apart by slice_index (TPU) rather than process (GPU, CPU)."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slices and len(slices) == count:
+        return False
+    processes = {d.process_index for d in devices}
+    if len(processes) != count:
+        raise ConfigError(f"config.mesh.dcn_*: {count} slices requested, but the devices span "
+                          f"{len(slices)} slice(s) and {len(processes)} process(es)")
+    return True
+
+
 def make_mesh(cfg_mesh, devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(cfg_mesh, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    devices = jax.devices() if devices is None else list(devices)
+    dcn = tuple(cfg_mesh.get(f"dcn_{a}", 1) if a in DCN_AXES else 1 for a in MESH_AXES)
+    slices = math.prod(dcn)
+    if slices == 1:
+        return Mesh(np.asarray(devices).reshape(mesh_shape(cfg_mesh, len(devices))), MESH_AXES)
+    if len(devices) % slices:
+        raise ConfigError(f"config.mesh.dcn_*: {slices} slices do not divide {len(devices)} devices")
+    ici = mesh_shape(cfg_mesh, len(devices) // slices, where=" per slice")
+    by_process = _granules(devices, slices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+    return Mesh(grid, MESH_AXES)
 
 
 _BATCH = ("batch", ("data", "fsdp"))
 _FSDP = (("embed", "fsdp"),)
 _TP = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+# Activations split along their length when config.mesh.sequence > 1 (a no-op at size 1);
+# attention then gathers keys and values across the sequence axis.
+_SEQ = (("length", "sequence"),)
 
 # Logical axis -> mesh axes, by strategy. Rules are tried in order and a mesh axis is used
 # at most once per array, so under FSDP activations take "fsdp" for their batch and leave
 # their embed axis whole, while parameters (no batch axis) are split along embed.
 STRATEGIES = {
-    "dp": (_BATCH,),
-    "fsdp": (_BATCH, *_FSDP),
-    "tp": (_BATCH, *_TP),
-    "fsdp_tp": (_BATCH, *_FSDP, *_TP),
+    "dp": (_BATCH, *_SEQ),
+    "fsdp": (_BATCH, *_SEQ, *_FSDP),
+    "tp": (_BATCH, *_SEQ, *_TP),
+    "fsdp_tp": (_BATCH, *_SEQ, *_FSDP, *_TP),
 }
 
 

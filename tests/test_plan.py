@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 
 def config(strategy, data, fsdp, tensor, **model):
     cfg = tiny_config(vocab_size=264, **model)
-    cfg.mesh.update(strategy=strategy, data=data, fsdp=fsdp, tensor=tensor)
+    cfg.mesh.update(strategy=strategy, data=data, fsdp=fsdp, sequence=1, tensor=tensor)
     return cfg
 
 
@@ -32,7 +32,7 @@ def test_weak_choices_are_explained():
     assert any("config.mesh.fsdp is 1" in w for w in warnings)
     cfg = config("tp", 1, 1, 8, d_model=64, num_heads=4)
     assert any("wider than the number of heads (4)" in w
-               for w in plan.weak_choices(cfg, {"data": 1, "fsdp": 1, "tensor": 8}))
+               for w in plan.weak_choices(cfg, {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 8}))
 
 
 def test_cli_prints_memory_and_shardings():
@@ -43,7 +43,7 @@ def test_cli_prints_memory_and_shardings():
          "--config.train.batch_size=8"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1} of cpu" in proc.stdout
+    assert "mesh {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1} of cpu" in proc.stdout
     assert "per device peak:" in proc.stdout
     assert "['block_0']['mlp']['fc_in']['kernel']" in proc.stdout
 

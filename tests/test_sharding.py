@@ -12,17 +12,20 @@ from jaxlm.train import loop
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
-MESHES = {  # strategy -> (data, fsdp, tensor)
-    "dp": (8, 1, 1),
-    "fsdp": (1, 8, 1),
-    "tp": (2, 1, 4),
-    "fsdp_tp": (1, 2, 4),
+MESHES = {  # case -> (strategy, (data, fsdp, sequence, tensor))
+    "dp": ("dp", (8, 1, 1, 1)),
+    "fsdp": ("fsdp", (1, 8, 1, 1)),
+    "tp": ("tp", (2, 1, 1, 4)),
+    "fsdp_tp": ("fsdp_tp", (1, 2, 1, 4)),
+    "dp_sequence": ("dp", (2, 1, 4, 1)),
+    "fsdp_sequence_tp": ("fsdp_tp", (1, 2, 2, 2)),
 }
 
 
-def sharded_config(strategy, shape):
+def sharded_config(case):
+    strategy, (data, fsdp, sequence, tensor) = MESHES[case]
     cfg = tiny_config(vocab_size=264)  # divisible by the tensor axis
-    cfg.mesh.update(strategy=strategy, data=shape[0], fsdp=shape[1], tensor=shape[2])
+    cfg.mesh.update(strategy=strategy, data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
     return cfg
 
 
@@ -46,9 +49,9 @@ def make_batches(cfg, n=2):
     return out
 
 
-@pytest.mark.parametrize("strategy", list(MESHES))
-def test_strategy_matches_single_device(strategy):
-    cfg = sharded_config(strategy, MESHES[strategy])
+@pytest.mark.parametrize("case", list(MESHES))
+def test_strategy_matches_single_device(case):
+    cfg = sharded_config(case)
     cfg.model.dropout = 0.0
     batches = make_batches(cfg)
     one = tiny_config(vocab_size=264)
@@ -60,7 +63,7 @@ def test_strategy_matches_single_device(strategy):
 
 
 def test_fsdp_shards_params_and_adam_moments_eightfold():
-    cfg = sharded_config("fsdp", MESHES["fsdp"])
+    cfg = sharded_config("fsdp")
     state, _ = run_steps(cfg, jax.devices(), make_batches(cfg, 1))
     mu = state.opt_state[1][0].mu  # chain(clip, adamw): adamw's ScaleByAdamState
     for path, p in jax.tree_util.tree_leaves_with_path(state.params):
@@ -74,7 +77,7 @@ def test_fsdp_shards_params_and_adam_moments_eightfold():
 
 
 def test_tp_splits_heads_and_mlp():
-    cfg = sharded_config("tp", MESHES["tp"])
+    cfg = sharded_config("tp")
     state, _ = run_steps(cfg, jax.devices(), make_batches(cfg, 1))
     q = state.params["block_0"]["attn"]["query"]["kernel"]   # (D, H, K)
     fc = state.params["block_0"]["mlp"]["fc_in"]["kernel"]   # (D, F)
@@ -82,8 +85,36 @@ def test_tp_splits_heads_and_mlp():
     assert fc.addressable_shards[0].data.shape == (32, 16)
 
 
+def test_sequence_axis_splits_activations():
+    """On a data=2 x sequence=4 mesh, the length rule makes each device hold a quarter of
+    every activation: the compiled step needs fewer temporaries per device than the same
+    mesh with an extra rule that keeps length whole (4 devices repeating the same work)."""
+    from jaxlm import plan
+    seq = plan.make_plan(sharded_config("dp_sequence"), jax.devices())
+    cfg = sharded_config("dp_sequence")
+    cfg.mesh.rules = (("length", None),)  # tried first: overrides the strategy's length rule
+    flat = plan.make_plan(cfg, jax.devices())
+    assert seq.mesh["sequence"] == 4
+    assert seq.temp_bytes < flat.temp_bytes
+
+
+def test_mesh_errors_name_the_numbers():
+    cfg = sharded_config("dp")
+    cfg.mesh.update(data=3)
+    with pytest.raises(ConfigError, match=r"multiplies to 3, but there are 8 devices"):
+        loop.build(cfg)
+    cfg = sharded_config("dp_sequence")
+    cfg.data.seq_len = 30
+    with pytest.raises(ConfigError, match=r"seq_len=30 is not divisible by the sequence axis \(4\)"):
+        loop.build(cfg)
+    cfg = sharded_config("dp")
+    cfg.mesh.update(data=4, dcn_data=2)  # 2 slices asked for, one process, no slice ids
+    with pytest.raises(ConfigError, match=r"2 slices requested, but the devices span 1 slice"):
+        loop.build(cfg)
+
+
 def test_indivisible_dimension_is_named():
-    cfg = sharded_config("tp", MESHES["tp"])
+    cfg = sharded_config("tp")
     cfg.model.vocab_size = 258
     with pytest.raises(ConfigError, match=r"vocab=258.*strategy='tp'.*\('tensor',\) of total size 4"):
         loop.build(cfg)

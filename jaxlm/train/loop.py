@@ -86,11 +86,15 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     if cfg.parallelism == "pmap":  # built on one device, then replicated by to_device
-        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1},
+                                  jax.devices()[:1])
         dp = jax.local_device_count()
     else:
         mesh = sharding.make_mesh(cfg.mesh, devices)
         dp = sharding.data_parallel_size(mesh, cfg.mesh)
+        if cfg.data.seq_len % mesh.shape["sequence"]:
+            raise ConfigError(f"config.data.seq_len={cfg.data.seq_len} is not divisible by the "
+                              f"sequence axis ({mesh.shape['sequence']})")
     if cfg.train.batch_size % (dp * cfg.train.microbatches):
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"the data-parallel size {dp} x config.train.microbatches="
