@@ -1,6 +1,7 @@
 """Multi-process training: 2 processes x 4 CPU devices, joined by jax.distributed (gloo CPU
 collectives) through launch/local.py, train exactly like 1 process x 8 devices."""
 
+import json
 import subprocess
 import sys
 
@@ -65,3 +66,21 @@ def test_inconsistent_distributed_config_is_named():
     cfg.distributed.update(coordinator_address="localhost:1", num_processes=2, process_id=2)
     with pytest.raises(ConfigError, match=r"num_processes \(got 2\).*process_id \(got 2\)"):
         distributed.initialize(cfg.distributed)
+
+
+@pytest.mark.skipif(jax.device_count() != 8, reason="compares against 8 devices in one process")
+def test_two_processes_evaluate_like_one(tmp_path):
+    """The main job end to end on 2 processes: same few-shot results as 1 process, and
+    only process 0 prints the table and writes results.json and plots."""
+    flags = (*TINY, "--config.train.steps=4", "--config.evaluate.shots=(0,1)")
+    proc = launch("--processes=2", "--cpu-devices=4", "--", "-m", "jaxlm.main",
+                  f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}", *flags)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("Few-shot results") == 1 and "[p0] Few-shot results" in proc.stdout
+    run(tmp_path / "sp", *flags[len(TINY):])
+    multi = json.loads((tmp_path / "mp" / "results.json").read_text())
+    single = json.loads((tmp_path / "sp" / "results.json").read_text())
+    for task in single["tasks"]:
+        for k in ("0", "1"):
+            assert multi["tasks"][task]["shots"][k]["accuracy"] == single["tasks"][task]["shots"][k]["accuracy"]
+    assert (tmp_path / "mp" / "plots" / "fewshot.png").exists()

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxlm import sharding
 
@@ -35,8 +36,18 @@ class Scorer:
         self.truncated = 0  # requests whose context was cut on the left to fit max_len
 
     def _run(self, fn, *args):
+        """Calls a jitted scoring function on host inputs; returns numpy outputs.
+
+        Inputs go in as global arrays replicated over the mesh and outputs come back
+        replicated, so with several processes each one passes the same requests and reads
+        the answers from its own devices.
+        """
+        rep = sharding.replicated(self.mesh)
+        args = [jax.make_array_from_process_local_data(rep, np.asarray(a))
+                if isinstance(a, (np.ndarray, jax.Array)) else a for a in args]
         with sharding.activate(self.mesh, self.cfg_mesh):
-            return jax.device_get(fn(self.params, *args))
+            out = fn(self.params, *args)
+        return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), out)
 
     # ------------------------------------------------------------------ log-likelihood
 
@@ -48,7 +59,7 @@ class Scorer:
         greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
         total_B = jnp.sum(logp_BxL * weights_BxL, axis=-1)
         all_greedy_B = jnp.all(greedy_BxL | (weights_BxL == 0), axis=-1)
-        return total_B, all_greedy_B
+        return jax.lax.with_sharding_constraint((total_B, all_greedy_B), P())
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         """For each (context, continuation): (sum of log p(continuation | context), whether
@@ -110,7 +121,8 @@ class Scorer:
         # Step i feeds token i and emits it; the carry ends holding the last token.
         (_, last_B, _), tokens_NxB = jax.lax.scan(
             body, (variables["cache"], first_B, positions_BxP[:, -1] + 1), keys[1:])
-        return jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1)
+        return jax.lax.with_sharding_constraint(
+            jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1), P())
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, temperature: float = 0.0,
                  seed: int = 0, stop: str | None = None) -> list[str]:
@@ -137,7 +149,7 @@ class Scorer:
             valid[len(encoded):, -1] = 1  # filler rows: one valid token keeps softmax finite
             rng = jax.random.PRNGKey(seed + b)
             tokens = self._run(self._generate, prompt, valid, rng, max_new_tokens,
-                               jnp.float32(temperature))
+                               np.float32(temperature))
             for row in range(len(chunk)):
                 ids = tokens[row].tolist()
                 if self.tok.eos_id in ids:  # a document ends at EOS
