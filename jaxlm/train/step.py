@@ -54,9 +54,6 @@ def accumulate_gradients(params, batch: dict, rng: jax.Array, *, model: nn.Modul
     """
     grad_fn = jax.value_and_grad(
         functools.partial(loss_sum, model=model, deterministic=False), has_aux=True)
-    if microbatches == 1:  # no accumulator: it would hold a second copy of the gradients
-        (loss, weight), grads = grad_fn(params, batch, jax.random.fold_in(rng, 0))
-        return grads, loss, weight
 
     def split(x):  # [B, ...] -> [M, B/M, ...], microbatch i = rows i::M
         x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
