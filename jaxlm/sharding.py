@@ -87,11 +87,24 @@ STRATEGIES = {
 }
 
 
+# Every logical axis name the models use (models/layers.py).
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "pos")
+
+
 def rules(cfg_mesh) -> tuple:
     """The config's extra rules, then its strategy's."""
-    extra = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                  for name, axes in cfg_mesh.rules)
-    return extra + STRATEGIES[cfg_mesh.strategy]
+    extra = []
+    for name, axes in cfg_mesh.rules:
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        if name not in LOGICAL_AXES:
+            raise ConfigError(f"config.mesh.rules: unknown logical axis {name!r}; "
+                              f"known: {', '.join(LOGICAL_AXES)}")
+        for a in (axes,) if isinstance(axes, str) else axes or ():
+            if a not in MESH_AXES:
+                raise ConfigError(f"config.mesh.rules: ({name!r}, {axes!r}) names mesh axis "
+                                  f"{a!r}; mesh axes are {', '.join(MESH_AXES)}")
+        extra.append((name, axes))
+    return tuple(extra) + STRATEGIES[cfg_mesh.strategy]
 
 
 def logical_shardings(tree, mesh: Mesh, cfg_mesh):

@@ -22,15 +22,20 @@ def launch(*argv, timeout=600):
 
 
 @pytest.mark.skipif(jax.device_count() != 8, reason="compares against 8 devices in one process")
-@pytest.mark.parametrize("strategy", ["dp", "fsdp"])
-def test_two_processes_match_one_process(tmp_path, strategy):
-    flags = (*TINY, *ARGS, f"--config.mesh.strategy={strategy}")
-    if strategy == "fsdp":
-        flags += ("--config.mesh.data=1", "--config.mesh.fsdp=8")
+@pytest.mark.parametrize("layout", ["dp", "fsdp", "dcn_data"])
+def test_two_processes_match_one_process(tmp_path, layout):
+    """dcn_data: a hybrid mesh whose data axis spans the 2 processes as 2 slices of 4."""
+    flags = (*TINY, *ARGS)
+    if layout == "fsdp":
+        flags += ("--config.mesh.strategy=fsdp", "--config.mesh.data=1", "--config.mesh.fsdp=8")
+    hybrid = ("--config.mesh.data=4", "--config.mesh.dcn_data=2") if layout == "dcn_data" else ()
     proc = launch("--processes=2", "--cpu-devices=4", "--", "-m", "jaxlm.train",
-                  f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}", *flags)
+                  f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}",
+                  *flags, *hybrid)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "[p1]" in proc.stdout and "process 1 of 2; 4 local of 8 devices" in proc.stdout
+    if layout == "dcn_data":
+        assert "mesh {'data': 8, 'fsdp': 1, 'sequence': 1, 'tensor': 1}" in proc.stdout
     run(tmp_path / "sp", *flags[len(TINY):], evaluate=False)
 
     multi, single = read_history(tmp_path / "mp"), read_history(tmp_path / "sp")

@@ -113,6 +113,17 @@ def test_mesh_errors_name_the_numbers():
         loop.build(cfg)
 
 
+@pytest.mark.parametrize("rule,message", [
+    (("embd", "fsdp"), "unknown logical axis 'embd'"),
+    (("embed", "model"), "names mesh axis 'model'"),
+])
+def test_bad_rules_are_named(rule, message):
+    cfg = sharded_config("dp")
+    cfg.mesh.rules = (rule,)
+    with pytest.raises(ConfigError, match=message):
+        loop.build(cfg)
+
+
 def test_indivisible_dimension_is_named():
     cfg = sharded_config("tp")
     cfg.model.vocab_size = 258
