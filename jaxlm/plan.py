@@ -16,7 +16,6 @@ of the version matching jax, but no TPU.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 
 import jax

@@ -1,13 +1,12 @@
 """Config schema, command-line overrides and the errors for bad input."""
 
-import pathlib
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO
 from jaxlm import config as config_lib
 from jaxlm.config import ConfigError, apply_override, parse_args, validate
 from jaxlm.models.gpt import GPT, count_params
