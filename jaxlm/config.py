@@ -59,11 +59,29 @@ def base_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02           # normal init std; residual output projections get / sqrt(2*layers)
 
     c.data = d = ml_collections.ConfigDict()
-    d.name = "synthetic"        # built-in offline corpus (jaxlm.data.synthetic)
-    d.seed = 0                  # seeds the synthetic world and the document order
+    # "synthetic" (built-in offline corpus, jaxlm.data.synthetic), the name of a prepared
+    # TFDS text dataset (catalog or local, see jaxlm.data.prepare), or "mixture".
+    d.name = "synthetic"
+    d.seed = 0                  # seeds the synthetic world and the order of sequences
     d.seq_len = 128             # tokens per training sequence (<= model.max_len)
-    d.tokenizer = "byte"        # see jaxlm.data.tokenizer.get_tokenizer
+    # "byte", "sentencepiece:PATH" (model file) or "gpt2:DIR" (local vocabulary files);
+    # see jaxlm.data.tokenizer.
+    d.tokenizer = "byte"
     d.prefetch = 2              # batches prepared ahead on a background thread
+    # TFDS datasets (jaxlm.data.lm, jaxlm.data.token_cache):
+    d.split = "train"           # TFDS split (slices like "train[:90%]" work)
+    d.text_key = ""             # feature holding the text; "" = the dataset's only text feature
+    d.data_dir = ""             # TFDS data_dir (local or gs://); "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # Folder with a catalog dataset's source files: a dataset not yet prepared in data_dir
+    # is prepared from it (nothing is ever downloaded). "" = it must be prepared already.
+    d.manual_dir = ""
+    d.cache_dir = ""            # token caches; "" = <data_dir>/jaxlm_tokens (local data_dir)
+    # False: the token stream cut into windows (documents cross window edges). True: whole
+    # documents packed per sequence with segment ids and position resets, padded.
+    d.packing = False
+    # With name = "mixture": ("NAME=WEIGHT", ...), e.g. ("tiny_shakespeare=0.2", "synthetic=0.8").
+    d.mixture = ()
+    d.mixture_block = 1000      # each block of this many sequences has exact per-dataset counts
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000              # optimizer steps
@@ -71,8 +89,24 @@ def base_config() -> ml_collections.ConfigDict:
     t.microbatches = 1          # gradient accumulation: batch_size is split into this many
     t.seed = 0                  # parameter init and dropout
     t.log_every = 25            # steps between logged metrics
-    t.checkpoint_every = 500    # steps between checkpoints (one is always written at the end)
-    t.keep_checkpoints = 2      # most recent checkpoints kept on disk
+    # A step whose loss or gradient norm is NaN/inf is never applied (the state stays as it
+    # was, so a diverged state cannot reach a checkpoint). Then "stop" ends the run with a
+    # message naming the step; "skip" goes on with the next batch and counts the step.
+    t.nonfinite = "stop"
+    t.max_skipped_steps = 10    # "skip" gives up after this many consecutive bad steps
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every = 500              # steps between saves; one is also written at the end and on SIGTERM
+    ck.keep = 2                 # most recent checkpoints kept on disk
+    ck.archive_every = 0        # also keep, forever, checkpoints at multiples of this; 0 = none
+    ck.async_save = True        # write in the background while training goes on
+    ck.check_data = True        # refuse to resume on data whose order differs from the checkpoint's
+    ck.step = -1                # checkpoint that jaxlm.evaluate / jaxlm.export read; -1 = latest
+    # Saves, restores and cross-host barriers log a heartbeat line every heartbeat_seconds
+    # while they run, and stop the process (exit code 3, stacks printed) when one exceeds
+    # timeout_seconds: a hung multi-host job ends with a message instead of idling a pod.
+    ck.heartbeat_seconds = 60.0
+    ck.timeout_seconds = 1800.0
 
     c.optimizer = o = ml_collections.ConfigDict()
     o.learning_rate = 3e-3      # peak learning rate, reached after warmup
@@ -104,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
     me.rules = ()
 
     c.evaluate = e = ml_collections.ConfigDict()
+    # Parameters to evaluate: "" = the workdir's checkpoint (config.checkpoint.step), or the
+    # path of a params-only export (python -m jaxlm.export).
+    e.params = ""
     e.tasks = ("rule_mc", "rule_exact", "facts_mc", "arithmetic_mc")
     e.shots = (0, 1, 4, 8)
     e.num_examples = 200        # per task (fewer if the task has fewer)
@@ -147,16 +184,17 @@ GPT2_SIZES = {
 def gpt2_config(size: str) -> ml_collections.ConfigDict:
     """A GPT-2-shaped model (50257-token vocabulary, 1024 positions, tied embeddings).
 
-    Until the GPT-2 BPE tokenizer lands, data.tokenizer stays "byte": the model keeps
-    GPT-2's vocabulary size so parameter counts and HF conversion line up.
+    data.tokenizer stays "byte" (no download); with GPT-2's vocabulary files on disk set
+    --config.data.tokenizer=gpt2:DIR. The model keeps GPT-2's vocabulary size either way,
+    so parameter counts and HF conversion line up.
     """
     layers, d_model, heads, lr = GPT2_SIZES[size]
     c = base_config()
     c.model.update(num_layers=layers, d_model=d_model, num_heads=heads, mlp_dim=4 * d_model,
                    vocab_size=50257, max_len=1024, dropout=0.0, attention_dropout=0.0)
     c.data.seq_len = 1024
-    c.train.update(steps=100_000, batch_size=512, microbatches=1, log_every=50,
-                   checkpoint_every=1000, keep_checkpoints=3)
+    c.train.update(steps=100_000, batch_size=512, microbatches=1, log_every=50)
+    c.checkpoint.update(every=1000, keep=3, archive_every=10_000)
     c.optimizer.update(learning_rate=lr, warmup_steps=2000, min_lr_ratio=0.1,
                        weight_decay=0.1)
     c.evaluate.batch_size = 16
@@ -297,7 +335,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for f in ("dtype", "param_dtype"):
         need(m[f] in ("float32", "bfloat16", "float16"),
              f"config.model.{f}={m[f]!r}: expected float32, bfloat16 or float16")
-    from jaxlm.sharding import STRATEGIES  # noqa: the table lives with the mesh code
+    from jaxlm.sharding import STRATEGIES  # here: the table lives with the mesh code
     need(cfg.mesh.strategy in STRATEGIES,
          f"config.mesh.strategy={cfg.mesh.strategy!r}: expected one of {sorted(STRATEGIES)}")
     need(m.attention_impl in ("xla",),
@@ -306,9 +344,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          f"config.parallelism={cfg.parallelism!r}: expected 'jit' or 'pmap'")
     need(d.seq_len <= m.max_len,
          f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}")
-    for f in ("steps", "batch_size", "microbatches", "log_every", "checkpoint_every",
-              "keep_checkpoints"):
+    need(d.name != "mixture" or len(d.mixture) > 0,
+         "config.data.name='mixture' needs config.data.mixture=NAME=WEIGHT,...")
+    need(d.mixture_block > 0, f"config.data.mixture_block={d.mixture_block} must be positive")
+    for f in ("steps", "batch_size", "microbatches", "log_every"):
         need(t[f] > 0, f"config.train.{f}={t[f]} must be positive")
+    need(t.nonfinite in ("stop", "skip"),
+         f"config.train.nonfinite={t.nonfinite!r}: expected 'stop' or 'skip'")
+    ck = cfg.checkpoint
+    for f in ("every", "keep", "heartbeat_seconds", "timeout_seconds"):
+        need(ck[f] > 0, f"config.checkpoint.{f}={ck[f]} must be positive")
+    need(ck.archive_every >= 0, f"config.checkpoint.archive_every={ck.archive_every} must be >= 0")
     need(t.batch_size % t.microbatches == 0,
          f"config.train.batch_size={t.batch_size} is not divisible by "
          f"config.train.microbatches={t.microbatches}")

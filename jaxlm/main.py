@@ -11,6 +11,7 @@ import logging
 import sys
 
 from jaxlm import config as config_lib
+from jaxlm.train.nonfinite import Diverged
 
 log = logging.getLogger("jaxlm")
 
@@ -31,12 +32,17 @@ def run(train: bool = True, evaluate: bool = True, argv: list[str] | None = None
         if train:
             out["train"] = run_train(args.config, args.workdir)
             log.info("training done: %s", out["train"])
+            if out["train"]["preempted"]:
+                return out  # saved; rerun the same command to continue
         if evaluate:
             out["evaluate"] = run_eval(args.config, args.workdir)
         return out
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

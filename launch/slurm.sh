@@ -8,6 +8,8 @@
 #
 # Writes the batch script to logs/slurm/<job>.sbatch and submits it with sbatch; --dry-run
 # prints the script and the sbatch command instead. Logs: logs/slurm/<job>-%j.out.
+# SLURM sends SIGTERM 5 minutes before the time limit (--signal): jaxlm then saves and
+# exits 0, and submitting the same script again resumes the run.
 set -euo pipefail
 
 NODES=1 GPUS=8 CONFIG= WORKDIR= PARTITION= TIME=24:00:00 VENV=.venv DRY=0 EXTRA=()
@@ -41,6 +43,7 @@ BODY="#!/usr/bin/env bash
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=$GPUS
 #SBATCH --time=$TIME
+#SBATCH --signal=TERM@300
 #SBATCH --output=logs/slurm/$JOB-%j.out
 ${PARTITION:+#SBATCH --partition=$PARTITION}
 set -euo pipefail

@@ -19,7 +19,8 @@ def tiny_config(**model_overrides):
     c.model.update(num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
     c.model.update(**model_overrides)
     c.data.seq_len = 32
-    c.train.update(steps=20, batch_size=8, log_every=5, checkpoint_every=10)
+    c.train.update(steps=20, batch_size=8, log_every=5)
+    c.checkpoint.update(every=10, heartbeat_seconds=30.0, timeout_seconds=300.0)
     c.optimizer.update(learning_rate=3e-3, warmup_steps=5)
     c.evaluate.update(num_examples=8, shots=(0, 1), batch_size=8, num_samples=1,
                       sample_len=16, max_new_tokens=8)

@@ -13,7 +13,7 @@ from conftest import REPO
 from test_main import TINY, run
 from jaxlm.train.metrics import read_history
 
-ARGS = ("--config.train.steps=6", "--config.train.log_every=2", "--config.train.checkpoint_every=3")
+ARGS = ("--config.train.steps=6", "--config.train.log_every=2", "--config.checkpoint.every=3")
 
 
 def launch(*argv, timeout=600):
@@ -24,7 +24,8 @@ def launch(*argv, timeout=600):
 @pytest.mark.skipif(jax.device_count() != 8, reason="compares against 8 devices in one process")
 @pytest.mark.parametrize("layout", ["dp", "fsdp", "dcn_data"])
 def test_two_processes_match_one_process(tmp_path, layout):
-    """dcn_data: a hybrid mesh whose data axis spans the 2 processes as 2 slices of 4."""
+    """dcn_data: a hybrid mesh whose data axis spans the 2 processes as 2 slices of 4.
+    fsdp: the 2-process checkpoint then resumes in 1 process (elastic resume)."""
     flags = (*TINY, *ARGS)
     if layout == "fsdp":
         flags += ("--config.mesh.strategy=fsdp", "--config.mesh.data=1", "--config.mesh.fsdp=8")
@@ -43,6 +44,14 @@ def test_two_processes_match_one_process(tmp_path, layout):
     np.testing.assert_allclose([h["loss"] for h in multi], [h["loss"] for h in single], rtol=1e-5)
     assert sorted(p.name for p in (tmp_path / "mp" / "checkpoints").iterdir()
                   if p.name.isdigit()) == ["3", "6"]
+    if layout == "fsdp":
+        # Elastic resume: the 2-process run continues as 1 process (8 devices) with exactly
+        # the samples, hence the losses, of the single-process run.
+        for workdir in ("mp", "sp"):
+            run(tmp_path / workdir, *flags[len(TINY):], "--config.train.steps=8", evaluate=False)
+        multi, single = read_history(tmp_path / "mp"), read_history(tmp_path / "sp")
+        assert [h["step"] for h in multi] == [h["step"] for h in single] == [2, 4, 6, 8]
+        np.testing.assert_allclose([h["loss"] for h in multi], [h["loss"] for h in single], rtol=1e-5)
 
 
 def test_failing_process_fails_the_launch(tmp_path):

@@ -37,7 +37,7 @@ def tree_digest(path: pathlib.Path) -> dict:
 
 
 def test_main_job_writes_results_plots_and_resumes(tmp_path):
-    out = run(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=4")
+    out = run(tmp_path, "--config.train.steps=8", "--config.checkpoint.every=4")
     assert out["train"]["step"] == 8
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["step"] == 8
@@ -54,7 +54,7 @@ def test_main_job_writes_results_plots_and_resumes(tmp_path):
     assert [h["step"] for h in read_history(tmp_path)] == [4, 8]
 
     # Same workdir again: resumes at step 8, trains nothing, evaluates the same weights.
-    again = run(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=4")
+    again = run(tmp_path, "--config.train.steps=8", "--config.checkpoint.every=4")
     assert again["train"]["step"] == 8
     assert again["evaluate"]["tasks"] == results["tasks"]
 
@@ -63,7 +63,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     """Drop the final checkpoint of a 12-step run and resume from step 6: the resumed run
     ends with bitwise the same parameters and logs the same losses."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ("--config.train.steps=12", "--config.train.checkpoint_every=6", "--config.train.log_every=2")
+    args = ("--config.train.steps=12", "--config.checkpoint.every=6", "--config.train.log_every=2")
     run(full, *args, evaluate=False)
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "12")
@@ -112,7 +112,7 @@ def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_pmap_training_loop_matches_jit_loop(tmp_path):
     """The whole loop (data placement, replicated state, checkpoint of the unreplicated
     state) under config.parallelism=pmap logs the same losses as the jit loop."""
-    args = ("--config.train.steps=6", "--config.train.log_every=2", "--config.train.checkpoint_every=3")
+    args = ("--config.train.steps=6", "--config.train.log_every=2", "--config.checkpoint.every=3")
     run(tmp_path / "jit", *args, evaluate=False)
     run(tmp_path / "pmap", *args, "--config.parallelism=pmap", evaluate=False)
     jit, pmap = read_history(tmp_path / "jit"), read_history(tmp_path / "pmap")

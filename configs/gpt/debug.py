@@ -17,7 +17,8 @@ def get_config():
     # few-shot prompts are cut on the left instead (counted in results.json).
     c.model.max_len = 128
     c.data.seq_len = 128
-    c.train.update(steps=1000, batch_size=32, log_every=20, checkpoint_every=250)
+    c.train.update(steps=1000, batch_size=32, log_every=20)
+    c.checkpoint.every = 250
     c.optimizer.update(learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1)
     c.evaluate.sample_len = 64
     return c

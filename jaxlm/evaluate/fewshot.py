@@ -76,6 +76,8 @@ def format_table(results: dict, shots) -> str:
 
 
 def make_tasks(cfg: ml_collections.ConfigDict) -> dict[str, Task]:
+    if not cfg.evaluate.tasks:  # e.g. a real corpus: samples only
+        return {}
     if cfg.data.name != "synthetic":
         raise ConfigError(f"config.evaluate.tasks: no few-shot tasks for data {cfg.data.name!r} yet")
     world = synthetic.World(cfg.data.seed)
@@ -85,23 +87,39 @@ def make_tasks(cfg: ml_collections.ConfigDict) -> dict[str, Task]:
         raise ConfigError(f"config.evaluate.tasks: {e}") from None
 
 
+def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
+    """(params, step) to evaluate: an export (config.evaluate.params) or the workdir's
+    checkpoint config.checkpoint.step (default: the latest), checked against the config."""
+    if cfg.evaluate.params:
+        path = pathlib.Path(cfg.evaluate.params)
+        meta = checkpoint.read_export_meta(path)
+        checkpoint.check_meta(meta, cfg, setup.tokenizer, f"export {path}")
+        params = checkpoint.load_params(path, setup.abstract_state.params, setup.shardings.params)
+        return params, meta["step"]
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        step = ckpt.select(cfg.checkpoint.step)
+        if step is None:
+            raise ConfigError(f"--workdir={workdir}: no checkpoint to evaluate (run jaxlm.train first)")
+        ckpt.check_compatible(cfg, setup.tokenizer, step)
+        state, _ = ckpt.restore(step, setup.abstract_state, setup.shardings)
+    finally:
+        ckpt.close()
+    return state.params, step
+
+
 def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Restores the latest checkpoint of `workdir`, prints samples, runs the few-shot suite,
-    and writes results.json and plots. Returns the results dict."""
+    """Restores the parameters (see load_params), prints samples, runs the few-shot suite,
+    and writes results.json and plots into `workdir`. Returns the results dict."""
     from jaxlm.train.loop import build  # the same model/mesh/shardings the trainer built
 
     workdir = pathlib.Path(workdir)
     setup = build(cfg)
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-    if ckpt.check_compatible(cfg, setup.tokenizer) is None:
-        raise ConfigError(f"--workdir={workdir}: no checkpoint to evaluate (run jaxlm.train first)")
-    step = ckpt.latest_step()
-    state, _ = ckpt.restore(step, setup.abstract_state, setup.shardings)
-    ckpt.close()
+    params, step = load_params(cfg, setup, workdir)
     tasks = make_tasks(cfg)
 
     e = cfg.evaluate
-    scorer = Scorer(setup.model, state.params, setup.tokenizer, setup.mesh, cfg.mesh, e.batch_size)
+    scorer = Scorer(setup.model, params, setup.tokenizer, setup.mesh, cfg.mesh, e.batch_size)
     samples = scorer.generate([""] * e.num_samples, e.sample_len, temperature=e.temperature,
                               seed=e.seed)
     for i, s in enumerate(samples):
@@ -112,7 +130,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     out = {"step": step, "tasks": results, "samples": samples,
            "truncated_requests": scorer.truncated}
     if jax.process_index() == 0:
-        print(f"\nFew-shot results at step {step}:\n{table}\n", flush=True)
+        if results:  # config.evaluate.tasks = () writes samples only
+            print(f"\nFew-shot results at step {step}:\n{table}\n", flush=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "results.json").write_text(json.dumps(out, indent=2))
         plots.write_plots(workdir, results, list(e.shots))
     return out

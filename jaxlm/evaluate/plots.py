@@ -28,6 +28,8 @@ def write_plots(workdir: pathlib.Path, results: dict, shots) -> list[pathlib.Pat
         plt.close(fig)
         written.append(out_dir / "loss.png")
 
+    if not results:  # no few-shot tasks configured
+        return written
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, r) in enumerate(results.items()):
         color = f"C{i}"

@@ -14,6 +14,7 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -24,6 +25,9 @@ from jaxlm.data.tokenizer import Tokenizer, get_tokenizer
 from jaxlm.models.gpt import GPT, count_params, flops_per_token
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train import optimizer, step as step_lib
+from jaxlm.train.nonfinite import NonfiniteGuard
+from jaxlm.train.preemption import Preemption
+from jaxlm.watchdog import Watchdog
 
 log = logging.getLogger("jaxlm")
 
@@ -105,34 +109,50 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
 
 
 def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer):
-    """(state, next_sample): resume from the workdir's latest checkpoint, else a fresh init."""
-    if ckpt.check_compatible(setup.cfg, setup.tokenizer) is not None:
-        step = ckpt.latest_step()
-        state, meta = ckpt.restore(step, setup.abstract_state, setup.shardings)
-        log.info("resumed from %s at step %d", ckpt.directory, step)
-        return state, meta["data"]["next_sample"]
-    return setup.init_state(), 0
+    """(state, meta): resume from the workdir's latest checkpoint (meta: its metadata),
+    else a fresh init (meta None)."""
+    meta = ckpt.check_compatible(setup.cfg, setup.tokenizer)
+    if meta is None:
+        return setup.init_state(), None
+    step = ckpt.latest_step()
+    state, meta = ckpt.restore(step, setup.abstract_state, setup.shardings)
+    log.info("resumed from %s at step %d", ckpt.directory, step)
+    return state, meta
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Pretrains to config.train.steps (resuming if the workdir has a checkpoint).
+def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -> dict:
+    """Pretrains to config.train.steps (resuming if the workdir has a checkpoint), on
+    `devices` (default: all).
 
-    Returns a summary: final step, last logged loss, parameter count, wall time.
+    Returns a summary: final step, last logged loss, parameter count, wall time, and
+    whether the run stopped early for a preemption (SIGTERM), after saving.
     """
     workdir = pathlib.Path(workdir)
-    setup = build(cfg)
+    setup = build(cfg, devices)
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-    state, next_sample = restore_or_init(setup, ckpt)
+    watchdog = Watchdog(cfg.checkpoint.heartbeat_seconds, cfg.checkpoint.timeout_seconds)
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog)
+    state, meta = restore_or_init(setup, ckpt)
+    source = lm.make_source(cfg.data, setup.tokenizer)
+    if meta:
+        checkpoint.check_data(meta, source.fingerprint(), cfg.checkpoint, ckpt.latest_step())
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(to_json(cfg))
 
     B, T = cfg.train.batch_size, cfg.data.seq_len
     start = int(state.step)
+    next_sample = meta["data"]["next_sample"] if meta else 0
     if next_sample != start * B:
         raise ConfigError(f"checkpoint data position {next_sample} does not match step {start} "
                           f"x config.train.batch_size={B}; the batch size changed mid-run")
+    # Dropout randomness: step s uses fold_in(rng, s), so the key is all the RNG state.
+    rng = (jnp.asarray(meta["rng"], jnp.uint32) if meta
+           else jax.random.PRNGKey(cfg.train.seed + 1))
+    guard = NonfiniteGuard(cfg.train, meta.get("skipped_steps", []) if meta else [])
+    last_saved = start if meta else None
+
     n_params = count_params(state.params)
+    n_devices = jax.device_count() if setup.pmap else setup.mesh.size
     fpt = flops_per_token(cfg.model, T)
     peak = metrics_lib.peak_flops_per_device(cfg.hardware.peak_flops)
     log.info("model: %s parameters, %.3g training FLOPs/token; mesh %s; steps %d -> %d",
@@ -140,26 +160,28 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     run_step = setup.compile_step()
     state = setup.to_device(state)
-    source = lm.make_source(cfg.data, setup.tokenizer)
+    log.info("data: %s", lm.describe(source, start * B, cfg.train.steps * B))
     batches = lm.Batches(source, start, B, cfg.model.vocab_size, setup.place_batch,
                          cfg.data.prefetch)
     sink = metrics_lib.MetricSink(workdir, cfg.train.steps, start)
-    rng = jax.random.PRNGKey(cfg.train.seed + 1)
+    preemption = Preemption()
 
     t_begin = time.time()
     window = (start, time.time())  # (step, time) where the throughput window starts
     pending = None                 # (step, device metrics) of the step before: read one late
-    last = {}
+    last, preempted = {}, False
 
     def report(step, device_metrics):
-        """Blocks on a finished step's metrics, writes them, restarts the window."""
+        """Writes a finished step's metrics, restarts the throughput window. The first
+        step of a run includes compilation: its throughput is not measured."""
         nonlocal window
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.time()
-        tps = (step - window[0]) * B * T / (now - window[1])
+        tps = (step - window[0]) * B * T / (now - window[1]) if step > start + 1 else None
         m.update(perplexity=math.exp(min(m["loss"], 30.0)), tokens_per_second=tps,
-                 mfu=metrics_lib.mfu(fpt, tps, jax.device_count(), peak))
-        del m["tokens"]
+                 mfu=metrics_lib.mfu(fpt, tps, n_devices, peak) if tps else None,
+                 skipped_steps=len(guard.skipped))
+        del m["tokens"], m["nonfinite"]
         sink.write(step, m)
         window = (step, now)
         return m
@@ -169,29 +191,36 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             state, device_metrics = run_step(state, next(batches), rng)
             done = step + 1
             if pending is not None:
+                # Waiting for the step before keeps one step queued on the devices while
+                # the host looks at its flags (and notices a hung collective).
                 p_step, p_metrics = pending
-                if p_step == start + 1:  # the first step includes compilation: not timed
-                    jax.block_until_ready(p_metrics)
-                    window = (p_step, time.time())
-                elif p_step % cfg.train.log_every == 0:
+                with watchdog.watch(f"waiting for step {p_step}"):
+                    guard.check(p_step, p_metrics, last_saved)
+                if p_step % cfg.train.log_every == 0:
                     last = report(p_step, p_metrics)
+                elif p_step == start + 1:  # the first step includes compilation: not timed
+                    window = (p_step, time.time())
             pending = (done, device_metrics)
             sink.advance()
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                loss = float(device_metrics["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {done}; not saving a "
-                                             "checkpoint of a diverged state")
+            preempted = preemption.reached(done)
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or preempted:
+                with watchdog.watch(f"waiting for step {done}"):
+                    guard.check(done, device_metrics, last_saved)
                 ckpt.save(done, setup.from_device(state),
-                          checkpoint.make_meta(cfg, setup.tokenizer, done * B),
-                          force=True)
+                          checkpoint.make_meta(cfg, setup.tokenizer, done * B, source.fingerprint(),
+                                               rng, guard.skipped))
+                last_saved = done
+            if preempted:
+                log.warning("preempted (SIGTERM): saved step %d; exiting", done)
+                break
         if pending is not None and pending[0] > window[0]:
             last = report(*pending)
     finally:
         batches.close()
         sink.close()
+        preemption.close()
         ckpt.wait()
         ckpt.close()
-    return {"step": int(setup.from_device(state).step), "loss": last.get("loss"), "params": n_params,
-            "seconds": time.time() - t_begin}
-
+    return {"step": int(setup.from_device(state).step), "loss": last.get("loss"),
+            "params": n_params, "seconds": time.time() - t_begin, "preempted": preempted,
+            "skipped_steps": len(guard.skipped)}

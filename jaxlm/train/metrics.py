@@ -59,7 +59,13 @@ class MetricSink:
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a")
+        path = pathlib.Path(workdir) / "metrics.jsonl"
+        # A run killed mid-write leaves a partial last line; start the resumed run's
+        # records on a fresh line (read_history skips the fragment).
+        cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.jsonl = open(path, "a")
+        if cut:
+            self.jsonl.write("\n")
         self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -74,8 +80,9 @@ class MetricSink:
         for k, v in clean.items():
             if v is not None and math.isfinite(v):
                 self.tb.add_scalar(f"train/{k}", v, step)
+        tps = clean.get("tokens_per_second")
         text = (f"loss {clean['loss']:.4f}  ppl {clean['perplexity']:.2f}  "
-                f"tok/s {clean['tokens_per_second']:,.0f}")
+                + (f"tok/s {tps:,.0f}" if tps is not None else "tok/s - (compiling)"))
         if self.bar is not None:
             self.bar.set_postfix_str(text)
         else:
@@ -98,13 +105,15 @@ class MetricSink:
 
 def read_history(workdir: pathlib.Path) -> list[dict]:
     """metrics.jsonl as a list, keeping the last record of each step (a resumed run may
-    have logged a step twice)."""
+    have logged a step twice; a killed run may have left half a line)."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     by_step = {}
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             rec = json.loads(line)
-            by_step[rec["step"]] = rec
+        except json.JSONDecodeError:  # empty, or the fragment of a killed run's last write
+            continue
+        by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]

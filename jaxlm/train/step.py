@@ -79,14 +79,22 @@ def apply_gradients(state: TrainState, grads, loss, weight, *, tx: optax.Gradien
 
     Dividing once, after summing, makes M microbatches (or N pmap devices) equal to one
     M-times larger batch up to float summation order.
+
+    A step whose loss or gradient norm is not finite is not applied: params and optimizer
+    state stay as they were (the step counter still advances past the bad batch), and
+    metrics["nonfinite"] says so. The loop then stops or skips (config.train.nonfinite).
     """
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    loss, grad_norm = loss / denom, optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step), "tokens": weight}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "tokens": weight, "nonfinite": ~finite}
+    return TrainState(step=state.step + 1, params=keep_if_bad(params, state.params),
+                      opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
