@@ -56,6 +56,19 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; special ids are dropped and malformed text is replaced, not raised."""
 
+    @staticmethod
+    def _check_text(text) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+
+    def _checked_ids(self, ids: Iterable[int]) -> list[int]:
+        """`ids` as Python ints (numpy / jax scalars accepted), all inside the vocabulary."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description, stored in checkpoints to check the tokenizer on restore.
 
@@ -82,8 +95,7 @@ class ByteTokenizer(Tokenizer):
     pad_id = 257
 
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        self._check_text(text)
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -142,15 +154,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.id_to_piece(i) in SPM_BERT_PIECES
 
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        self._check_text(text)
         return self.sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        ids = self._checked_ids(ids)
         specials = set(self.special_ids.values())
         return self.sp.decode([i for i in ids if i not in specials])
 
@@ -327,15 +335,11 @@ class GPT2Tokenizer(Tokenizer):
         return ranks, eos
 
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        self._check_text(text)
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        ids = self._checked_ids(ids)
         return self.encoding.decode([i for i in ids if i != self.eos_id], errors="replace")
 
     def to_dict(self) -> dict[str, Any]:
