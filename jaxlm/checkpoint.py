@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, base_config
 
 log = logging.getLogger("jaxlm")
 
@@ -100,18 +100,17 @@ class Checkpointer:
     def __init__(self, workdir: pathlib.Path, cfg_ckpt=None, watchdog=None):
         self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
         self.watchdog = watchdog
-        keep = cfg_ckpt.keep if cfg_ckpt is not None else 2
-        policy = ocp.checkpoint_managers.LatestN(keep)
-        if cfg_ckpt is not None and cfg_ckpt.archive_every:
+        cfg_ckpt = cfg_ckpt if cfg_ckpt is not None else base_config().checkpoint
+        policy = ocp.checkpoint_managers.LatestN(cfg_ckpt.keep)
+        if cfg_ckpt.archive_every:
             policy = ocp.checkpoint_managers.AnyPreservationPolicy(
                 [policy, ocp.checkpoint_managers.EveryNSteps(cfg_ckpt.archive_every)])
-        timeout = int(cfg_ckpt.timeout_seconds) if cfg_ckpt is not None else 1800
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policy,
-                enable_async_checkpointing=cfg_ckpt.async_save if cfg_ckpt is not None else True,
-                async_options=ocp.AsyncOptions(timeout_secs=timeout),
+                enable_async_checkpointing=cfg_ckpt.async_save,
+                async_options=ocp.AsyncOptions(timeout_secs=int(cfg_ckpt.timeout_seconds)),
                 cleanup_tmp_directories=True,
                 create=True))
 

@@ -335,7 +335,6 @@ def test_keeps_the_latest_n_plus_every_mth(tmp_path):
 
 
 def test_nonfinite_step_is_not_applied():
-    from jaxlm.train import step as step_lib
     cfg = tiny_config()
     setup = loop.build(cfg, jax.devices()[:1])
     state = setup.init_state()
@@ -348,7 +347,6 @@ def test_nonfinite_step_is_not_applied():
     assert bool(metrics["nonfinite"]) and int(after.step) == 1
     assert_trees_equal(jax.device_get(after.params), before.params)
     assert_trees_equal(jax.device_get(after.opt_state), before.opt_state)
-    assert step_lib.TrainState  # the state type the loop checkpoints
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

@@ -62,10 +62,11 @@ class MetricSink:
         path = pathlib.Path(workdir) / "metrics.jsonl"
         # A run killed mid-write leaves a partial last line; start the resumed run's
         # records on a fresh line (read_history skips the fragment).
-        cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-        self.jsonl = open(path, "a")
-        if cut:
-            self.jsonl.write("\n")
+        self.jsonl = open(path, "a+")
+        if self.jsonl.tell():
+            self.jsonl.seek(self.jsonl.tell() - 1)
+            if self.jsonl.read(1) != "\n":
+                self.jsonl.write("\n")
         self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
         if sys.stderr.isatty():
             from tqdm import tqdm
