@@ -8,6 +8,11 @@ Prints per-device memory (from the compiled program's memory analysis), FLOPs pe
 each parameter's sharding, and plain-words warnings about weak choices. Nothing is
 allocated: the state and batch are abstract shapes carrying their shardings.
 
+`--top=N` also lists the N largest groups of buffers live at the memory peak, named by
+the JAX operation that made them (layers folded: block_3 -> block_*), from XLA's
+buffer-liveness dump. That is how to find what makes a config need more memory than
+expected (see BENCHMARKS.md, GPT-2 XL).
+
 Topologies: `cpu:N` uses N fake CPU devices (always available); `tpu:<name>` (e.g.
 v4:2x2x2, v5e:4x4) uses libtpu's topology descriptions, which need `pip install libtpu`
 of the version matching jax, but no TPU.
@@ -16,7 +21,11 @@ of the version matching jax, but no TPU.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
+import re
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +72,8 @@ class Plan:
     flops_per_step: float    # per device, from XLA's cost analysis
     param_shardings: dict    # parameter path -> PartitionSpec
     warnings: list
+    live_bytes: int | None = None                             # live at the peak (--top)
+    peak_buffers: list = dataclasses.field(default_factory=list)  # (op, bytes, count)
 
     @property
     def peak_bytes(self) -> int:
@@ -71,8 +82,9 @@ class Plan:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
-def compile_train_step(cfg: ml_collections.ConfigDict, devices):
-    """AOT-compiles the jitted train step for `devices`; returns (compiled, setup)."""
+def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | None = None):
+    """AOT-compiles the jitted train step for `devices`; returns (compiled, setup).
+    dump_dir: where XLA writes its HLO and buffer-liveness dumps (none if None)."""
     from jaxlm.train.loop import build
 
     setup = build(cfg, devices)
@@ -84,8 +96,40 @@ def compile_train_step(cfg: ml_collections.ConfigDict, devices):
              for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(setup.mesh))
     with sharding.activate(setup.mesh, cfg.mesh):
-        compiled = setup.compile_step().jitted.lower(state, batch, rng).compile()
+        lowered = setup.compile_step().jitted.lower(state, batch, rng)
+        compiled = lowered.compile(
+            compiler_options={"xla_dump_to": dump_dir} if dump_dir else None)
     return compiled, setup
+
+
+def _op_group(name: str) -> str:
+    """Buffer name -> group: layers folded, tuple index and HLO instance number dropped."""
+    name = name.removeprefix("jit(train_step)/").replace("while/body/closed_call/", "")
+    name = re.sub(r"block_\d+", "block_*", name)
+    return re.sub(r"(\{\d+\}|\.\d+)$", "", name)
+
+
+def live_at_peak(dump_dir: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """From XLA's buffer-liveness dump of the train step: (bytes live at the memory peak,
+    [(operation, bytes, buffers)] largest first). Parameters appear under their argument
+    path (state.params[...], state.opt_state[...])."""
+    files = sorted(glob.glob(os.path.join(dump_dir, "*train_step*live-range.txt")),
+                   key=os.path.getsize)
+    if not files:
+        raise RuntimeError(f"XLA wrote no buffer-liveness dump to {dump_dir}")
+    text = open(files[-1]).read()
+    found = re.search(r"Stack trace breakdown for peak usage: ([\d ]+) bytes\n(.*)", text, re.S)
+    if found is None:
+        raise RuntimeError(f"{files[-1]}: no peak-usage breakdown (unknown XLA dump format)")
+    groups: dict[str, list[int]] = {}
+    # Top-level entries of the breakdown tree (six spaces deep) are disjoint buffers.
+    for name, total in re.findall(r"^ {6}[├└]── (.*) \([\d.]+%, total: ([\d ]+) bytes",
+                                  found.group(2), re.M):
+        g = groups.setdefault(_op_group(name), [0, 0])
+        g[0] += int(total.replace(" ", ""))
+        g[1] += 1
+    ranked = sorted(((op, b, n) for op, (b, n) in groups.items()), key=lambda x: -x[1])
+    return int(found.group(1).replace(" ", "")), ranked
 
 
 def weak_choices(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[str]:
@@ -117,8 +161,11 @@ def weak_choices(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[str]:
     return out
 
 
-def make_plan(cfg: ml_collections.ConfigDict, devices) -> Plan:
-    compiled, setup = compile_train_step(cfg, devices)
+def make_plan(cfg: ml_collections.ConfigDict, devices, top: int = 0) -> Plan:
+    """top > 0: also the `top` largest groups of buffers live at the memory peak."""
+    with tempfile.TemporaryDirectory() as dump_dir:
+        compiled, setup = compile_train_step(cfg, devices, dump_dir if top else None)
+        live_bytes, buffers = live_at_peak(dump_dir) if top else (None, [])
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -128,7 +175,7 @@ def make_plan(cfg: ml_collections.ConfigDict, devices) -> Plan:
     warnings = weak_choices(cfg, mesh_shape)
     plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
                 mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
-                float(cost.get("flops", 0.0)), specs, warnings)
+                float(cost.get("flops", 0.0)), specs, warnings, live_bytes, buffers[:top])
     if cfg.model.remat and devices[0].platform == "cpu":
         warnings.append("XLA:CPU's memory analysis ignores rematerialisation (its temporaries "
                         "come out the same with and without jax.checkpoint), so with "
@@ -152,6 +199,10 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
              "parameter shardings:"]
     width = max(map(len, plan.param_shardings))
     lines += [f"  {name:<{width}}  {spec}" for name, spec in plan.param_shardings.items()]
+    if plan.live_bytes is not None:
+        lines.append(f"largest buffers live at the memory peak ({gb(plan.live_bytes)} live at "
+                     "once; the peak above is what XLA's allocator reserves):")
+        lines += [f"  {b / 1e6:10.1f} MB {n:>5} x  {op}" for op, b, n in plan.peak_buffers]
     lines += ["warnings:" if plan.warnings else "warnings: none"]
     lines += [f"  - {w}" for w in plan.warnings]
     return "\n".join(lines)
@@ -160,9 +211,12 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
 def main(argv=None) -> Plan:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, workdir=False,
-                          flags={"topology": "cpu:1"})
+                          flags={"topology": "cpu:1", "top": "0"})
+        top = args.flags["top"]
+        if not top.isdigit():
+            raise ConfigError(f"--top={top}: expected a number of buffer groups (0 = none)")
         devices = topology_devices(args.flags["topology"])
-        plan = make_plan(args.config, devices)
+        plan = make_plan(args.config, devices, int(top))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -119,10 +119,15 @@ def batch_sharding(mesh: Mesh, cfg_mesh) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes, None))
 
 
-def data_parallel_size(mesh: Mesh, cfg_mesh) -> int:
-    axes = dict(rules(cfg_mesh)).get("batch") or ()
+def split_count(mesh: Mesh, cfg_mesh, logical: str) -> int:
+    """Into how many parts the strategy's rules split the logical axis `logical`."""
+    axes = dict(rules(cfg_mesh)).get(logical) or ()
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
+
+
+def data_parallel_size(mesh: Mesh, cfg_mesh) -> int:
+    return split_count(mesh, cfg_mesh, "batch")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -323,6 +323,17 @@ def test_other_tokenizer_is_named(trained):
         checkpoint.check_meta(meta, cfg, setup.tokenizer, "here")
 
 
+def test_arrays_of_other_shapes_are_named(tmp_path):
+    """Same config, other model code (e.g. a kernel stored [D, H, K] read as [D, H*K])."""
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, {"q": jnp.ones((4, 2, 3))}, {"step": 1})
+    ckpt.wait()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(CheckpointError, match=r"other shapes .*\(4, 6\) .*stored shape: \(4, 2, 3\)"):
+        ckpt.restore(1, {"q": jax.ShapeDtypeStruct((4, 6), jnp.float32)}, {"q": one})
+    ckpt.close()
+
+
 def test_keeps_the_latest_n_plus_every_mth(tmp_path):
     cfg = tiny_config()
     cfg.train.steps = 7

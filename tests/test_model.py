@@ -29,7 +29,7 @@ def test_shapes_and_param_names(position, tie):
     assert logits.shape == (3, 16, cfg.vocab_size) and logits.dtype == jnp.float32
     assert ("lm_head" in params) != tie
     assert ("positions" in params["embed"]) == (position == "learned")
-    assert params["block_0"]["attn"]["query"]["kernel"].shape == (32, 4, 8)  # D, H, K
+    assert params["block_0"]["attn"]["query"]["kernel"].shape == (32, 4 * 8)  # D, H*K
 
 
 def test_every_parameter_has_logical_axis_names():

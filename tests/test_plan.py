@@ -1,5 +1,6 @@
 """jaxlm.plan: ahead-of-time compile for a topology, memory per device, plain-words warnings."""
 
+import re
 import subprocess
 import sys
 
@@ -35,17 +36,30 @@ def test_weak_choices_are_explained():
                for w in plan.weak_choices(cfg, {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 8}))
 
 
+def test_largest_live_buffers_are_named_and_add_up():
+    p = plan.make_plan(config("fsdp", 1, 8, 1), jax.devices(), top=50)
+    sizes = [b for _, b, _ in p.peak_buffers]
+    assert sizes and sizes == sorted(sizes, reverse=True)
+    # The groups are disjoint parts of what is live, and XLA's liveness count cannot exceed
+    # what its allocator reserves.
+    assert sum(sizes) <= p.live_bytes <= p.peak_bytes
+    ops = [op for op, _, _ in p.peak_buffers]
+    assert any("block_*" in op for op in ops) and not any("block_0" in op for op in ops)
+
+
 def test_cli_prints_memory_and_shardings():
     proc = subprocess.run(
         [sys.executable, "-m", "jaxlm.plan", f"--config={REPO}/configs/gpt/debug.py",
          "--topology=cpu:4", "--config.mesh.strategy=fsdp", "--config.mesh.data=1",
-         "--config.mesh.fsdp=-1",
+         "--config.mesh.fsdp=-1", "--top=3",
          "--config.train.batch_size=8"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mesh {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1} of cpu" in proc.stdout
     assert "per device peak:" in proc.stdout
     assert "['block_0']['mlp']['fc_in']['kernel']" in proc.stdout
+    top = proc.stdout.split("largest buffers live at the memory peak")[1].splitlines()[1:4]
+    assert all(re.fullmatch(r" +\d+\.\d MB +\d+ x  \S.*", line) for line in top), top
 
 
 def test_unknown_topology_is_a_clear_error():
@@ -53,3 +67,6 @@ def test_unknown_topology_is_a_clear_error():
                            "--topology=gpu:8"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("--topology=gpu:8: expected cpu:N or tpu:<name>")
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.plan", f"--config={REPO}/configs/gpt/debug.py",
+                           "--top=many"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "--top=many: expected a number" in proc.stderr

@@ -79,9 +79,9 @@ def test_fsdp_shards_params_and_adam_moments_eightfold():
 def test_tp_splits_heads_and_mlp():
     cfg = sharded_config("tp")
     state, _ = run_steps(cfg, jax.devices(), make_batches(cfg, 1))
-    q = state.params["block_0"]["attn"]["query"]["kernel"]   # (D, H, K)
+    q = state.params["block_0"]["attn"]["query"]["kernel"]   # (D, H*K), H=4 heads of K=8
     fc = state.params["block_0"]["mlp"]["fc_in"]["kernel"]   # (D, F)
-    assert q.addressable_shards[0].data.shape == (32, 1, 8)
+    assert q.addressable_shards[0].data.shape == (32, 8)     # one whole head per device
     assert fc.addressable_shards[0].data.shape == (32, 16)
 
 
@@ -106,6 +106,10 @@ def test_mesh_errors_name_the_numbers():
     cfg = sharded_config("dp_sequence")
     cfg.data.seq_len = 30
     with pytest.raises(ConfigError, match=r"seq_len=30 is not divisible by the sequence axis \(4\)"):
+        loop.build(cfg)
+    cfg = sharded_config("tp")
+    cfg.model.update(num_heads=2)  # 4-way tensor axis
+    with pytest.raises(ConfigError, match=r"num_heads=2 is not divisible by the 4 parts"):
         loop.build(cfg)
     cfg = sharded_config("dp")
     cfg.mesh.update(data=4, dcn_data=2)  # 2 slices asked for, one process, no slice ids

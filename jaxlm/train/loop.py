@@ -98,6 +98,11 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
         if cfg.data.seq_len % mesh.shape["sequence"]:
             raise ConfigError(f"config.data.seq_len={cfg.data.seq_len} is not divisible by the "
                               f"sequence axis ({mesh.shape['sequence']})")
+        heads = sharding.split_count(mesh, cfg.mesh, "heads")
+        if cfg.model.num_heads % heads:  # kernels are [D, H*K]: a split must not cut a head
+            raise ConfigError(f"config.model.num_heads={cfg.model.num_heads} is not divisible "
+                              f"by the {heads} parts config.mesh.strategy="
+                              f"{cfg.mesh.strategy!r} splits heads into")
     if cfg.train.batch_size % (dp * cfg.train.microbatches):
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"the data-parallel size {dp} x config.train.microbatches="
