@@ -106,7 +106,7 @@ def _op_group(name: str) -> str:
     """Buffer name -> group: layers folded, tuple index and HLO instance number dropped."""
     name = name.removeprefix("jit(train_step)/").replace("while/body/closed_call/", "")
     name = re.sub(r"block_\d+", "block_*", name)
-    return re.sub(r"(\{\d+\}|\.\d+)$", "", name)
+    return re.sub(r"(\.\d+)?(\{\d+\})?$", "", name)
 
 
 def live_at_peak(dump_dir: str) -> tuple[int, list[tuple[str, int, int]]]:
