@@ -292,8 +292,13 @@ def test_missing_step_lists_the_ones_there(trained):
     with pytest.raises(CheckpointError, match=r"config.checkpoint.step=3: .* \[2, 4\]"):
         load_params(cfg, setup, tmp_path)
     cfg.checkpoint.step = 2
-    params, step = load_params(cfg, setup, tmp_path)
+    params, step = load_params(cfg, setup, tmp_path)   # params only: no optimizer state read
     assert step == 2
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    state, _ = ckpt.restore(2, setup.abstract_state, setup.shardings)
+    ckpt.close()
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(state.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, state.params)
 
 
 @pytest.mark.parametrize("field,value", [("num_layers", 3), ("vocab_size", 300)])

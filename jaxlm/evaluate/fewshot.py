@@ -102,10 +102,10 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
         if step is None:
             raise ConfigError(f"--workdir={workdir}: no checkpoint to evaluate (run jaxlm.train first)")
         ckpt.check_compatible(cfg, setup.tokenizer, step)
-        state, _ = ckpt.restore(step, setup.abstract_state, setup.shardings)
+        params = ckpt.restore_params(step, setup.abstract_state.params, setup.shardings.params)
     finally:
         ckpt.close()
-    return state.params, step
+    return params, step
 
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
