@@ -92,8 +92,8 @@ def _unreadable(what: str, error: Exception) -> CheckpointError:
     if "not compatible with the stored shape" in first_line:  # same config, other model code
         return CheckpointError(
             f"{what} holds arrays of other shapes than this config builds ({first_line.split('. ')[0]}): "
-            "the model code differs from the jaxlm that wrote it (attention kernels, for one, "
-            "are [D, H*K] since 2026-11-23 and were [D, H, K] before)")
+            "the model code differs from the jaxlm that wrote it (a parameter stored in "
+            "another layout); evaluate or resume it with that version")
     return CheckpointError(f"{what} cannot be read ({type(error).__name__}: {first_line}); "
                            "it is damaged or incomplete")
 
