@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from jaxlm import checkpoint
 from jaxlm.config import apply_override, load_config
-from jaxlm.train.loop import build
+from jaxlm.setup import build_train
 
 
 def nbytes(tree) -> int:
@@ -45,9 +45,10 @@ def main():
         field, value = o.removeprefix("--").removeprefix("config.").split("=", 1)
         apply_override(cfg, field, value)
 
-    setup = build(cfg)
+    run = build_train(cfg)
+    setup = run.setup
     t = time.perf_counter()
-    state = jax.block_until_ready(setup.init_state())
+    state = jax.block_until_ready(run.init_state())
     size = nbytes(state)
     print(f"state: {size / 1e9:.3f} GB on {len(jax.devices())} {jax.devices()[0].platform} "
           f"device(s); init {time.perf_counter() - t:.1f} s", flush=True)
@@ -72,14 +73,14 @@ def main():
             ckpt.close()
         ckpt = checkpoint.Checkpointer(root / f"sync{r}", cfg.checkpoint)
         t0 = time.perf_counter()
-        restored, _ = ckpt.restore(1, setup.abstract_state, setup.shardings)
+        restored, _ = ckpt.restore(1, run.abstract_state, run.state_shardings)
         jax.block_until_ready(restored)
         row["restore_s"] = time.perf_counter() - t0
         row["restore_GBps"] = size / 1e9 / row["restore_s"]
         del restored
         t0 = time.perf_counter()
         params = jax.block_until_ready(
-            ckpt.restore_params(1, setup.abstract_state.params, setup.shardings.params))
+            ckpt.restore_params(1, setup.abstract_params, setup.param_shardings))
         row["restore_params_s"] = time.perf_counter() - t0  # what evaluation and export read
         row["restore_params_GB"] = nbytes(params) / 1e9
         del params

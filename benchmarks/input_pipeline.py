@@ -4,7 +4,7 @@
 
 Measures, in one process on this machine:
   1. building the token cache (TFDS read + tokenize + write), tokens/s, once;
-  2. `lm.local_batch` for seq_len 1024 (concatenated windows, then packing), tokens/s:
+  2. `batches.local_batch` (windows through the next-token objective) for seq_len 1024 (concatenated windows, then packing), tokens/s:
      the per-step work of the data thread;
   3. the jitted gpt2_small train step (124M parameters, seq 1024) at a batch small enough
      for this machine, tokens/s;
@@ -25,35 +25,37 @@ import time
 import jax
 import numpy as np
 
-from jaxlm.config import gpt2_config
-from jaxlm.data import lm, token_cache
-from jaxlm.data.tokenizer import get_tokenizer
+from jaxlm.config import load_config
+from jaxlm.data import batches, sources, tfds_split, token_cache
+from jaxlm.data.tokenizers import get_tokenizer
+from jaxlm.train.objectives import CausalLM
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def pipeline_tokens_per_second(source, batch: int, seconds: float) -> tuple[float, int]:
     """local_batch rows per second x seq_len, over consecutive steps for ~`seconds`."""
-    lm.local_batch(source, 0, batch, 1 << 20)  # warm the epoch permutation
+    make = CausalLM(source.seq_len, source.packing).example
+    batches.local_batch(source, 0, batch, 1 << 20, make)  # warm the epoch permutation
     step, start = 1, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        lm.local_batch(source, step, batch, 1 << 20)
+        batches.local_batch(source, step, batch, 1 << 20, make)
         step += 1
     elapsed = time.perf_counter() - start
     return (step - 1) * batch * source.seq_len / elapsed, step - 1
 
 
 def train_step_tokens_per_second(batch: int, steps: int) -> tuple[float, float]:
-    from jaxlm.train import loop
-    cfg = gpt2_config("small")
+    from jaxlm.setup import build_train
+    cfg = load_config(REPO / "configs/gpt/gpt2_small.py")
     cfg.train.update(batch_size=batch, steps=steps + 1)
     cfg.optimizer.warmup_steps = 1
-    setup = loop.build(cfg, jax.devices()[:1])
-    state, run = setup.init_state(), setup.compile_step()
+    run = build_train(cfg, jax.devices()[:1])
+    state = run.place_state(run.init_state())
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50257, (batch, 1025)).astype(np.int32)
-    b = setup.place_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                           "weights": np.ones((batch, 1024), np.float32)})
+    rows = [run.objective.example({"tokens": t}) for t in tokens]
+    b = run.place_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     t0 = time.perf_counter()
     state, m = run(state, b, jax.random.PRNGKey(0))
     jax.block_until_ready(m)
@@ -81,7 +83,7 @@ def main():
           f"{jax.device_count()} x {jax.devices()[0].device_kind}; python "
           f"{platform.python_version()}, jax {jax.__version__}, tfds {tfds.__version__}")
     tok = get_tokenizer(args.tokenizer)
-    split = token_cache.open_tfds("tiny_shakespeare", "train", args.data_dir, "", args.manual_dir)
+    split = tfds_split.open_split("tiny_shakespeare", "train", args.data_dir, "", args.manual_dir)
     root = pathlib.Path(args.data_dir) / "bench_tokens"
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
@@ -92,7 +94,7 @@ def main():
 
     rates = {}
     for packing in (False, True):
-        src = lm.TokenSource(cache, tok, 1024, packing, seed=0)
+        src = sources.TokenSource(cache, tok, 1024, packing, seed=0)
         rates[packing], n = pipeline_tokens_per_second(src, args.batch, args.seconds)
         print(f"local_batch seq 1024, {args.batch} rows, packing={packing}: "
               f"{rates[packing]:,.0f} tokens/s ({n} batches)")

@@ -26,7 +26,6 @@ on any mesh: EXPORT/{params, meta}.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import pathlib
 
@@ -35,24 +34,19 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm.config import ConfigError, base_config
+from jaxlm import config as config_lib
+from jaxlm import models
+from jaxlm.errors import CheckpointError
 
 log = logging.getLogger("jaxlm")
 
-# Fields of config.model that change parameter shapes or meaning; resuming across a
-# difference in any of them is refused.
-SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim",
-                "position", "tie_embeddings", "param_dtype")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that is missing, damaged or does not match the config."""
-
 
 def check_meta(meta: dict, cfg: ml_collections.ConfigDict, tokenizer, where: str) -> None:
-    """Raises CheckpointError if the checkpoint described by `meta` does not fit `cfg`."""
-    saved = meta["config"]["model"]
-    for field in SHAPE_FIELDS:
+    """Raises CheckpointError if the checkpoint described by `meta` does not fit `cfg`:
+    another model family, another value of a field that fixes parameter shapes (the
+    family's shape_fields), or another tokenizer."""
+    saved = {"arch": "gpt", **meta["config"]["model"]}  # older checkpoints: all GPT
+    for field in ("arch",) + models.family(cfg.model.arch).shape_fields:
         if saved.get(field) != cfg.model[field]:
             raise CheckpointError(
                 f"{where} holds a different model: config.model.{field} is "
@@ -105,7 +99,7 @@ class Checkpointer:
     def __init__(self, workdir: pathlib.Path, cfg_ckpt=None, watchdog=None):
         self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
         self.watchdog = watchdog
-        cfg_ckpt = cfg_ckpt if cfg_ckpt is not None else base_config().checkpoint
+        cfg_ckpt = cfg_ckpt if cfg_ckpt is not None else config_lib.base_config().checkpoint
         policy = ocp.checkpoint_managers.LatestN(cfg_ckpt.keep)
         if cfg_ckpt.archive_every:
             policy = ocp.checkpoint_managers.AnyPreservationPolicy(
@@ -205,8 +199,7 @@ def _target(abstract_tree, shardings):
 
 def make_meta(cfg: ml_collections.ConfigDict, tokenizer, next_sample: int, data_fingerprint: str,
               rng: jax.Array, skipped_steps: list[int]) -> dict:
-    return {"config": json.loads(json.dumps(cfg.to_dict(), default=list)),
-            "tokenizer": tokenizer.to_dict(),
+    return {"config": config_lib.to_dict(cfg), "tokenizer": tokenizer.to_dict(),
             "data": {"next_sample": int(next_sample), "fingerprint": data_fingerprint},
             "rng": [int(x) for x in np.asarray(rng).reshape(-1)],  # raw uint32 key
             "skipped_steps": [int(s) for s in skipped_steps]}
@@ -216,8 +209,8 @@ def make_meta(cfg: ml_collections.ConfigDict, tokenizer, next_sample: int, data_
 
 
 def make_export_meta(cfg: ml_collections.ConfigDict, tokenizer, step: int) -> dict:
-    return {"config": json.loads(json.dumps(cfg.to_dict(), default=list)),
-            "tokenizer": tokenizer.to_dict(), "step": int(step)}
+    return {"config": config_lib.to_dict(cfg), "tokenizer": tokenizer.to_dict(),
+            "step": int(step)}
 
 
 def export_params(path: pathlib.Path, params, meta: dict) -> None:

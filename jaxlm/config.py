@@ -1,16 +1,14 @@
-"""The one config schema of jaxlm, its loader and its command-line overrides.
+"""The one config schema of jaxlm: every field, its default, what values are valid, and why
+it exists; plus loading config files, command-line overrides, validation and the one
+serialised form (JSON) used by run outputs, checkpoints and exports.
 
-Every field a run can set is declared (and commented) in `base_config()`. A config file
-under `configs/` is a Python file whose `get_config()` starts from `base_config()` and
-changes values; it cannot add fields, so a typo fails loudly instead of being ignored.
-
-Command line (shared by `jaxlm.main`, `jaxlm.train` and `jaxlm.evaluate`):
-
-    python -m jaxlm.main --config=configs/gpt/debug.py --workdir=runs/debug \
-        --config.train.steps=50 --config.model.position=rope
+A config file under `configs/` is a Python file whose `get_config()` starts from
+`base_config()` and changes values; it cannot add fields, so a typo fails loudly instead of
+being ignored. Model presets (the GPT-2 sizes) live there too, never here. A config file
+may import a helper module from its own folder (e.g. `from _gpt2 import gpt2_config`).
 
 Shape letters used in variable names across the code base:
-  B batch, L sequence length, D model width, H heads, K head dim (D = H*K),
+  B batch, L sequence length, S key length, D model width, H heads, K head dim (D = H*K),
   F MLP hidden width, V vocabulary, M microbatches.
 """
 
@@ -21,200 +19,245 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
+import sys
+from typing import Any
 
 import ml_collections
 
+from jaxlm.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user-facing config problem; the message names the offending field."""
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Valid numbers: lo < x (or lo <= x) and x < hi (or <=), plus any of `also`."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def __contains__(self, x) -> bool:
+        if x in self.also:
+            return True
+        if not math.isfinite(x):
+            return False
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            text = "positive" if (self.lo, self.lo_open) == (0, True) else f">= {self.lo}"
+        else:
+            text = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        return " or ".join([repr(a) for a in self.also] + [text])
+
+
+POSITIVE = Range(0, lo_open=True)
+NONNEGATIVE = Range(0)
+FRACTION = Range(0, 1, hi_open=True)        # a probability that must leave something: [0, 1)
+AXIS = Range(1, also=(-1,))                 # a mesh axis size; -1 = the devices left over
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field: default value (its type is the field's type), valid values (a Range,
+    a tuple of allowed strings, or None when the code that uses the value parses it), and a
+    line on what it is for."""
+    default: Any
+    valid: Range | tuple | None
+    doc: str
+    each: bool = False  # a tuple field whose every element must be valid
+
+
+# The schema. Names (model families, objectives, tokenizers, datasets, tasks, mesh
+# strategies and rules) are parsed by the code that uses them (valid=None here) and checked
+# when a command builds its run, before it writes anything.
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEMA = {
+    "parallelism": Field("jit", ("jit", "pmap"),
+                         "jit: one program over the whole mesh (every strategy); pmap: classic "
+                         "data parallel over local devices (replicated params, psum); mesh ignored"),
+    "model": {
+        "arch": Field("gpt", None, "model family (jaxlm.models registry): gpt"),
+        "vocab_size": Field(258, POSITIVE, "V; at least the tokenizer's ids (byte tokenizer: 258)"),
+        "max_len": Field(256, POSITIVE, "longest sequence the model accepts (learned position rows)"),
+        "num_layers": Field(4, POSITIVE, "transformer blocks"),
+        "d_model": Field(128, POSITIVE, "D, the residual width"),
+        "num_heads": Field(4, POSITIVE, "H; head dim K = D / H"),
+        "mlp_dim": Field(512, POSITIVE, "F; GPT-2 uses 4*D"),
+        "dropout": Field(0.0, FRACTION, "on embeddings, attention output and MLP output"),
+        "attention_dropout": Field(0.0, FRACTION, "on attention probabilities"),
+        "position": Field("learned", ("learned", "rope"),
+                          "learned (GPT-2) or rope (rotary, applied to q and k)"),
+        "rope_base": Field(10000.0, POSITIVE, "rotary base frequency (position = rope)"),
+        "tie_embeddings": Field(True, None, "output projection reuses the token embedding (GPT-2)"),
+        "layer_norm_eps": Field(1e-5, POSITIVE, "LayerNorm epsilon"),
+        "dtype": Field("float32", DTYPES, "compute dtype (bfloat16 for mixed precision)"),
+        "param_dtype": Field("float32", DTYPES, "storage dtype of parameters and optimizer state"),
+        "attention_impl": Field("xla", ("xla",), "attention kernel behind layers.attention"),
+        "remat": Field(False, None, "recompute each block's activations in the backward pass"),
+        "init_std": Field(0.02, POSITIVE,
+                          "normal init std; residual output projections get / sqrt(2*layers)"),
+    },
+    "data": {
+        "name": Field("synthetic", None, "synthetic (built-in offline corpus), a prepared TFDS "
+                      "text dataset (jaxlm.data.prepare), or mixture"),
+        "seed": Field(0, NONNEGATIVE, "seeds the synthetic world and the order of sequences"),
+        "seq_len": Field(128, POSITIVE, "L, tokens per training sequence (<= model.max_len)"),
+        "tokenizer": Field("byte", None, "byte, sentencepiece:PATH (model file) or gpt2:DIR "
+                           "(local vocabulary files); see jaxlm.data.tokenizers"),
+        "prefetch": Field(2, NONNEGATIVE, "batches prepared ahead on a background thread"),
+        "split": Field("train", None, "TFDS split (slices like train[:90%] work)"),
+        "text_key": Field("", None, "feature holding the text; empty: the only text feature"),
+        "data_dir": Field("", None, "TFDS data_dir (local or gs://); empty: $TFDS_DATA_DIR or "
+                          "~/tensorflow_datasets"),
+        "manual_dir": Field("", None, "folder with a catalog dataset's source files: an "
+                            "unprepared dataset is prepared from it (nothing is downloaded)"),
+        "cache_dir": Field("", None, "token caches; empty: <data_dir>/jaxlm_tokens"),
+        "packing": Field(False, None, "false: the token stream cut into windows; true: whole "
+                         "documents per sequence with segment ids and position resets"),
+        "mixture": Field((), None, "with name=mixture: NAME=WEIGHT entries"),
+        "mixture_block": Field(1000, POSITIVE, "each block of this many sequences has exact "
+                               "per-dataset counts"),
+    },
+    "train": {
+        "objective": Field("causal_lm", None, "what is learned from the token windows "
+                           "(jaxlm.train.objectives): causal_lm"),
+        "steps": Field(1000, POSITIVE, "optimizer steps"),
+        "batch_size": Field(32, POSITIVE, "global batch, in sequences, per optimizer step"),
+        "microbatches": Field(1, POSITIVE, "gradient accumulation: the batch is split into this many"),
+        "seed": Field(0, NONNEGATIVE, "parameter init and dropout"),
+        "log_every": Field(25, POSITIVE, "steps between logged metrics"),
+        "nonfinite": Field("stop", ("stop", "skip"),
+                           "a step with NaN/inf loss or gradient norm is never applied; then stop "
+                           "the run, or skip to the next batch"),
+        "max_skipped_steps": Field(10, NONNEGATIVE, "skip gives up after this many bad steps in a row"),
+    },
+    "checkpoint": {
+        "every": Field(500, POSITIVE, "steps between saves; also one at the end and on SIGTERM"),
+        "keep": Field(2, POSITIVE, "most recent checkpoints kept on disk"),
+        "archive_every": Field(0, NONNEGATIVE, "also keep for good multiples of this; 0 = none"),
+        "async_save": Field(True, None, "write in the background while training goes on"),
+        "check_data": Field(True, None, "refuse to resume on data whose order differs"),
+        "step": Field(-1, Range(0, also=(-1,)), "checkpoint that evaluate/export read; -1 = latest"),
+        "heartbeat_seconds": Field(60.0, POSITIVE, "saves, restores and step waits log a line this often"),
+        "timeout_seconds": Field(1800.0, POSITIVE, "and end the process (exit 3, stacks printed) "
+                                 "when one takes longer: a hung multi-host job stops"),
+    },
+    "optimizer": {
+        "learning_rate": Field(3e-3, POSITIVE, "peak learning rate, reached after warmup"),
+        "warmup_steps": Field(100, NONNEGATIVE, "linear warmup from 0 (<= train.steps)"),
+        "min_lr_ratio": Field(0.1, Range(0, 1), "cosine decays to learning_rate * this at train.steps"),
+        "b1": Field(0.9, FRACTION, "Adam first-moment decay"),
+        "b2": Field(0.95, FRACTION, "Adam second-moment decay"),
+        "eps": Field(1e-8, POSITIVE, "Adam epsilon"),
+        "weight_decay": Field(0.1, NONNEGATIVE, "decoupled (AdamW)"),
+        "no_decay": Field(("bias", "scale"), None,
+                          "parameters whose path contains one of these are not decayed"),
+        "grad_clip_norm": Field(1.0, NONNEGATIVE, "global-norm clipping; 0 disables"),
+    },
+    "mesh": {
+        "data": Field(-1, AXIS, "mesh axis sizes, product = device count; -1: the rest"),
+        "fsdp": Field(1, AXIS, "parameters, gradients and Adam moments split (strategy fsdp)"),
+        "sequence": Field(1, AXIS, "activations split along their length (long sequences)"),
+        "tensor": Field(1, AXIS, "heads, MLP and vocabulary split (strategy tp)"),
+        "dcn_data": Field(1, POSITIVE, "slices the data axis spans over the data-centre network; "
+                          "the sizes above are then per slice"),
+        "dcn_fsdp": Field(1, POSITIVE, "slices the fsdp axis spans"),
+        "strategy": Field("dp", None, "how parameters and activations are split "
+                          "(jaxlm.sharding.STRATEGIES): dp, fsdp, tp, fsdp_tp"),
+        "rules": Field((), None, "extra (logical axis, mesh axes) rules, tried first"),
+    },
+    "evaluate": {
+        "params": Field("", None, "empty: the workdir's checkpoint (checkpoint.step); else a "
+                        "params-only export (python -m jaxlm.export)"),
+        "tasks": Field(("rule_mc", "rule_exact", "facts_mc", "arithmetic_mc"), None,
+                       "few-shot tasks (jaxlm.evaluate.tasks)"),
+        "shots": Field((0, 1, 4, 8), NONNEGATIVE, "numbers of demonstrations k", each=True),
+        "num_examples": Field(200, POSITIVE, "per task (fewer if the task has fewer)"),
+        "batch_size": Field(32, POSITIVE, "sequences scored per forward pass"),
+        "seed": Field(0, NONNEGATIVE, "which demonstrations are drawn for each example"),
+        "max_new_tokens": Field(16, POSITIVE, "for exact-match tasks"),
+        "num_samples": Field(3, NONNEGATIVE, "generated samples printed after training"),
+        "sample_len": Field(96, POSITIVE, "tokens per sample"),
+        "temperature": Field(0.8, NONNEGATIVE, "sampling temperature of the samples (0: greedy)"),
+    },
+    "distributed": {
+        "auto_detect": Field(False, None, "let JAX read the cluster (SLURM, Cloud TPU, GKE, MPI)"),
+        "coordinator_address": Field("", None, "host:port of process 0 (launch/local.py sets "
+                                     "the distributed fields)"),
+        "num_processes": Field(0, NONNEGATIVE, "processes in the job"),
+        "process_id": Field(-1, Range(0, also=(-1,)), "this process"),
+        "cpu_devices": Field(0, NONNEGATIVE, "CPU devices per process (testing without accelerators)"),
+    },
+    "hardware": {
+        "peak_flops": Field(0.0, NONNEGATIVE, "per-device peak FLOP/s for MFU; 0 = look up the device"),
+    },
+}
+
+
+def _fields(schema: dict = SCHEMA, prefix: str = ""):
+    """(dotted path, Field) for every field, in declaration order."""
+    for name, value in schema.items():
+        if isinstance(value, dict):
+            yield from _fields(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name, value
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All fields with their defaults (a small GPT that trains on CPU in minutes)."""
+    """Every field at its default (a small GPT that trains on CPU in minutes), locked."""
     c = ml_collections.ConfigDict()
-
-    # "jit": one program over the whole mesh, XLA inserts the collectives (all strategies).
-    # "pmap": the classic data-parallel path: replicated params, psum of gradients, local
-    # devices only; config.mesh is ignored.
-    c.parallelism = "jit"
-
-    c.model = m = ml_collections.ConfigDict()
-    m.vocab_size = 258          # V; must be >= the tokenizer's vocab (byte tokenizer: 258)
-    m.max_len = 256             # longest sequence the model accepts (size of learned positions)
-    m.num_layers = 4
-    m.d_model = 128             # D
-    m.num_heads = 4             # H; head dim K = D / H
-    m.mlp_dim = 512             # F; GPT-2 uses 4*D
-    m.dropout = 0.0             # on embeddings, attention output and MLP output
-    m.attention_dropout = 0.0   # on attention probabilities
-    m.position = "learned"      # "learned" (GPT-2) or "rope" (rotary, applied to q and k)
-    m.rope_base = 10000.0       # rotary base frequency (used when position = "rope")
-    m.tie_embeddings = True     # output projection reuses the token embedding (GPT-2 does)
-    m.layer_norm_eps = 1e-5
-    m.dtype = "float32"         # compute dtype ("bfloat16" for mixed precision)
-    m.param_dtype = "float32"   # storage dtype of parameters and optimizer state
-    m.attention_impl = "xla"    # seam for fused kernels (cuDNN / Pallas) behind one signature
-    m.remat = False             # recompute each block's activations in the backward pass
-    m.init_std = 0.02           # normal init std; residual output projections get / sqrt(2*layers)
-
-    c.data = d = ml_collections.ConfigDict()
-    # "synthetic" (built-in offline corpus, jaxlm.data.synthetic), the name of a prepared
-    # TFDS text dataset (catalog or local, see jaxlm.data.prepare), or "mixture".
-    d.name = "synthetic"
-    d.seed = 0                  # seeds the synthetic world and the order of sequences
-    d.seq_len = 128             # tokens per training sequence (<= model.max_len)
-    # "byte", "sentencepiece:PATH" (model file) or "gpt2:DIR" (local vocabulary files);
-    # see jaxlm.data.tokenizer.
-    d.tokenizer = "byte"
-    d.prefetch = 2              # batches prepared ahead on a background thread
-    # TFDS datasets (jaxlm.data.lm, jaxlm.data.token_cache):
-    d.split = "train"           # TFDS split (slices like "train[:90%]" work)
-    d.text_key = ""             # feature holding the text; "" = the dataset's only text feature
-    d.data_dir = ""             # TFDS data_dir (local or gs://); "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    # Folder with a catalog dataset's source files: a dataset not yet prepared in data_dir
-    # is prepared from it (nothing is ever downloaded). "" = it must be prepared already.
-    d.manual_dir = ""
-    d.cache_dir = ""            # token caches; "" = <data_dir>/jaxlm_tokens (local data_dir)
-    # False: the token stream cut into windows (documents cross window edges). True: whole
-    # documents packed per sequence with segment ids and position resets, padded.
-    d.packing = False
-    # With name = "mixture": ("NAME=WEIGHT", ...), e.g. ("tiny_shakespeare=0.2", "synthetic=0.8").
-    d.mixture = ()
-    d.mixture_block = 1000      # each block of this many sequences has exact per-dataset counts
-
-    c.train = t = ml_collections.ConfigDict()
-    t.steps = 1000              # optimizer steps
-    t.batch_size = 32           # global batch, in sequences, per optimizer step
-    t.microbatches = 1          # gradient accumulation: batch_size is split into this many
-    t.seed = 0                  # parameter init and dropout
-    t.log_every = 25            # steps between logged metrics
-    # A step whose loss or gradient norm is NaN/inf is never applied (the state stays as it
-    # was, so a diverged state cannot reach a checkpoint). Then "stop" ends the run with a
-    # message naming the step; "skip" goes on with the next batch and counts the step.
-    t.nonfinite = "stop"
-    t.max_skipped_steps = 10    # "skip" gives up after this many consecutive bad steps
-
-    c.checkpoint = ck = ml_collections.ConfigDict()
-    ck.every = 500              # steps between saves; one is also written at the end and on SIGTERM
-    ck.keep = 2                 # most recent checkpoints kept on disk
-    ck.archive_every = 0        # also keep, forever, checkpoints at multiples of this; 0 = none
-    ck.async_save = True        # write in the background while training goes on
-    ck.check_data = True        # refuse to resume on data whose order differs from the checkpoint's
-    ck.step = -1                # checkpoint that jaxlm.evaluate / jaxlm.export read; -1 = latest
-    # Saves, restores and cross-host barriers log a heartbeat line every heartbeat_seconds
-    # while they run, and stop the process (exit code 3, stacks printed) when one exceeds
-    # timeout_seconds: a hung multi-host job ends with a message instead of idling a pod.
-    ck.heartbeat_seconds = 60.0
-    ck.timeout_seconds = 1800.0
-
-    c.optimizer = o = ml_collections.ConfigDict()
-    o.learning_rate = 3e-3      # peak learning rate, reached after warmup
-    o.warmup_steps = 100        # linear warmup from 0
-    o.min_lr_ratio = 0.1        # cosine decays to learning_rate * min_lr_ratio at train.steps
-    o.b1 = 0.9
-    o.b2 = 0.95
-    o.eps = 1e-8
-    o.weight_decay = 0.1        # decoupled (AdamW)
-    # Parameters whose path contains any of these names are not decayed (biases, norms).
-    o.no_decay = ("bias", "scale")
-    o.grad_clip_norm = 1.0      # global-norm clipping; 0 disables
-
-    c.mesh = me = ml_collections.ConfigDict()
-    # Mesh axis sizes; -1 takes the devices left over. Product must equal the device count.
-    me.data = -1
-    me.fsdp = 1
-    me.sequence = 1             # splits activations along their length (long sequences)
-    me.tensor = 1
-    # Slices (TPU slices / GPU hosts) each axis spans across the data-centre network; the
-    # axis sizes above are then per slice. Only data and fsdp may span slices.
-    me.dcn_data = 1
-    me.dcn_fsdp = 1
-    # How parameters and activations are split (jaxlm.sharding.STRATEGIES): "dp" (data
-    # parallel, replicated params), "fsdp" (ZeRO-3: params, grads and Adam moments split
-    # over the fsdp axis), "tp" (Megatron tensor parallel over the tensor axis), "fsdp_tp".
-    me.strategy = "dp"
-    # Extra (logical axis, mesh axes) rules, tried before the strategy's own.
-    me.rules = ()
-
-    c.evaluate = e = ml_collections.ConfigDict()
-    # Parameters to evaluate: "" = the workdir's checkpoint (config.checkpoint.step), or the
-    # path of a params-only export (python -m jaxlm.export).
-    e.params = ""
-    e.tasks = ("rule_mc", "rule_exact", "facts_mc", "arithmetic_mc")
-    e.shots = (0, 1, 4, 8)
-    e.num_examples = 200        # per task (fewer if the task has fewer)
-    e.batch_size = 32           # sequences scored per forward pass
-    e.seed = 0                  # which demonstrations are drawn for each example
-    e.max_new_tokens = 16       # for exact-match tasks
-    e.num_samples = 3           # generated samples printed after training
-    e.sample_len = 96           # bytes per sample
-    e.temperature = 0.8
-
-    c.distributed = di = ml_collections.ConfigDict()
-    # Multi-process runs (one process per host, jax.distributed). A lone process needs
-    # nothing. On a cluster JAX recognises (SLURM, Cloud TPU, GKE, MPI) set auto_detect
-    # (launch/slurm.sh and launch/tpu_pod.sh do); launch/local.py sets the other fields
-    # for several processes on one machine.
-    di.auto_detect = False
-    di.coordinator_address = ""  # host:port of process 0
-    di.num_processes = 0
-    di.process_id = -1
-    di.cpu_devices = 0          # CPU devices per process (testing without accelerators)
-
-    c.hardware = h = ml_collections.ConfigDict()
-    h.peak_flops = 0.0          # per-device peak FLOP/s for MFU; 0 = look up the device kind
-
+    for path, field in _fields():
+        *parents, leaf = path.split(".")
+        node = c
+        for p in parents:
+            if p not in node:
+                node[p] = ml_collections.ConfigDict()
+            node = node[p]
+        node[leaf] = field.default
     c.lock()
     return c
 
 
-# GPT-2 sizes (Radford et al. 2019) with the GPT-3 paper's learning rates for models of
-# that size (Brown et al. 2020, Table 2.1). Batch: 512 x 1024 tokens (~0.5M), as GPT-3 used
-# for its 125M-350M models.
-GPT2_SIZES = {
-    #         layers  d_model heads  peak lr
-    "small":  (12,    768,    12,    6e-4),   # 124M parameters
-    "medium": (24,    1024,   16,    3e-4),   # 355M
-    "large":  (36,    1280,   20,    2.5e-4),  # 774M
-    "xl":     (48,    1600,   25,    2e-4),   # 1.56B
-}
-
-
-def gpt2_config(size: str) -> ml_collections.ConfigDict:
-    """A GPT-2-shaped model (50257-token vocabulary, 1024 positions, tied embeddings).
-
-    data.tokenizer stays "byte" (no download); with GPT-2's vocabulary files on disk set
-    --config.data.tokenizer=gpt2:DIR. The model keeps GPT-2's vocabulary size either way,
-    so parameter counts and HF conversion line up.
-    """
-    layers, d_model, heads, lr = GPT2_SIZES[size]
-    c = base_config()
-    c.model.update(num_layers=layers, d_model=d_model, num_heads=heads, mlp_dim=4 * d_model,
-                   vocab_size=50257, max_len=1024, dropout=0.0, attention_dropout=0.0)
-    c.data.seq_len = 1024
-    c.train.update(steps=100_000, batch_size=512, microbatches=1, log_every=50)
-    c.checkpoint.update(every=1000, keep=3, archive_every=10_000)
-    c.optimizer.update(learning_rate=lr, warmup_steps=2000, min_lr_ratio=0.1,
-                       weight_decay=0.1)
-    c.evaluate.batch_size = 16
-    return c
+def describe_fields() -> str:
+    """The schema as text (for --help): field = default  [valid values]  what it is for."""
+    lines = []
+    for path, f in _fields():
+        valid = (" | ".join(f.valid) if isinstance(f.valid, tuple)
+                 else (f"each {f.valid}" if f.each else str(f.valid)) if f.valid else "")
+        lines.append(f"  {path} = {f.default!r}" + (f"  [{valid}]" if valid else "") + f"\n      {f.doc}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its `get_config()`, locked."""
+    """Imports a config file and returns its `get_config()`, locked. The file's folder is
+    on the import path while it loads, so it can share a helper module with its siblings."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: no such file: {path}")
-    spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {path} defines no get_config()")
-    cfg = module.get_config()
+    folder = str(path.resolve().parent)
+    before = set(sys.modules)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"--config: {path} defines no get_config()")
+        cfg = module.get_config()
+    finally:
+        sys.path.remove(folder)
+        for name in set(sys.modules) - before:  # helpers are re-read with the next file
+            if getattr(sys.modules[name], "__file__", "") and \
+                    str(pathlib.Path(sys.modules[name].__file__).parent) == folder:
+                del sys.modules[name]
     cfg.lock()
     return cfg
 
@@ -248,17 +291,27 @@ def _parse_value(field: str, text: str, current):
             return tuple(x.strip() for x in text.split(",") if x.strip())  # a,b,c
         raise ConfigError(
             f"config.{field}: expected {type(current).__name__}, got {text!r}") from None
+    return _as_type(field, value, current, text)
+
+
+def _as_type(field: str, value, current, shown):
+    """`value` converted to the type of `current` where that loses nothing (int -> float,
+    list -> tuple, one item -> 1-tuple); ConfigError when the types differ."""
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
+        value = _tuples(value)
     if isinstance(current, tuple) and not isinstance(value, tuple):
         value = (value,)
     if type(value) is not type(current):
-        raise ConfigError(
-            f"config.{field}: expected {type(current).__name__}, got {text!r} "
-            f"({type(value).__name__})")
+        raise ConfigError(f"config.{field}: expected {type(current).__name__}, got {shown!r} "
+                          f"({type(value).__name__})")
     return value
+
+
+def _tuples(value):
+    """Lists (JSON's arrays) back to the tuples the schema uses, at any depth."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> None:
@@ -275,51 +328,31 @@ def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> Non
     node[leaf] = _parse_value(field, text, node[leaf])
 
 
-@dataclasses.dataclass
-class Args:
-    config: ml_collections.ConfigDict
-    workdir: pathlib.Path | None
-    config_path: str
-    flags: dict[str, str]  # the command's own flags (see `parse_args(flags=...)`)
+# ----------------------------------------------------------------------------- validation
 
 
-def parse_args(argv: list[str], *, workdir: bool = True,
-               flags: dict[str, str] | None = None) -> Args:
-    """`--config=FILE --workdir=DIR [--config.a.b=VALUE ...]` -> Args, all checked.
-
-    `flags` names a command's own extra flags with their defaults (e.g. jaxlm.plan's
-    --topology); `workdir=False` for commands that write nothing.
-    """
-    config_path, workdir_value, overrides = None, None, []
-    extra = dict(flags or {})
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"unrecognised argument {arg!r}; expected --name=value")
-        name, value = arg[2:].split("=", 1)
-        if name == "config":
-            config_path = value
-        elif name == "workdir" and workdir:
-            workdir_value = value
-        elif name.startswith("config."):
-            overrides.append((name[len("config."):], value))
-        elif name in extra:
-            extra[name] = value
-        else:
-            known = ["--config", "--workdir"][:1 + workdir] + [f"--{f}" for f in extra]
-            raise ConfigError(f"unknown flag --{name}; known: {', '.join(known)}, --config.<field>")
-    if config_path is None or (workdir and workdir_value is None):
-        raise ConfigError("--config=FILE " + ("and --workdir=DIR are" if workdir else "is")
-                          + " required")
-    cfg = load_config(config_path)
-    for field, value in overrides:
-        apply_override(cfg, field, value)
-    validate(cfg)
-    return Args(config=cfg, workdir=pathlib.Path(workdir_value) if workdir else None,
-                config_path=config_path, flags=extra)
+def _check_field(path: str, field: Field, value) -> None:
+    valid = field.valid
+    if valid is None:
+        return
+    for x in (value if field.each else (value,)):
+        if isinstance(valid, tuple) and x not in valid:
+            names = [repr(v) for v in valid]
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            raise ConfigError(f"config.{path}={x!r}: expected {listed}")
+        if isinstance(valid, Range) and x not in valid:
+            raise ConfigError(f"config.{path}={x!r} must be {valid}")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Checks the relations between fields that types alone cannot; raises ConfigError."""
+    """Checks every field against its declared valid values, then the relations between
+    fields that single values cannot show; raises ConfigError naming the field."""
+    for path, field in _fields():
+        node = cfg
+        for p in path.split("."):
+            node = node[p]
+        _check_field(path, field, node)
+
     m, d, t = cfg.model, cfg.data, cfg.train
 
     def need(ok: bool, msg: str):
@@ -328,40 +361,53 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
     need(m.d_model % m.num_heads == 0,
          f"config.model.d_model={m.d_model} is not divisible by config.model.num_heads={m.num_heads}")
-    need(m.position in ("learned", "rope"),
-         f"config.model.position={m.position!r}: expected 'learned' or 'rope'")
     need(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
          "config.model.position='rope' needs an even head dim (d_model / num_heads)")
-    for f in ("dtype", "param_dtype"):
-        need(m[f] in ("float32", "bfloat16", "float16"),
-             f"config.model.{f}={m[f]!r}: expected float32, bfloat16 or float16")
-    from jaxlm.sharding import STRATEGIES  # here: the table lives with the mesh code
-    need(cfg.mesh.strategy in STRATEGIES,
-         f"config.mesh.strategy={cfg.mesh.strategy!r}: expected one of {sorted(STRATEGIES)}")
-    need(m.attention_impl in ("xla",),
-         f"config.model.attention_impl={m.attention_impl!r}: only 'xla' exists so far")
-    need(cfg.parallelism in ("jit", "pmap"),
-         f"config.parallelism={cfg.parallelism!r}: expected 'jit' or 'pmap'")
     need(d.seq_len <= m.max_len,
          f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}")
     need(d.name != "mixture" or len(d.mixture) > 0,
          "config.data.name='mixture' needs config.data.mixture=NAME=WEIGHT,...")
-    need(d.mixture_block > 0, f"config.data.mixture_block={d.mixture_block} must be positive")
-    for f in ("steps", "batch_size", "microbatches", "log_every"):
-        need(t[f] > 0, f"config.train.{f}={t[f]} must be positive")
-    need(t.nonfinite in ("stop", "skip"),
-         f"config.train.nonfinite={t.nonfinite!r}: expected 'stop' or 'skip'")
-    ck = cfg.checkpoint
-    for f in ("every", "keep", "heartbeat_seconds", "timeout_seconds"):
-        need(ck[f] > 0, f"config.checkpoint.{f}={ck[f]} must be positive")
-    need(ck.archive_every >= 0, f"config.checkpoint.archive_every={ck.archive_every} must be >= 0")
     need(t.batch_size % t.microbatches == 0,
          f"config.train.batch_size={t.batch_size} is not divisible by "
          f"config.train.microbatches={t.microbatches}")
-    need(0 <= cfg.optimizer.warmup_steps <= t.steps,
+    need(cfg.optimizer.warmup_steps <= t.steps,
          f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be in [0, train.steps]")
-    need(all(k >= 0 for k in cfg.evaluate.shots), "config.evaluate.shots must be >= 0")
+
+
+# ----------------------------------------------------------------------------- serialised form
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON values (tuples become lists): what config.json, checkpoint
+    and export metadata hold. `from_dict` reads it back."""
+    return json.loads(json.dumps(cfg.to_dict(), default=list))
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(saved: dict, where: str = "the saved config") -> ml_collections.ConfigDict:
+    """A config from `to_dict` output (e.g. a checkpoint's), on today's schema: fields saved
+    by an older jaxlm that it lacked keep their defaults; a field this jaxlm does not know
+    is a ConfigError naming it."""
+    cfg = base_config()
+    known = set(_leaf_paths(cfg))
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            path = prefix + key
+            if isinstance(value, dict) and path not in known:
+                walk(value, path + ".")
+            elif path not in known:
+                raise ConfigError(f"{where} has config field {path}, which this jaxlm does not "
+                                  "know (written by a newer version?)")
+            else:
+                *parents, leaf = path.split(".")
+                target = cfg
+                for p in parents:
+                    target = target[p]
+                target[leaf] = _as_type(path, _tuples(value), target[leaf], value)
+
+    walk(saved, "")
+    return cfg

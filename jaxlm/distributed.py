@@ -12,7 +12,7 @@ import logging
 
 import jax
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 log = logging.getLogger("jaxlm")
 

@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import sys
 
-from jaxlm import config as config_lib
+from jaxlm import checkpoint, cli
+from jaxlm.errors import ConfigError
+from jaxlm.evaluate.fewshot import load_params
+from jaxlm.setup import build
 
 log = logging.getLogger("jaxlm")
+
+OUTPUT = cli.Flag("output", "where the export goes (must not exist)", None, metavar="PATH")
 
 
 def export(cfg, workdir: pathlib.Path, output: pathlib.Path) -> int:
     """Exports checkpoint config.checkpoint.step (-1: latest) of `workdir`; returns the step."""
-    from jaxlm import checkpoint
-    from jaxlm.evaluate.fewshot import load_params
-    from jaxlm.train.loop import build
-
     output = pathlib.Path(output)
     if output.exists():  # checked before the (possibly long) restore
-        raise config_lib.ConfigError(f"--output={output} already exists; not overwriting it")
+        raise ConfigError(f"--output={output} already exists; not overwriting it")
     setup = build(cfg)
     params, step = load_params(cfg, setup, pathlib.Path(workdir))
     meta = checkpoint.make_export_meta(cfg, setup.tokenizer, step)
@@ -36,21 +36,11 @@ def export(cfg, workdir: pathlib.Path, output: pathlib.Path) -> int:
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO)
-    try:
-        args = config_lib.parse_args(sys.argv[1:] if argv is None else argv,
-                                     flags={"output": ""})
-        if not args.flags["output"]:
-            raise config_lib.ConfigError("--output=PATH is required (where the export goes)")
-        from jaxlm import distributed
-        distributed.initialize(args.config.distributed)
-        return export(args.config, args.workdir, pathlib.Path(args.flags["output"]))
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(argv):
+    args = cli.parse(argv, "jaxlm.export", __doc__, flags=[OUTPUT])
+    cli.start(args.config)
+    return export(args.config, args.workdir, pathlib.Path(args.flags["output"]))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -2,48 +2,43 @@
 
     python -m jaxlm.main --config=configs/gpt/debug.py --workdir=runs/debug
 
-`python -m jaxlm.train` and `python -m jaxlm.evaluate` are its two halves, same flags.
+`python -m jaxlm.train` and `python -m jaxlm.evaluate` run the two halves alone, with the
+same flags. Re-running on the same workdir resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+import pathlib
 
-from jaxlm import config as config_lib
-from jaxlm.train.nonfinite import Diverged
+import ml_collections
+
+from jaxlm import cli
 
 log = logging.getLogger("jaxlm")
 
 
-def run(train: bool = True, evaluate: bool = True, argv: list[str] | None = None) -> dict:
-    """Parses flags, then trains and/or evaluates. User errors exit 2 with one line."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO)  # our lines at INFO; libraries (orbax, absl) at WARNING
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = config_lib.parse_args(argv)
-        # Imported here so that a bad flag fails fast, before JAX starts up.
-        from jaxlm import distributed
-        from jaxlm.evaluate.fewshot import evaluate as run_eval
-        from jaxlm.train.loop import train as run_train
-        distributed.initialize(args.config.distributed)
-        out = {}
-        if train:
-            out["train"] = run_train(args.config, args.workdir)
-            log.info("training done: %s", out["train"])
-            if out["train"]["preempted"]:
-                return out  # saved; rerun the same command to continue
-        if evaluate:
-            out["evaluate"] = run_eval(args.config, args.workdir)
-        return out
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+def pretrain_then_evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """{"train": training summary, "evaluate": results} (no evaluation after a preemption:
+    the run saved and stopped; the same command continues it)."""
+    from jaxlm.evaluate import (
+        fewshot,  # JAX and friends: after the flags are known good
+    )
+    from jaxlm.train import loop
+
+    fewshot.make_tasks(cfg)  # a bad task name stops the job now, not after training
+    out = {"train": loop.train(cfg, workdir)}
+    log.info("training done: %s", out["train"])
+    if not out["train"]["preempted"]:
+        out["evaluate"] = fewshot.evaluate(cfg, workdir)
+    return out
+
+
+def main(argv) -> dict:
+    args = cli.parse(argv, "jaxlm.main", __doc__)
+    cli.start(args.config)
+    return pretrain_then_evaluate(args.config, args.workdir)
 
 
 if __name__ == "__main__":
-    run()
+    cli.run(main)

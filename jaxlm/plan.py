@@ -24,15 +24,15 @@ import dataclasses
 import glob
 import os
 import re
-import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxlm import sharding
-from jaxlm.config import ConfigError, parse_args
+from jaxlm import cli, sharding
+from jaxlm.errors import ConfigError
+from jaxlm.setup import build_train
 
 # HBM per device, for the "does it fit" verdict (vendor spec sheets). Matched as substrings
 # of device_kind like metrics.PEAK_FLOPS.
@@ -83,23 +83,22 @@ class Plan:
 
 
 def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | None = None):
-    """AOT-compiles the jitted train step for `devices`; returns (compiled, setup).
+    """AOT-compiles the jitted train step for `devices`; returns (compiled, train step).
     dump_dir: where XLA writes its HLO and buffer-liveness dumps (none if None)."""
-    from jaxlm.train.loop import build
-
-    setup = build(cfg, devices)
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   setup.abstract_state, setup.shardings)
-    batch_sh = sharding.batch_sharding(setup.mesh, cfg.mesh)
-    batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh)
-             for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(setup.mesh))
-    with sharding.activate(setup.mesh, cfg.mesh):
-        lowered = setup.compile_step().jitted.lower(state, batch, rng)
+    if cfg.parallelism != "jit":
+        raise ConfigError("jaxlm.plan compiles the jit path; set config.parallelism=jit")
+    step = build_train(cfg, devices)
+    mesh = step.setup.mesh
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    state = jax.tree_util.tree_map(with_sharding, step.abstract_state, step.state_shardings)
+    batch = {k: with_sharding(v, step.batch_sharding)
+             for k, v in step.objective.batch_spec(cfg.train.batch_size).items()}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+    with sharding.activate(mesh, cfg.mesh):
+        lowered = step.jitted.lower(state, batch, rng)
         compiled = lowered.compile(
             compiler_options={"xla_dump_to": dump_dir} if dump_dir else None)
-    return compiled, setup
+    return compiled, step
 
 
 def _op_group(name: str) -> str:
@@ -164,14 +163,14 @@ def weak_choices(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[str]:
 def make_plan(cfg: ml_collections.ConfigDict, devices, top: int = 0) -> Plan:
     """top > 0: also the `top` largest groups of buffers live at the memory peak."""
     with tempfile.TemporaryDirectory() as dump_dir:
-        compiled, setup = compile_train_step(cfg, devices, dump_dir if top else None)
+        compiled, step = compile_train_step(cfg, devices, dump_dir if top else None)
         live_bytes, buffers = live_at_peak(dump_dir) if top else (None, [])
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     specs = {jax.tree_util.keystr(path): s.spec for path, s in
-             jax.tree_util.tree_leaves_with_path(setup.shardings.params)}
-    mesh_shape = dict(setup.mesh.shape)
+             jax.tree_util.tree_leaves_with_path(step.setup.param_shardings)}
+    mesh_shape = dict(step.setup.mesh.shape)
     warnings = weak_choices(cfg, mesh_shape)
     plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
                 mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
@@ -208,21 +207,22 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> Plan:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv, workdir=False,
-                          flags={"topology": "cpu:1", "top": "0"})
-        top = args.flags["top"]
-        if not top.isdigit():
-            raise ConfigError(f"--top={top}: expected a number of buffer groups (0 = none)")
-        devices = topology_devices(args.flags["topology"])
-        plan = make_plan(args.config, devices, int(top))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+FLAGS = [cli.Flag("topology", "cpu:N (fake CPU devices) or tpu:<name>, e.g. tpu:v5e:4x4",
+                  "cpu:1"),
+         cli.Flag("top", "also list this many largest buffer groups live at the memory peak",
+                  "0", metavar="N")]
+
+
+def main(argv) -> Plan:
+    args = cli.parse(argv, "jaxlm.plan", __doc__, workdir=False, flags=FLAGS)
+    top = args.flags["top"]
+    if not top.isdigit():
+        raise ConfigError(f"--top={top}: expected a number of buffer groups (0 = none)")
+    devices = topology_devices(args.flags["topology"])
+    plan = make_plan(args.config, devices, int(top))
     print(format_plan(plan, args.config))
     return plan
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

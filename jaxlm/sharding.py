@@ -18,9 +18,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 DCN_AXES = ("data", "fsdp")  # axes that may span slices (config.mesh.dcn_<axis>)
@@ -92,7 +93,10 @@ LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "pos"
 
 
 def rules(cfg_mesh) -> tuple:
-    """The config's extra rules, then its strategy's."""
+    """The config's extra rules, then its strategy's; ConfigError for an unknown name."""
+    if cfg_mesh.strategy not in STRATEGIES:
+        raise ConfigError(f"config.mesh.strategy={cfg_mesh.strategy!r}: expected one of "
+                          f"{sorted(STRATEGIES)}")
     extra = []
     for name, axes in cfg_mesh.rules:
         axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes

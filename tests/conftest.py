@@ -6,6 +6,7 @@ import pathlib
 # 8 fake CPU devices for the sharding tests; set before anything imports JAX.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxlm.config import base_config  # noqa: E402
@@ -30,3 +31,21 @@ def tiny_config(**model_overrides):
 @pytest.fixture
 def cfg():
     return tiny_config()
+
+
+def fresh_step(cfg, devices=None):
+    """(a fresh train state in the step's layout, the compiled step) for `cfg`."""
+    from jaxlm.setup import build_train
+    step = build_train(cfg, devices)
+    return step.place_state(step.init_state()), step
+
+
+def random_batch(cfg, seed: int = 0) -> dict:
+    """A global batch of random byte windows, made by the config's objective (numpy)."""
+    from jaxlm.train.objectives import make_objective
+    objective = make_objective(cfg)
+    rng = np.random.default_rng(seed)
+    length = cfg.data.seq_len + objective.extra_tokens
+    rows = [objective.example({"tokens": rng.integers(0, 256, length).astype(np.int32)})
+            for _ in range(cfg.train.batch_size)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from jaxlm.data import token_cache
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data import batches, token_cache
+from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.train.objectives import CausalLM
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare"
 
@@ -40,3 +41,19 @@ def require_shakespeare():
     if not (SHAKESPEARE / "input.txt").is_file():
         pytest.skip(f"shared data absent: {SHAKESPEARE / 'input.txt'} not found")
     return SHAKESPEARE
+
+
+def next_token(source, packed: bool | None = None) -> CausalLM:
+    """The next-token objective for `source`'s windows (packed: the source's own setting)."""
+    return CausalLM(source.seq_len, getattr(source, "packing", False) if packed is None else packed)
+
+
+def lm_example(source, index: int) -> dict:
+    """Example `index` of `source` as the model sees it: inputs, targets, weights (...)."""
+    return next_token(source).example(source.example(index))
+
+
+def lm_batch(source, step: int, global_batch: int, vocab_size: int, process: int = 0,
+             processes: int = 1, packed: bool | None = None) -> dict:
+    return batches.local_batch(source, step, global_batch, vocab_size,
+                               next_token(source, packed).example, process, processes)

@@ -16,15 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from conftest import REPO, tiny_config
+from conftest import REPO, fresh_step, tiny_config
 from test_main import TINY, tree_digest
-from jaxlm import checkpoint, export
-from jaxlm.checkpoint import CheckpointError
+
+from jaxlm import checkpoint, config, export, models
+from jaxlm.errors import CheckpointError, Diverged
 from jaxlm.evaluate.fewshot import load_params
+from jaxlm.setup import build, build_train
 from jaxlm.train import loop
 from jaxlm.train.metrics import read_history
-from jaxlm.train.nonfinite import Diverged
 from jaxlm.watchdog import HUNG_EXIT_CODE
 
 needs_8 = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (fake) devices")
@@ -56,15 +56,12 @@ def wait_for_step(workdir: pathlib.Path, step: int, proc, timeout=300, saved=Fal
 
 
 def saved_params(workdir, step):
+    """The params of checkpoint `step`, restored with the config it was saved with."""
     ckpt = checkpoint.Checkpointer(workdir)
-    meta = ckpt.read_meta(step)
-    cfg = tiny_config()
-    for section in ("model", "optimizer"):
-        cfg[section].update({k: tuple(v) if isinstance(v, list) else v
-                             for k, v in meta["config"][section].items()})
-    cfg.data.seq_len = meta["config"]["data"]["seq_len"]
-    setup = loop.build(cfg, jax.devices()[:1])
-    state, _ = ckpt.restore(step, setup.abstract_state, setup.shardings)
+    cfg = config.from_dict(ckpt.read_meta(step)["config"])
+    cfg.mesh.update(config.base_config().mesh.to_dict())  # on one device, whatever wrote it
+    run = build_train(cfg, jax.devices()[:1])
+    state, _ = ckpt.restore(step, run.abstract_state, run.state_shardings)
     ckpt.close()
     return jax.tree_util.tree_map(np.asarray, state.params)
 
@@ -223,16 +220,16 @@ def test_fsdp_checkpoint_restores_on_one_device_and_on_fsdp_x_tensor(tmp_path):
     cfg.train.steps, cfg.checkpoint.every = 3, 3
     loop.train(cfg, tmp_path)
     ckpt = checkpoint.Checkpointer(tmp_path)
-    fsdp = loop.build(cfg)
-    original, _ = ckpt.restore(3, fsdp.abstract_state, fsdp.shardings)
-    fc = original.params["block_0"]["mlp"]["fc_in"]["kernel"]
+    fsdp = build_train(cfg)
+    original, _ = ckpt.restore(3, fsdp.abstract_state, fsdp.state_shardings)
+    fc = models.block_params(original.params, 0)["mlp"]["fc_in"]["kernel"]
     assert fc.addressable_shards[0].data.size == fc.size // 8   # really saved from 8 shards
 
     for devices, target in [(jax.devices()[:1], _mesh_cfg("dp", data=1)),
                             (None, _mesh_cfg("fsdp_tp", data=1, fsdp=2, tensor=4))]:
-        setup = loop.build(target, devices)
-        state, _ = ckpt.restore(3, setup.abstract_state, setup.shardings)
-        for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(setup.shardings)):
+        run = build_train(target, devices)
+        state, _ = ckpt.restore(3, run.abstract_state, run.state_shardings)
+        for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(run.state_shardings)):
             assert got.sharding == want
         assert_trees_equal(jax.device_get(state), jax.device_get(original))
     ckpt.close()
@@ -288,14 +285,15 @@ def test_missing_meta_is_named(trained):
 def test_missing_step_lists_the_ones_there(trained):
     cfg, tmp_path = trained
     cfg.checkpoint.step = 3
-    setup = loop.build(cfg)
+    setup = build(cfg)
     with pytest.raises(CheckpointError, match=r"config.checkpoint.step=3: .* \[2, 4\]"):
         load_params(cfg, setup, tmp_path)
     cfg.checkpoint.step = 2
     params, step = load_params(cfg, setup, tmp_path)   # params only: no optimizer state read
     assert step == 2
     ckpt = checkpoint.Checkpointer(tmp_path)
-    state, _ = ckpt.restore(2, setup.abstract_state, setup.shardings)
+    run = build_train(cfg)
+    state, _ = ckpt.restore(2, run.abstract_state, run.state_shardings)
     ckpt.close()
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(state.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, state.params)
@@ -323,7 +321,7 @@ def test_other_tokenizer_is_named(trained):
     meta = ckpt.read_meta(4)
     ckpt.close()
     meta["tokenizer"]["name"] = "sentencepiece"
-    setup = loop.build(cfg)
+    setup = build(cfg)
     with pytest.raises(CheckpointError, match="made with tokenizer .*sentencepiece.* but config.data.tokenizer"):
         checkpoint.check_meta(meta, cfg, setup.tokenizer, "here")
 
@@ -352,9 +350,7 @@ def test_keeps_the_latest_n_plus_every_mth(tmp_path):
 
 def test_nonfinite_step_is_not_applied():
     cfg = tiny_config()
-    setup = loop.build(cfg, jax.devices()[:1])
-    state = setup.init_state()
-    run = setup.compile_step()
+    state, run = fresh_step(cfg, jax.devices()[:1])
     tokens = np.zeros((8, 33), np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "weights": np.full((8, 32), np.inf, np.float32)}   # an inf loss
@@ -440,12 +436,11 @@ def test_export_loads_on_any_mesh_and_evaluates(tmp_path):
     for devices, target in [(jax.devices()[:1], _mesh_cfg("dp", data=1)),
                             (None, _mesh_cfg("fsdp_tp", data=1, fsdp=2, tensor=4))]:
         target.evaluate.params = str(tmp_path / "export")
-        setup = loop.build(target, devices)
-        params, step = load_params(target, setup, tmp_path / "nowhere")
+        params, step = load_params(target, build(target, devices), tmp_path / "nowhere")
         assert step == 2
         assert_trees_equal(jax.device_get(params), want)
     other = _mesh_cfg("dp")
     other.model.num_layers = 3
     other.evaluate.params = str(tmp_path / "export")
     with pytest.raises(CheckpointError, match="config.model.num_layers is 2 there and 3 here"):
-        load_params(other, loop.build(other), tmp_path)
+        load_params(other, build(other), tmp_path)

@@ -5,13 +5,21 @@ import sys
 
 import jax
 import pytest
-
 from conftest import REPO
-from jaxlm import config as config_lib
-from jaxlm.config import ConfigError, apply_override, parse_args, validate
-from jaxlm.models.gpt import GPT, count_params
 
-CONFIGS = sorted((REPO / "configs").rglob("*.py"))
+from jaxlm import cli
+from jaxlm import config as config_lib
+from jaxlm.config import apply_override, validate
+from jaxlm.errors import ConfigError
+from jaxlm.models import count_params
+from jaxlm.models.gpt import GPT
+
+# Config files; _name.py files are helpers they share (e.g. the GPT-2 size table).
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.py") if not p.name.startswith("_"))
+
+
+def parse_args(argv):
+    return cli.parse(argv, "jaxlm.main", "")
 
 
 def test_overrides_parse_by_field_type(cfg):
@@ -95,3 +103,74 @@ def test_gpt2_sizes_have_published_parameter_counts(size, millions):
                             jax.ShapeDtypeStruct((1, 8), "int32"))
     n = count_params(shapes["params"]) / 1e6
     assert abs(n - millions) / millions < 0.01, f"{size}: {n:.1f}M parameters"
+
+
+def test_cli_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from jaxlm import cli
+    from jaxlm.errors import Diverged
+
+    def fails_with(error):
+        def main(argv):
+            raise error
+        return main
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(fails_with(ConfigError("config.train.steps=0 must be positive")), [])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: config.train.steps=0 must be positive\n"
+    with pytest.raises(SystemExit) as e:
+        cli.run(fails_with(Diverged("step 3: loss nan")), [])
+    assert e.value.code == 1
+    with pytest.raises(KeyError):  # a bug is not a user error: its traceback stays
+        cli.run(fails_with(KeyError("oops")), [])
+
+
+def test_cli_flag_forms(tmp_path):
+    from jaxlm import cli
+    flags = [cli.Flag("name", "", None), cli.Flag("split", "", None, repeat=True),
+             cli.Flag("overwrite", "", switch=True)]
+    args = cli.parse(["text", "--name", "corpus", "--split=train:a.txt", "--split=test:b.txt",
+                      "--overwrite"], "x", "", config=False, workdir=False,
+                     commands={"text": flags})
+    assert args.command == "text" and args.flags == {
+        "name": "corpus", "split": ["train:a.txt", "test:b.txt"], "overwrite": True}
+    with pytest.raises(ConfigError, match=r"expected a command \(text\), got 'tfds'"):
+        cli.parse(["tfds"], "x", "", config=False, workdir=False, commands={"text": flags})
+    with pytest.raises(ConfigError, match="--workdir= is empty; expected --workdir=DIR"):
+        parse_args([f"--config={REPO}/configs/gpt/debug.py", "--workdir="])
+    args = parse_args([f"--config={REPO}/configs/gpt/debug.py", "--workdir", str(tmp_path),
+                       "--config.train.steps", "700"])
+    assert args.config.train.steps == 700 and args.workdir == tmp_path
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer.learning_rate", "-1e-3", "config.optimizer.learning_rate=-0.001 must be positive"),
+    ("model.dropout", "1.5", r"config.model.dropout=1.5 must be in \[0, 1\)"),
+    ("train.batch_size", "0", "config.train.batch_size=0 must be positive"),
+    ("evaluate.shots", "(0, -2)", "config.evaluate.shots=-2 must be >= 0"),
+    ("mesh.data", "0", "config.mesh.data=0 must be -1 or >= 1"),
+    ("checkpoint.step", "-2", "config.checkpoint.step=-2 must be -1 or >= 0"),
+    ("model.dtype", "int8", "config.model.dtype='int8': expected 'float32', 'bfloat16' or 'float16'"),
+    ("optimizer.eps", float("nan"), "config.optimizer.eps=nan must be positive"),  # a config file's
+])
+def test_every_value_is_checked_against_its_declared_range(cfg, field, value, message):
+    if isinstance(value, str):
+        apply_override(cfg, field, value)
+    else:
+        section, name = field.split(".")
+        cfg[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_config_round_trips_through_its_json_form(cfg):
+    cfg.mesh.rules = (("embed", ("fsdp", "tensor")),)
+    cfg.evaluate.tasks = ("rule_mc",)
+    saved = config_lib.to_dict(cfg)
+    back = config_lib.from_dict(saved)
+    assert back.to_dict() == cfg.to_dict()
+    del saved["model"]["arch"]  # written by an older jaxlm: the default fills in
+    assert config_lib.from_dict(saved).model.arch == "gpt"
+    saved["model"]["flash"] = True
+    with pytest.raises(ConfigError, match="config field model.flash, which this jaxlm does not know"):
+        config_lib.from_dict(saved)

@@ -4,23 +4,24 @@ reading in order, every component example used once, and config errors."""
 import numpy as np
 import pytest
 from conftest import tiny_config
-from data_helpers import memory_cache
+from data_helpers import lm_batch, memory_cache
 
-from jaxlm.config import ConfigError, apply_override, validate
-from jaxlm.data import lm
-from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.config import apply_override, validate
+from jaxlm.data import sources
+from jaxlm.data.tokenizers import ByteTokenizer
+from jaxlm.errors import ConfigError
 
 TOK = ByteTokenizer()
 
 
-def token_source(letter: str, seed: int = 0) -> lm.TokenSource:
+def token_source(letter: str, seed: int = 0) -> sources.TokenSource:
     docs = [letter * n for n in range(1, 30)]
-    return lm.TokenSource(memory_cache(docs, TOK, name=letter), TOK, 8, False, seed)
+    return sources.TokenSource(memory_cache(docs, TOK, name=letter), TOK, 8, False, seed)
 
 
-def mixture(weights=(0.7, 0.2, 0.1), block=20, seed=0) -> lm.MixtureSource:
-    sources = [token_source(c) for c in "abc"][:len(weights)]
-    return lm.MixtureSource(sources, list(weights), block, seed, 8)
+def mixture(weights=(0.7, 0.2, 0.1), block=20, seed=0) -> sources.MixtureSource:
+    parts = [token_source(c) for c in "abc"][:len(weights)]
+    return sources.MixtureSource(parts, list(weights), block, seed)
 
 
 def test_each_block_has_exact_counts():
@@ -30,7 +31,7 @@ def test_each_block_has_exact_counts():
         got = [mix.locate(b * 20 + s)[0] for s in range(20)]
         assert np.bincount(got).tolist() == [14, 4, 2]
     # largest remainders: 1/3 each of 10 -> 4, 3, 3
-    assert lm.MixtureSource([token_source("a")] * 3, [1, 1, 1], 10, 0, 8).counts.tolist() == [4, 3, 3]
+    assert sources.MixtureSource([token_source("a")] * 3, [1, 1, 1], 10, 0).counts.tolist() == [4, 3, 3]
 
 
 def test_random_access_agrees_with_reading_in_order_and_uses_each_example_once():
@@ -44,8 +45,8 @@ def test_random_access_agrees_with_reading_in_order_and_uses_each_example_once()
         assert sorted(ns) == list(range(len(ns)))  # component examples 0, 1, 2, ... once each
     ex = mix.example(57)
     d, n = mix.locate(57)
-    np.testing.assert_array_equal(ex["inputs"], mix.sources[d].example(n)["inputs"])
-    assert chr(int(ex["inputs"][ex["inputs"] != TOK.eos_id][0])) == "abc"[d]
+    np.testing.assert_array_equal(ex["tokens"], mix.sources[d].example(n)["tokens"])
+    assert chr(int(ex["tokens"][ex["tokens"] != TOK.eos_id][0])) == "abc"[d]
 
 
 def test_seed_changes_the_order_not_the_counts():
@@ -64,11 +65,11 @@ def test_mixture_config_from_the_command_line(cfg):
     apply_override(cfg, "data.mixture", "synthetic=0.25,synthetic=0.75")
     assert cfg.data.mixture == ("synthetic=0.25", "synthetic=0.75")
     validate(cfg)
-    src = lm.make_source(cfg.data, TOK)
+    src = sources.make_source(cfg.data, TOK)
     assert src.counts.tolist() == [250, 750]
-    batch = lm.local_batch(src, 0, 4, TOK.vocab_size)
+    batch = lm_batch(src, 0, 4, TOK.vocab_size)
     assert batch["inputs"].shape == (4, cfg.data.seq_len)
-    assert "mixture of 2" in lm.describe(src, 0, 100)
+    assert "mixture of 2" in sources.describe(src, 0, 100)
 
 
 @pytest.mark.parametrize("entries,match", [(("synthetic",), "expected NAME=WEIGHT"),
@@ -78,7 +79,7 @@ def test_bad_mixture_entries(entries, match):
     cfg = tiny_config()
     cfg.data.update(name="mixture", mixture=entries)
     with pytest.raises(ConfigError, match=match):
-        lm.make_source(cfg.data, TOK)
+        sources.make_source(cfg.data, TOK)
 
 
 def test_mixture_without_entries_fails_validation():

@@ -6,11 +6,17 @@ import json
 import numpy as np
 import pytest
 from conftest import tiny_config
-from data_helpers import memory_cache, require_shakespeare, require_tensorflow
+from data_helpers import (
+    lm_batch,
+    lm_example,
+    memory_cache,
+    require_shakespeare,
+    require_tensorflow,
+)
 
-from jaxlm.config import ConfigError
-from jaxlm.data import lm, prepare, token_cache
-from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.data import sources, text_dataset, text_files, token_cache
+from jaxlm.data.tokenizers import ByteTokenizer
+from jaxlm.errors import ConfigError, DataError
 
 TOK = ByteTokenizer()
 PARAGRAPHS = ["First paragraph,\ntwo lines.\n", "Second one.\n", "Third: ünïcödé.\n"]
@@ -26,7 +32,7 @@ def corpus(tmp_path_factory):
     (d / "a.txt").write_text("\n\n".join(p.rstrip("\n") for p in PARAGRAPHS) + "\n\n\n")
     (d / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS) + "\n")
     (d / "c.txt").write_text("held out text\n")
-    counts = prepare.prepare_text("my_corpus", {"train": [str(d / "a.txt"), str(d / "b.jsonl")],
+    counts = text_dataset.prepare_text("my_corpus", {"train": [str(d / "a.txt"), str(d / "b.jsonl")],
                                                 "validation": [str(d / "c.txt")]},
                                   str(d / "tfds"), unit="paragraph")
     assert counts == {"train": 6, "validation": 1}
@@ -41,7 +47,7 @@ def data_cfg(corpus, **kw):
 
 
 def test_local_corpus_round_trips_through_tfds_and_the_token_cache(corpus):
-    src = lm.make_source(data_cfg(corpus, packing=True).data, TOK)
+    src = sources.make_source(data_cfg(corpus, packing=True).data, TOK)
     stats = src.stats()
     assert (stats["documents"], stats["empty_documents"]) == (5, 1)
     expected = PARAGRAPHS + [r["text"] for r in RECORDS if r["text"]]
@@ -51,21 +57,21 @@ def test_local_corpus_round_trips_through_tfds_and_the_token_cache(corpus):
     assert sorted(docs) == sorted(expected)  # TFDS fixes its own (deterministic) order
     assert cache.path.parent == corpus / "tfds" / "jaxlm_tokens"
     assert not list(cache.path.parent.glob(".tmp-*"))
-    val = lm.make_source(data_cfg(corpus, split="validation", seq_len=8).data, TOK)
+    val = sources.make_source(data_cfg(corpus, split="validation", seq_len=8).data, TOK)
     assert val.stats()["documents"] == 1 and val.cache.path != cache.path
 
 
 def test_cache_is_built_once_and_keyed_by_tokenizer(corpus):
     cfg = data_cfg(corpus)
-    a = lm.make_source(cfg.data, TOK)
+    a = sources.make_source(cfg.data, TOK)
     stamp = (a.cache.path / "tokens.bin").stat().st_mtime_ns
-    b = lm.make_source(cfg.data, TOK)
+    b = sources.make_source(cfg.data, TOK)
     assert b.cache.path == a.cache.path
     assert (b.cache.path / "tokens.bin").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
     class OtherByte(ByteTokenizer):
         name = "other_byte"
-    c = lm.make_source(cfg.data, OtherByte())
+    c = sources.make_source(cfg.data, OtherByte())
     assert c.cache.path != a.cache.path
     np.testing.assert_array_equal(c.cache.tokens, a.cache.tokens)
 
@@ -73,17 +79,19 @@ def test_cache_is_built_once_and_keyed_by_tokenizer(corpus):
 def test_packed_mixture_of_a_tfds_corpus_and_synthetic_trains(corpus):
     import jax
 
-    from jaxlm.train import loop
+    from jaxlm.setup import build_train
     cfg = data_cfg(corpus, name="mixture", mixture=("my_corpus=1", "synthetic=3"),
                    mixture_block=8, packing=True)
-    src = lm.make_source(cfg.data, TOK)
+    src = sources.make_source(cfg.data, TOK)
     assert [c["per_block"] for c in src.stats()["components"]] == [2, 6]
-    setup = loop.build(cfg, jax.devices()[:1])
-    state, run = setup.init_state(), setup.compile_step()
+    run = build_train(cfg, jax.devices()[:1])
+    state = run.place_state(run.init_state())
+    spec = run.objective.batch_spec(cfg.train.batch_size)
     for step in range(2):
-        batch = lm.local_batch(src, step, cfg.train.batch_size, cfg.model.vocab_size)
-        assert set(batch) == {"inputs", "targets", "weights", "positions", "segments"}
-        state, metrics = run(state, setup.place_batch(batch), jax.random.PRNGKey(0))
+        batch = lm_batch(src, step, cfg.train.batch_size, cfg.model.vocab_size, packed=True)
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == \
+            {k: (v.shape, v.dtype) for k, v in spec.items()}   # synthetic rows: one segment
+        state, metrics = run(state, run.place_batch(batch), jax.random.PRNGKey(0))
         assert np.isfinite(float(metrics["loss"]))
 
 
@@ -115,13 +123,13 @@ def test_tiny_shakespeare_prepared_offline_from_manual_dir(tmp_path):
     cfg = tiny_config()
     cfg.data.update(name="tiny_shakespeare", data_dir=str(tmp_path / "tfds"),
                     manual_dir=str(manual), seq_len=64)
-    src = lm.make_source(cfg.data, TOK)
+    src = sources.make_source(cfg.data, TOK)
     stats = src.stats()
     assert (stats["documents"], stats["tokens"]) == (1, 1_003_854)  # TFDS's 90% train split
     assert src.cache.tokens[0] == TOK.eos_id
     assert TOK.decode(src.cache.tokens[1:16]) == "First Citizen:\n"
     assert stats["sequences_per_epoch"] == 1_003_854 // 64
-    ex = src.example(0)
+    ex = lm_example(src, 0)
     np.testing.assert_array_equal(ex["inputs"][1:], ex["targets"][:-1])
 
 
@@ -136,18 +144,18 @@ def test_tiny_shakespeare_prepared_offline_from_manual_dir(tmp_path):
 ])
 def test_bad_dataset_fields_name_the_field(corpus, field, value, match):
     with pytest.raises(ConfigError, match=match):
-        lm.make_source(data_cfg(corpus, **{field: value}).data, TOK)
+        sources.make_source(data_cfg(corpus, **{field: value}).data, TOK)
 
 
 def test_missing_data_dir_and_manual_dir(tmp_path):
     cfg = tiny_config()
     cfg.data.update(name="tiny_shakespeare", data_dir=str(tmp_path / "absent"))
     with pytest.raises(ConfigError, match=r"config.data.data_dir='.*absent' does not exist"):
-        lm.make_source(cfg.data, TOK)
+        sources.make_source(cfg.data, TOK)
     require_tensorflow()
     cfg.data.manual_dir = str(tmp_path / "no_files_here")
     with pytest.raises(ConfigError, match=r"config.data.manual_dir='.*no_files_here': no such"):
-        lm.make_source(cfg.data, TOK)
+        sources.make_source(cfg.data, TOK)
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -158,26 +166,26 @@ def test_missing_data_dir_and_manual_dir(tmp_path):
 ])
 def test_bad_local_files_are_named_with_their_line(tmp_path, name, content, match):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(ConfigError, match=match):
-        prepare.read_text_file(tmp_path / name, "file")
+    with pytest.raises(DataError, match=match):
+        text_files.read_text_file(tmp_path / name, "file")
 
 
 def test_preparing_other_files_under_an_existing_name_is_refused(corpus, tmp_path):
     (tmp_path / "new.txt").write_text("different text\n")
     with pytest.raises(ConfigError, match="already holds a dataset 'my_corpus'"):
-        prepare.prepare_text("my_corpus", {"train": [str(tmp_path / "new.txt")]},
+        text_dataset.prepare_text("my_corpus", {"train": [str(tmp_path / "new.txt")]},
                              str(corpus / "tfds"))
 
 
 def test_split_with_no_text_is_an_error(tmp_path):
     require_tensorflow()
     (tmp_path / "blank.jsonl").write_text('{"text": ""}\n')
-    prepare.prepare_text("blank_corpus", {"train": [str(tmp_path / "blank.jsonl")]},
+    text_dataset.prepare_text("blank_corpus", {"train": [str(tmp_path / "blank.jsonl")]},
                          str(tmp_path / "tfds"))
     cfg = tiny_config()
     cfg.data.update(name="blank_corpus", data_dir=str(tmp_path / "tfds"))
-    with pytest.raises(ConfigError, match=r"holds no text \(1 empty documents\)"):
-        lm.make_source(cfg.data, TOK)
+    with pytest.raises(DataError, match=r"holds no text \(1 empty documents\)"):
+        sources.make_source(cfg.data, TOK)
 
 
 def test_default_cache_locations(tmp_path, monkeypatch):
@@ -188,8 +196,8 @@ def test_default_cache_locations(tmp_path, monkeypatch):
 
 
 def test_shakespeare_paragraphs_as_documents():
-    paragraphs = prepare.read_text_file(require_shakespeare() / "input.txt", "paragraph")
+    paragraphs = text_files.read_text_file(require_shakespeare() / "input.txt", "paragraph")
     assert len(paragraphs) > 7000 and paragraphs[0].startswith("First Citizen:\nBefore we proceed")
     assert all(p.endswith("\n") and "\n\n" not in p for p in paragraphs)
-    src = lm.TokenSource(memory_cache(paragraphs[:400], TOK), TOK, 128, True, 0)
+    src = sources.TokenSource(memory_cache(paragraphs[:400], TOK), TOK, 128, True, 0)
     assert src.stats()["padding_fraction"] < 0.5

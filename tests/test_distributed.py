@@ -8,9 +8,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO
 from test_main import TINY, run
+
 from jaxlm.train.metrics import read_history
 
 ARGS = ("--config.train.steps=6", "--config.train.log_every=2", "--config.checkpoint.every=3")
@@ -75,7 +75,8 @@ def test_dry_run_prints_one_command_per_process():
 
 def test_inconsistent_distributed_config_is_named():
     from jaxlm import distributed
-    from jaxlm.config import ConfigError, base_config
+    from jaxlm.config import base_config
+    from jaxlm.errors import ConfigError
     cfg = base_config()
     cfg.distributed.update(coordinator_address="localhost:1", num_processes=2, process_id=2)
     with pytest.raises(ConfigError, match=r"num_processes \(got 2\).*process_id \(got 2\)"):

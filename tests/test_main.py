@@ -2,6 +2,7 @@
 resuming; refusing a workdir that holds another model."""
 
 import hashlib
+import importlib
 import json
 import pathlib
 import shutil
@@ -9,13 +10,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO
-from jaxlm import checkpoint, main
-from jaxlm.config import ConfigError, parse_args
-from jaxlm.data.tokenizer import get_tokenizer
+
+from jaxlm import checkpoint, cli
+from jaxlm.data.tokenizers import get_tokenizer
+from jaxlm.errors import CheckpointError
 from jaxlm.evaluate.tasks import TASK_NAMES
-from jaxlm.train.loop import build
+from jaxlm.setup import build_train
 from jaxlm.train.metrics import read_history
 
 TINY = ["--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=4",
@@ -26,9 +27,18 @@ TINY = ["--config.model.num_layers=2", "--config.model.d_model=32", "--config.mo
         "--config.evaluate.sample_len=16", "--config.evaluate.max_new_tokens=8"]
 
 
+COMMANDS = {(True, True): "jaxlm.main", (True, False): "jaxlm.train.__main__",
+            (False, True): "jaxlm.evaluate.__main__"}
+
+
+def argv(workdir, *extra):
+    return [f"--config={REPO}/configs/gpt/debug.py", f"--workdir={workdir}", *TINY, *extra]
+
+
 def run(workdir, *extra, train=True, evaluate=True):
-    argv = [f"--config={REPO}/configs/gpt/debug.py", f"--workdir={workdir}", *TINY, *extra]
-    return main.run(train=train, evaluate=evaluate, argv=argv)
+    """The command `python -m jaxlm.main` (or its train / evaluate half) in this process."""
+    command = importlib.import_module(COMMANDS[train, evaluate])
+    return cli.run(command.main, argv(workdir, *extra))
 
 
 def tree_digest(path: pathlib.Path) -> dict:
@@ -38,7 +48,7 @@ def tree_digest(path: pathlib.Path) -> dict:
 
 def test_main_job_writes_results_plots_and_resumes(tmp_path):
     out = run(tmp_path, "--config.train.steps=8", "--config.checkpoint.every=4")
-    assert out["train"]["step"] == 8
+    assert out["train"]["step"] == 8 and out["train"]["compiles"] == 1
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["step"] == 8
     assert set(results["tasks"]) == set(TASK_NAMES)
@@ -76,9 +86,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     states = []
     for d in (full, resumed):
         ckpt = checkpoint.Checkpointer(d)
-        setup = build(parse_args([f"--config={REPO}/configs/gpt/debug.py", f"--workdir={d}",
-                                  *TINY, *args]).config)
-        states.append(ckpt.restore(12, setup.abstract_state, setup.shardings)[0])
+        step = build_train(cli.parse(argv(d, *args), "test", "").config)
+        states.append(ckpt.restore(12, step.abstract_state, step.state_shardings)[0])
         ckpt.close()
     jax.tree_util.tree_map(np.testing.assert_array_equal, states[0].params, states[1].params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, states[0].opt_state, states[1].opt_state)
@@ -95,10 +104,9 @@ def test_workdir_of_another_model_is_refused_and_untouched(tmp_path):
 
 def test_mismatch_message_names_the_field(tmp_path):
     run(tmp_path, "--config.train.steps=2", evaluate=False)
-    cfg = parse_args([f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path}", *TINY,
-                      "--config.model.d_model=64"]).config
+    cfg = cli.parse(argv(tmp_path, "--config.model.d_model=64"), "test", "").config
     ckpt = checkpoint.Checkpointer(tmp_path)
-    with pytest.raises(ConfigError, match=r"config.model.d_model is 32 there and 64 here"):
+    with pytest.raises(CheckpointError, match=r"config.model.d_model is 32 there and 64 here"):
         ckpt.check_compatible(cfg, get_tokenizer("byte"))
     ckpt.close()
 

@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from jaxlm.models.gpt import GPT, count_params, flops_per_token
+
+from jaxlm import models
+from jaxlm.models import count_params
+from jaxlm.models.gpt import GPT, flops_per_token
 
 
 def init(cfg_model, L=16, seed=0):
@@ -29,7 +31,7 @@ def test_shapes_and_param_names(position, tie):
     assert logits.shape == (3, 16, cfg.vocab_size) and logits.dtype == jnp.float32
     assert ("lm_head" in params) != tie
     assert ("positions" in params["embed"]) == (position == "learned")
-    assert params["block_0"]["attn"]["query"]["kernel"].shape == (32, 4 * 8)  # D, H*K
+    assert models.block_params(params, 0)["attn"]["query"]["kernel"].shape == (32, 4 * 8)  # D, H*K
 
 
 def test_every_parameter_has_logical_axis_names():

@@ -6,9 +6,12 @@ import sys
 
 import jax
 import pytest
-
 from conftest import REPO, tiny_config
+
 from jaxlm import plan
+from jaxlm.models import block_name
+
+FC_IN = f"['{block_name(0)}']['mlp']['fc_in']['kernel']"   # as jax.tree_util.keystr writes it
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -24,7 +27,7 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device():
     fsdp = plan.make_plan(config("fsdp", 1, 8, 1), jax.devices())
     # Parameters + Adam moments dominate the arguments; the batch is the same in both.
     assert fsdp.argument_bytes < dp.argument_bytes / 4
-    assert fsdp.param_shardings["['block_0']['mlp']['fc_in']['kernel']"] == jax.sharding.PartitionSpec("fsdp", None)
+    assert fsdp.param_shardings[FC_IN] == jax.sharding.PartitionSpec("fsdp", None)
     assert dp.flops_per_step > 0 and fsdp.peak_bytes > 0
 
 
@@ -57,7 +60,7 @@ def test_cli_prints_memory_and_shardings():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mesh {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1} of cpu" in proc.stdout
     assert "per device peak:" in proc.stdout
-    assert "['block_0']['mlp']['fc_in']['kernel']" in proc.stdout
+    assert FC_IN in proc.stdout
     top = proc.stdout.split("largest buffers live at the memory peak")[1].splitlines()[1:4]
     assert all(re.fullmatch(r" +\d+\.\d MB +\d+ x  \S.*", line) for line in top), top
 

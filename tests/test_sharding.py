@@ -4,10 +4,11 @@ really are what the strategy says."""
 import jax
 import numpy as np
 import pytest
+from conftest import fresh_step, random_batch, tiny_config
 
-from conftest import tiny_config
-from jaxlm.config import ConfigError
-from jaxlm.train import loop
+from jaxlm import models
+from jaxlm.errors import ConfigError
+from jaxlm.setup import build
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -30,23 +31,16 @@ def sharded_config(case):
 
 
 def run_steps(cfg, devices, batches):
-    setup = loop.build(cfg, devices)
-    state, run = setup.init_state(), setup.compile_step()
+    state, run = fresh_step(cfg, devices)
     losses = []
     for b in batches:
-        state, m = run(state, b, jax.random.PRNGKey(1))
+        state, m = run(state, run.place_batch(b), jax.random.PRNGKey(1))
         losses.append(float(m["loss"]))
-    return state, losses
+    return run.global_state(state), losses
 
 
 def make_batches(cfg, n=2):
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        t = rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1)).astype(np.int32)
-        out.append({"inputs": t[:, :-1], "targets": t[:, 1:],
-                    "weights": np.ones(t[:, 1:].shape, np.float32)})
-    return out
+    return [random_batch(cfg, seed) for seed in range(n)]
 
 
 @pytest.mark.parametrize("case", list(MESHES))
@@ -79,8 +73,9 @@ def test_fsdp_shards_params_and_adam_moments_eightfold():
 def test_tp_splits_heads_and_mlp():
     cfg = sharded_config("tp")
     state, _ = run_steps(cfg, jax.devices(), make_batches(cfg, 1))
-    q = state.params["block_0"]["attn"]["query"]["kernel"]   # (D, H*K), H=4 heads of K=8
-    fc = state.params["block_0"]["mlp"]["fc_in"]["kernel"]   # (D, F)
+    block = models.block_params(state.params, 0)
+    q = block["attn"]["query"]["kernel"]   # (D, H*K), H=4 heads of K=8
+    fc = block["mlp"]["fc_in"]["kernel"]   # (D, F)
     assert q.addressable_shards[0].data.shape == (32, 8)     # one whole head per device
     assert fc.addressable_shards[0].data.shape == (32, 16)
 
@@ -102,19 +97,19 @@ def test_mesh_errors_name_the_numbers():
     cfg = sharded_config("dp")
     cfg.mesh.update(data=3)
     with pytest.raises(ConfigError, match=r"multiplies to 3, but there are 8 devices"):
-        loop.build(cfg)
+        build(cfg)
     cfg = sharded_config("dp_sequence")
     cfg.data.seq_len = 30
     with pytest.raises(ConfigError, match=r"seq_len=30 is not divisible by the sequence axis \(4\)"):
-        loop.build(cfg)
+        build(cfg)
     cfg = sharded_config("tp")
     cfg.model.update(num_heads=2)  # 4-way tensor axis
     with pytest.raises(ConfigError, match=r"num_heads=2 is not divisible by the 4 parts"):
-        loop.build(cfg)
+        build(cfg)
     cfg = sharded_config("dp")
     cfg.mesh.update(data=4, dcn_data=2)  # 2 slices asked for, one process, no slice ids
     with pytest.raises(ConfigError, match=r"2 slices requested, but the devices span 1 slice"):
-        loop.build(cfg)
+        build(cfg)
 
 
 @pytest.mark.parametrize("rule,message", [
@@ -125,14 +120,14 @@ def test_bad_rules_are_named(rule, message):
     cfg = sharded_config("dp")
     cfg.mesh.rules = (rule,)
     with pytest.raises(ConfigError, match=message):
-        loop.build(cfg)
+        build(cfg)
 
 
 def test_indivisible_dimension_is_named():
     cfg = sharded_config("tp")
     cfg.model.vocab_size = 258
     with pytest.raises(ConfigError, match=r"vocab=258.*strategy='tp'.*\('tensor',\) of total size 4"):
-        loop.build(cfg)
+        build(cfg)
 
 
 def test_pmap_path_matches_jit_path():
@@ -143,13 +138,7 @@ def test_pmap_path_matches_jit_path():
     ref_state, ref_losses = run_steps(cfg, jax.devices()[:1], batches)
 
     cfg.parallelism = "pmap"
-    setup = loop.build(cfg)
-    state, run = setup.to_device(setup.init_state()), setup.compile_step()
-    losses = []
-    for b in batches:
-        state, m = run(state, setup.place_batch(b), jax.random.PRNGKey(1))
-        losses.append(float(m["loss"]))
-    state = setup.from_device(state)
+    state, losses = run_steps(cfg, None, batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            jax.device_get(state.params), jax.device_get(ref_state.params))

@@ -1,10 +1,9 @@
-"""GPT-2 large (774M parameters), sequence length 1024.
-Sizes and learning rates: jaxlm.config.GPT2_SIZES.
+"""GPT-2 large (774M parameters), sequence length 1024. Sizes and learning rates: _gpt2.py.
 
     python -m jaxlm.main --config=configs/gpt/gpt2_large.py --workdir=runs/gpt2_large
 """
 
-from jaxlm.config import gpt2_config
+from _gpt2 import gpt2_config
 
 
 def get_config():

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import string
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -281,15 +281,9 @@ class SyntheticCorpus:
         rng = np.random.default_rng([self.world.seed, _DOC_STREAM, index])
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
         num_lines = int(rng.integers(LINES[kind][0], LINES[kind][1] + 1))
-        lines = getattr(self, f"_{kind}")(rng, num_lines)
+        make = {"rules": self._rules, "arithmetic": self._arithmetic, "facts": self._facts}[kind]
+        lines = make(rng, num_lines)
         return "".join(line + "\n" for line in lines)
-
-    def documents(self, start: int = 0) -> Iterator[str]:
-        """Documents start, start+1, ... forever."""
-        index = start
-        while True:
-            yield self.document(index)
-            index += 1
 
     def _rules(self, rng: np.random.Generator, num_lines: int) -> list[str]:
         rule = str(rng.choice(self.world.rules))

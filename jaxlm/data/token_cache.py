@@ -24,123 +24,21 @@ with no tokens at all is an error.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import shutil
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 
-from jaxlm.config import ConfigError
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tfds_split import TfdsSplit, default_data_dir, is_remote
+from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.errors import DataError
 
 FORMAT = 1  # bump when the on-disk layout changes
-
-
-def default_data_dir() -> str:
-    """TFDS's own default: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
-    return os.environ.get("TFDS_DATA_DIR") or str(pathlib.Path("~/tensorflow_datasets").expanduser())
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-@dataclasses.dataclass
-class TfdsSplit:
-    """An opened (prepared) TFDS split and what identifies its contents."""
-    name: str
-    split: str
-    text_key: str
-    builder: object
-    fingerprint: str   # sha256 of the prepared dataset's dataset_info.json
-
-    def documents(self) -> Iterator[str]:
-        """The split's texts in the prepared order (UTF-8 checked)."""
-        info = self.builder.info
-        where = f"config.data.name={self.name!r} split {self.split!r}"
-        if info.file_format is not None and info.file_format.value == "array_record":
-            source = self.builder.as_data_source(split=self.split)
-            for start in range(0, len(source), 256):
-                keys = list(range(start, min(start + 256, len(source))))
-                for i, ex in zip(keys, source.__getitems__(keys)):
-                    yield _text(ex[self.text_key], where, i)
-        else:
-            try:
-                import tensorflow  # noqa: F401  (tfrecord files are read through tf.data)
-            except ImportError:
-                raise ConfigError(f"{where} was prepared as {info.file_format}; reading it needs "
-                                  "tensorflow (or prepare it with file_format=array_record)") from None
-            import tensorflow_datasets as tfds
-            ds = self.builder.as_dataset(split=self.split, shuffle_files=False)
-            for i, ex in enumerate(tfds.as_numpy(ds)):
-                yield _text(ex[self.text_key], where, i)
-
-
-def _text(value, where: str, index: int) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return bytes(value).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{where}: example {index} is not UTF-8 ({e.reason} at byte "
-                          f"{e.start})") from None
-
-
-def open_tfds(name: str, split: str, data_dir: str, text_key: str = "",
-              manual_dir: str = "") -> TfdsSplit:
-    """Opens a prepared TFDS split (preparing it from manual_dir first if given and the
-    dataset is not there yet). Each problem is a ConfigError naming the config field."""
-    import tensorflow_datasets as tfds  # imported only for real data
-    from etils import epath
-
-    tfds.disable_progress_bar()
-    data_dir = data_dir or default_data_dir()
-    if not _is_remote(data_dir):
-        data_dir = str(pathlib.Path(data_dir).expanduser())
-        if not pathlib.Path(data_dir).is_dir() and not manual_dir:
-            raise ConfigError(f"config.data.data_dir={data_dir!r} does not exist")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(f"config.data.name={name!r}: no TFDS dataset of that name, neither in "
-                          f"the catalog nor prepared under {data_dir} (make one from local "
-                          "files with python -m jaxlm.data.prepare text)") from None
-    if not builder.is_prepared():
-        if not manual_dir:
-            raise ConfigError(
-                f"config.data.name={name!r} is not prepared under config.data.data_dir="
-                f"{data_dir!r} and nothing is downloaded: set config.data.manual_dir to a folder "
-                f"with its source files, or run python -m jaxlm.data.prepare")
-        from jaxlm.data.prepare import prepare_catalog
-        # Processes on one machine (launch/local.py) take turns; the first one prepares.
-        lock = (_file_lock(pathlib.Path(data_dir) / f".{_safe(name)}.prepare.lock")
-                if not _is_remote(data_dir) else contextlib.nullcontext())
-        with lock:
-            if not tfds.builder(name, data_dir=data_dir).is_prepared():
-                prepare_catalog(name, data_dir, manual_dir)
-        builder = tfds.builder(name, data_dir=data_dir)
-    splits = list(builder.info.splits)
-    if split.split("[")[0] not in splits:
-        raise ConfigError(f"config.data.split={split!r}: {name} has splits {sorted(splits)}")
-    features = builder.info.features
-    texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
-    if not text_key:
-        if len(texts) != 1:
-            raise ConfigError(f"config.data.text_key is empty and {name} has "
-                              f"{len(texts)} text features {texts}; name one")
-        text_key = texts[0]
-    elif text_key not in features:
-        raise ConfigError(f"config.data.text_key={text_key!r}: {name} has features "
-                          f"{sorted(features)}")
-    info = epath.Path(builder.data_dir) / "dataset_info.json"
-    return TfdsSplit(name, split, text_key, builder, hashlib.sha256(info.read_bytes()).hexdigest())
 
 
 @dataclasses.dataclass
@@ -151,29 +49,14 @@ class TokenCache:
     doc_starts: np.ndarray   # [documents + 1] int64, leading-EOS positions + the final EOS
     meta: dict
 
-    @property
-    def num_documents(self) -> int:
-        return len(self.doc_starts) - 1
-
 
 def cache_root(cache_dir: str, data_dir: str) -> pathlib.Path:
     if cache_dir:
         return pathlib.Path(cache_dir).expanduser()
     data_dir = data_dir or default_data_dir()
-    if _is_remote(data_dir):
+    if is_remote(data_dir):
         return pathlib.Path("~/.cache/jaxlm/tokens").expanduser()
     return pathlib.Path(data_dir).expanduser() / "jaxlm_tokens"
-
-
-@contextlib.contextmanager
-def _file_lock(path: pathlib.Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _safe(s: str) -> str:
@@ -213,7 +96,7 @@ def _build(split: TfdsSplit, tokenizer: Tokenizer, key: dict, path: pathlib.Path
                 position += 1 + len(ids)
             f.write(eos)  # the last document's closing EOS
         if not starts:
-            raise ConfigError(f"config.data.name={split.name!r} split {split.split!r} holds no "
+            raise DataError(f"config.data.name={split.name!r} split {split.split!r} holds no "
                               f"text ({empty} empty documents)")
         starts.append(position)
         np.save(tmp / "doc_starts.npy", np.asarray(starts, np.int64))

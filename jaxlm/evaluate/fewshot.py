@@ -15,11 +15,12 @@ import ml_collections
 import numpy as np
 
 from jaxlm import checkpoint
-from jaxlm.config import ConfigError
 from jaxlm.data import synthetic
+from jaxlm.errors import ConfigError
 from jaxlm.evaluate import plots
 from jaxlm.evaluate.scoring import Scorer
 from jaxlm.evaluate.tasks import Task, format_prompt, get_tasks
+from jaxlm.setup import build
 
 log = logging.getLogger("jaxlm")
 
@@ -94,7 +95,7 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
         path = pathlib.Path(cfg.evaluate.params)
         meta = checkpoint.read_export_meta(path)
         checkpoint.check_meta(meta, cfg, setup.tokenizer, f"export {path}")
-        params = checkpoint.load_params(path, setup.abstract_state.params, setup.shardings.params)
+        params = checkpoint.load_params(path, setup.abstract_params, setup.param_shardings)
         return params, meta["step"]
     ckpt = checkpoint.Checkpointer(workdir)
     try:
@@ -102,7 +103,7 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
         if step is None:
             raise ConfigError(f"--workdir={workdir}: no checkpoint to evaluate (run jaxlm.train first)")
         ckpt.check_compatible(cfg, setup.tokenizer, step)
-        params = ckpt.restore_params(step, setup.abstract_state.params, setup.shardings.params)
+        params = ckpt.restore_params(step, setup.abstract_params, setup.param_shardings)
     finally:
         ckpt.close()
     return params, step
@@ -111,8 +112,6 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
 def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Restores the parameters (see load_params), prints samples, runs the few-shot suite,
     and writes results.json and plots into `workdir`. Returns the results dict."""
-    from jaxlm.train.loop import build  # the same model/mesh/shardings the trainer built
-
     workdir = pathlib.Path(workdir)
     setup = build(cfg)
     params, step = load_params(cfg, setup, workdir)

@@ -8,6 +8,7 @@ before each document.
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import flax.linen as nn
@@ -34,6 +35,8 @@ class Scorer:
         self.batch_size = batch_size
         self.max_len = model.cfg.max_len
         self.truncated = 0  # requests whose context was cut on the left to fit max_len
+        # Traces per jitted function: one per padded shape, or something recompiles.
+        self.traces: collections.Counter = collections.Counter()
 
     def _run(self, fn, *args):
         """Calls a jitted scoring function on host inputs; returns numpy outputs.
@@ -53,6 +56,7 @@ class Scorer:
 
     @functools.partial(jax.jit, static_argnums=(0,))
     def _score(self, params, inputs_BxL, targets_BxL, weights_BxL):
+        self.traces["score"] += 1
         logits_BxLxV = self.model.apply({"params": params}, inputs_BxL)
         logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
         logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
@@ -99,6 +103,7 @@ class Scorer:
     @functools.partial(jax.jit, static_argnums=(0, 5))
     def _generate(self, params, prompt_BxP, valid_BxP, rng, max_new: int, temperature):
         """Prefills the KV cache with left-padded prompts, then decodes max_new tokens."""
+        self.traces["generate"] += 1
         positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
         logits_BxPxV, variables = self.model.apply(
             {"params": params}, prompt_BxP, positions_BxP, valid_BxP.astype(jnp.int32),

@@ -18,6 +18,11 @@ from jaxlm.models import layers
 
 Array = jax.Array
 
+# config.model fields that change parameter shapes or meaning: resuming or evaluating a
+# checkpoint made with other values is refused.
+SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim",
+                "position", "tie_embeddings", "param_dtype")
+
 
 class GPT(nn.Module):
     cfg: layers.Config  # config.model
@@ -42,7 +47,7 @@ class GPT(nn.Module):
         if cfg.remat:
             block = nn.remat(block, static_argnums=(4, 5))  # (self, x, pos, seg, det, decode)
         for i in range(cfg.num_layers):
-            x_BxLxD = block(cfg, causal=True, name=f"block_{i}")(
+            x_BxLxD = block(cfg, causal=True, name=layers.block_name(i))(
                 x_BxLxD, positions_BxL, segments_BxL, deterministic, decode)
         x_BxLxD = layers.LayerNorm(cfg, name="ln_final")(x_BxLxD)
 
@@ -54,10 +59,6 @@ class GPT(nn.Module):
                                     **layers.dtypes(cfg))(x_BxLxD)
         logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
         return logits_BxLxV.astype(jnp.float32)
-
-
-def count_params(params) -> int:
-    return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
 def flops_per_token(cfg: layers.Config, seq_len: int) -> float:

@@ -1,6 +1,19 @@
-"""python -m jaxlm.train --config=FILE --workdir=DIR [--config.a.b=V ...]: pretraining only."""
+"""python -m jaxlm.train --config=FILE --workdir=DIR [--config.FIELD=VALUE ...]: pretraining
+only (jaxlm.train.loop). Re-running on the same workdir resumes from its latest checkpoint."""
 
-from jaxlm import main
+import logging
+
+from jaxlm import cli
+
+
+def main(argv) -> dict:
+    args = cli.parse(argv, "jaxlm.train", __doc__)
+    cli.start(args.config)
+    from jaxlm.train import loop  # JAX and friends: after the flags are known good
+    summary = loop.train(args.config, args.workdir)
+    logging.getLogger("jaxlm").info("training done: %s", summary)
+    return summary
+
 
 if __name__ == "__main__":
-    main.run(evaluate=False)
+    cli.run(main)

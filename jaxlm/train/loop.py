@@ -6,25 +6,22 @@ few-shot evaluation. Re-running on the same workdir resumes from the latest chec
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import pathlib
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
-from jaxlm import checkpoint, sharding
-from jaxlm.config import ConfigError, to_json
-from jaxlm.data import lm
-from jaxlm.data.tokenizer import Tokenizer, get_tokenizer
-from jaxlm.models.gpt import GPT, count_params, flops_per_token
+from jaxlm import checkpoint, models
+from jaxlm.config import to_json
+from jaxlm.data import batches as batches_lib
+from jaxlm.data import sources
+from jaxlm.errors import CheckpointError
+from jaxlm.setup import build_train
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train import optimizer, step as step_lib
 from jaxlm.train.nonfinite import NonfiniteGuard
 from jaxlm.train.preemption import Preemption
 from jaxlm.watchdog import Watchdog
@@ -32,96 +29,16 @@ from jaxlm.watchdog import Watchdog
 log = logging.getLogger("jaxlm")
 
 
-@dataclasses.dataclass
-class Setup:
-    """Everything a run builds from its config before touching data or checkpoints."""
-    cfg: ml_collections.ConfigDict
-    tokenizer: Tokenizer
-    model: nn.Module
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    mesh: jax.sharding.Mesh
-    shardings: object          # NamedShardings of the train state
-    abstract_state: object     # its shapes/dtypes (unboxed)
-
-    @property
-    def pmap(self) -> bool:
-        return self.cfg.parallelism == "pmap"
-
-    def init_state(self) -> step_lib.TrainState:
-        return step_lib.create_state(self.model, self.tx, self.cfg.data.seq_len,
-                                     jax.random.PRNGKey(self.cfg.train.seed), self.shardings)
-
-    def compile_step(self):
-        """`run(state, batch, rng) -> (state, metrics)`; under pmap the state it takes and
-        returns is replicated (`to_device` / `from_device` convert)."""
-        if self.pmap:
-            return step_lib.compile_pmap_train_step(self.model, self.tx, self.schedule,
-                                                    self.cfg.train.microbatches)
-        return step_lib.compile_train_step(self.model, self.tx, self.schedule,
-                                           self.cfg.train.microbatches, self.mesh,
-                                           self.cfg.mesh, self.shardings)
-
-    def to_device(self, state):
-        return step_lib.replicate(state) if self.pmap else state
-
-    def from_device(self, state):
-        return step_lib.unreplicate(state) if self.pmap else state
-
-    def place_batch(self, local_batch: dict) -> dict:
-        """This process's numpy rows -> device arrays in the layout the step expects."""
-        if self.pmap:
-            n, sh = jax.local_device_count(), step_lib.pmap_sharding()
-            return {k: jax.device_put(v.reshape((n, -1) + v.shape[1:]), sh)
-                    for k, v in local_batch.items()}
-        batch_sharding = sharding.batch_sharding(self.mesh, self.cfg.mesh)
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-                for k, v in local_batch.items()}
-
-
-def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
-    """Model, optimizer, mesh and state shardings from the config (all devices by default)."""
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} ids")
-    model = GPT(cfg.model)
-    tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
-    schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    if cfg.parallelism == "pmap":  # built on one device, then replicated by to_device
-        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1},
-                                  jax.devices()[:1])
-        dp = jax.local_device_count()
-    else:
-        mesh = sharding.make_mesh(cfg.mesh, devices)
-        dp = sharding.data_parallel_size(mesh, cfg.mesh)
-        if cfg.data.seq_len % mesh.shape["sequence"]:
-            raise ConfigError(f"config.data.seq_len={cfg.data.seq_len} is not divisible by the "
-                              f"sequence axis ({mesh.shape['sequence']})")
-        heads = sharding.split_count(mesh, cfg.mesh, "heads")
-        if cfg.model.num_heads % heads:  # kernels are [D, H*K]: a split must not cut a head
-            raise ConfigError(f"config.model.num_heads={cfg.model.num_heads} is not divisible "
-                              f"by the {heads} parts config.mesh.strategy="
-                              f"{cfg.mesh.strategy!r} splits heads into")
-    if cfg.train.batch_size % (dp * cfg.train.microbatches):
-        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
-                          f"the data-parallel size {dp} x config.train.microbatches="
-                          f"{cfg.train.microbatches}")
-    boxed = step_lib.abstract_state(model, tx, cfg.data.seq_len)
-    sharding.check_divisible(boxed, mesh, cfg.mesh)
-    shardings = sharding.logical_shardings(boxed, mesh, cfg.mesh)
-    return Setup(cfg, tokenizer, model, tx, schedule, mesh, shardings, nn.meta.unbox(boxed))
-
-
-def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer):
+def restore_or_init(step, ckpt: checkpoint.Checkpointer):
     """(state, meta): resume from the workdir's latest checkpoint (meta: its metadata),
     else a fresh init (meta None)."""
+    setup = step.setup
     meta = ckpt.check_compatible(setup.cfg, setup.tokenizer)
     if meta is None:
-        return setup.init_state(), None
-    step = ckpt.latest_step()
-    state, meta = ckpt.restore(step, setup.abstract_state, setup.shardings)
-    log.info("resumed from %s at step %d", ckpt.directory, step)
+        return step.init_state(), None
+    latest = ckpt.latest_step()
+    state, meta = ckpt.restore(latest, step.abstract_state, step.state_shardings)
+    log.info("resumed from %s at step %d", ckpt.directory, latest)
     return state, meta
 
 
@@ -129,16 +46,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
     """Pretrains to config.train.steps (resuming if the workdir has a checkpoint), on
     `devices` (default: all).
 
-    Returns a summary: final step, last logged loss, parameter count, wall time, and
-    whether the run stopped early for a preemption (SIGTERM), after saving.
+    Returns a summary: final step, last logged loss, parameter count, wall time, whether
+    the run stopped early for a preemption (SIGTERM, after saving), steps skipped for a
+    non-finite loss, and how often the step was compiled (1 unless something is wrong).
     """
     workdir = pathlib.Path(workdir)
-    setup = build(cfg, devices)
+    train_step = build_train(cfg, devices)
+    setup, objective = train_step.setup, train_step.objective
     workdir.mkdir(parents=True, exist_ok=True)
     watchdog = Watchdog(cfg.checkpoint.heartbeat_seconds, cfg.checkpoint.timeout_seconds)
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog)
-    state, meta = restore_or_init(setup, ckpt)
-    source = lm.make_source(cfg.data, setup.tokenizer)
+    state, meta = restore_or_init(train_step, ckpt)
+    source = sources.make_source(cfg.data, setup.tokenizer, objective.extra_tokens)
     if meta:
         checkpoint.check_data(meta, source.fingerprint(), cfg.checkpoint, ckpt.latest_step())
     if jax.process_index() == 0:
@@ -148,26 +67,26 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
     start = int(state.step)
     next_sample = meta["data"]["next_sample"] if meta else 0
     if next_sample != start * B:
-        raise ConfigError(f"checkpoint data position {next_sample} does not match step {start} "
-                          f"x config.train.batch_size={B}; the batch size changed mid-run")
+        raise CheckpointError(f"checkpoint data position {next_sample} does not match step "
+                              f"{start} x config.train.batch_size={B}; the batch size changed "
+                              "mid-run")
     # Dropout randomness: step s uses fold_in(rng, s), so the key is all the RNG state.
     rng = (jnp.asarray(meta["rng"], jnp.uint32) if meta
            else jax.random.PRNGKey(cfg.train.seed + 1))
     guard = NonfiniteGuard(cfg.train, meta.get("skipped_steps", []) if meta else [])
     last_saved = start if meta else None
 
-    n_params = count_params(state.params)
-    n_devices = jax.device_count() if setup.pmap else setup.mesh.size
-    fpt = flops_per_token(cfg.model, T)
+    n_params = models.count_params(train_step.abstract_state.params)
+    n_devices = train_step.num_devices
+    fpt = setup.family.flops_per_token(cfg.model, T)
     peak = metrics_lib.peak_flops_per_device(cfg.hardware.peak_flops)
     log.info("model: %s parameters, %.3g training FLOPs/token; mesh %s; steps %d -> %d",
              f"{n_params:,}", fpt, dict(setup.mesh.shape), start, cfg.train.steps)
 
-    run_step = setup.compile_step()
-    state = setup.to_device(state)
-    log.info("data: %s", lm.describe(source, start * B, cfg.train.steps * B))
-    batches = lm.Batches(source, start, B, cfg.model.vocab_size, setup.place_batch,
-                         cfg.data.prefetch)
+    state = train_step.place_state(state)
+    log.info("data: %s", sources.describe(source, start * B, cfg.train.steps * B))
+    batches = batches_lib.Batches(source, start, B, cfg.model.vocab_size, objective.example,
+                                  train_step.place_batch, cfg.data.prefetch)
     sink = metrics_lib.MetricSink(workdir, cfg.train.steps, start)
     preemption = Preemption()
 
@@ -193,7 +112,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
 
     try:
         for step in range(start, cfg.train.steps):
-            state, device_metrics = run_step(state, next(batches), rng)
+            state, device_metrics = train_step(state, next(batches), rng)
             done = step + 1
             if pending is not None:
                 # Waiting for the step before keeps one step queued on the devices while
@@ -211,7 +130,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or preempted:
                 with watchdog.watch(f"waiting for step {done}"):
                     guard.check(done, device_metrics, last_saved)
-                ckpt.save(done, setup.from_device(state),
+                ckpt.save(done, train_step.global_state(state),
                           checkpoint.make_meta(cfg, setup.tokenizer, done * B, source.fingerprint(),
                                                rng, guard.skipped))
                 last_saved = done
@@ -226,6 +145,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
         preemption.close()
         ckpt.wait()
         ckpt.close()
-    return {"step": int(setup.from_device(state).step), "loss": last.get("loss"),
+    if train_step.traces > 1:  # every step has the same shapes: one compilation is enough
+        log.warning("the train step was compiled %d times; batches changed shape or dtype",
+                    train_step.traces)
+    return {"step": int(train_step.global_state(state).step), "loss": last.get("loss"),
             "params": n_params, "seconds": time.time() - t_begin, "preempted": preempted,
-            "skipped_steps": len(guard.skipped)}
+            "skipped_steps": len(guard.skipped), "compiles": train_step.traces}

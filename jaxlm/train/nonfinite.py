@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import logging
 
+from jaxlm.errors import Diverged
+
 log = logging.getLogger("jaxlm")
-
-
-class Diverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf (config.train.nonfinite)."""
-
 
 class NonfiniteGuard:
     """Applies config.train.nonfinite to each step's `nonfinite` flag. The step itself

@@ -1,20 +1,29 @@
-"""Train state, the loss, and the pure train step.
+"""The train state, the pure train step, and the step jitted over the mesh.
 
-`train_step(state, batch, rng) -> (state, metrics)` is a module-level function of its
-inputs only; `compile_train_step` binds the model/optimizer and jits it once with explicit
-shardings and a donated state.
+`train_step(state, batch, rng, ...) -> (state, metrics)` is a module-level function of its
+inputs only. `JitTrainStep` binds model, objective and optimizer and jits it once with
+explicit shardings and a donated state. jaxlm.train.pmap has the same interface for the
+classic pmap path, so the loop never asks which one it drives:
+
+    step.init_state()                     -> a fresh state, global layout (as checkpointed)
+    step.abstract_state, .state_shardings -> restore target of a checkpoint, same layout
+    step.place_state(state)               -> the state in the layout the step runs on
+    step.place_batch(numpy rows)          -> device batch (this process's rows)
+    step(state, batch, rng)               -> (state, metrics), in the step's layout
+    step.global_state(state)              -> back to the global layout, e.g. to save it
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
+import einops
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxlm import sharding
@@ -27,37 +36,15 @@ class TrainState:
     opt_state: Any
 
 
-def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
-                  weights_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns (sum of weighted token losses, sum of weights), both fp32 scalars.
-
-    Sums rather than means so that microbatches add up to exactly the full-batch loss.
-    """
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
-
-
-def loss_sum(params, batch, rng, *, model: nn.Module, deterministic: bool):
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"],
-                               batch.get("positions"), batch.get("segments"),
-                               deterministic=deterministic, rngs={"dropout": rng})
-    return cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
-
-
-def accumulate_gradients(params, batch: dict, rng: jax.Array, *, model: nn.Module,
+def accumulate_gradients(params, batch: dict, rng: jax.Array, *, loss_fn: Callable,
                          microbatches: int) -> tuple[Any, jax.Array, jax.Array]:
     """Sums over microbatches of (gradients of the summed loss, summed loss, token weight).
+    `loss_fn(params, batch, rng, deterministic=...) -> (loss sum, weight sum)`.
 
     Microbatch i takes rows i, i+M, i+2M, ... so that every data-parallel shard keeps its
     own rows (a contiguous split would move data between devices).
     """
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_sum, model=model, deterministic=False), has_aux=True)
-
-    def split(x):  # [B, ...] -> [M, B/M, ...], microbatch i = rows i::M
-        x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, deterministic=False), has_aux=True)
 
     def accumulate(carry, xs):
         grads, loss, weight = carry
@@ -66,7 +53,8 @@ def accumulate_gradients(params, batch: dict, rng: jax.Array, *, model: nn.Modul
         return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, weight + w), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    micro_batches = jax.tree_util.tree_map(split, batch)
+    micro_batches = jax.tree_util.tree_map(
+        lambda x: einops.rearrange(x, "(n m) ... -> m n ...", m=microbatches), batch)
     (grads, loss, weight), _ = jax.lax.scan(
         accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
         (jnp.arange(microbatches), micro_batches))
@@ -97,95 +85,69 @@ def apply_gradients(state: TrainState, grads, loss, weight, *, tx: optax.Gradien
                       opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                microbatches: int) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch (jit path: XLA inserts the collectives)."""
     rng = jax.random.fold_in(rng, state.step)
-    sums = accumulate_gradients(state.params, batch, rng, model=model, microbatches=microbatches)
+    sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn, microbatches=microbatches)
     return apply_gradients(state, *sums, tx=tx, schedule=schedule)
 
 
-def pmap_train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    microbatches: int) -> tuple[TrainState, dict]:
-    """The classic data-parallel step, run per device under `jax.pmap(axis_name="batch")`:
-    each device sums over its rows, one `psum` adds the sums of all devices, and every
-    replica then takes the identical update."""
-    device = jax.lax.axis_index("batch")
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
-    sums = accumulate_gradients(state.params, batch, rng, model=model, microbatches=microbatches)
-    sums = jax.lax.psum(sums, axis_name="batch")
-    return apply_gradients(state, *sums, tx=tx, schedule=schedule)
+def boxed_state(boxed_params, tx):
+    """Abstract train state whose optimizer moments carry their parameters' logical axis
+    names (tx.init on boxed params boxes the moments alike), so they shard the same way."""
+    return jax.eval_shape(
+        lambda p: TrainState(step=jnp.array(0, jnp.int32), params=p, opt_state=tx.init(p)),
+        boxed_params)
 
 
-# ----------------------------------------------------------------------------- state creation
+class JitTrainStep:
+    """The train step compiled once over the mesh (see the module docstring)."""
 
+    def __init__(self, setup, objective, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule):
+        self.setup, self.objective, self.tx = setup, objective, tx
+        cfg, mesh = setup.cfg, setup.mesh
+        boxed = boxed_state(setup.boxed_params, tx)
+        self.abstract_state = nn.meta.unbox(boxed)
+        self.state_shardings = sharding.logical_shardings(boxed, mesh, cfg.mesh)
+        self.batch_sharding = sharding.batch_sharding(mesh, cfg.mesh)
+        self.data_parallel = sharding.data_parallel_size(mesh, cfg.mesh)
+        self.num_devices = mesh.size
+        self.traces = 0  # how often the step was traced: more than once means it recompiled
+        bound = functools.partial(train_step, loss_fn=functools.partial(objective.loss, setup.model),
+                                  tx=tx, schedule=schedule, microbatches=cfg.train.microbatches)
 
-def abstract_state(model: nn.Module, tx, seq_len: int):
-    """Shapes (with logical-axis boxes) of the train state, computed without allocating."""
-    def init(rng):
-        tokens = jnp.zeros((1, seq_len), jnp.int32)
-        params = model.init(rng, tokens)["params"]  # boxed: carries logical axis names
-        # tx.init on boxed params gives moments boxed with the same names, so they
-        # are sharded exactly like their parameters.
-        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
-    return jax.eval_shape(init, jax.random.PRNGKey(0))
+        def counted(state, batch, rng):
+            self.traces += 1
+            return bound(state, batch, rng)
+        counted.__name__ = counted.__qualname__ = "train_step"  # names the HLO and its dumps
+        rep = sharding.replicated(mesh)
+        self.jitted = jax.jit(counted, in_shardings=(self.state_shardings, self.batch_sharding, rep),
+                              out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
+    def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
+        with sharding.activate(self.setup.mesh, self.setup.cfg.mesh):
+            return self.jitted(state, batch, rng)
 
-def create_state(model: nn.Module, tx, seq_len: int, rng: jax.Array, shardings) -> TrainState:
-    """Initializes the state directly into its shardings: no host holds the full model."""
-    def init(rng):
-        tokens = jnp.zeros((1, seq_len), jnp.int32)
-        params = nn.meta.unbox(model.init(rng, tokens)["params"])
-        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+    def init_state(self) -> TrainState:
+        """A fresh state (seed config.train.seed), created straight into its shardings: no
+        host ever holds the full model."""
+        def init(rng):
+            params = self.setup.init_params(rng)
+            return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                              opt_state=self.tx.init(params))
+        rng = jax.random.PRNGKey(self.setup.cfg.train.seed)
+        return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
-    # No mesh context here: out_shardings places the result, and the model's logical
-    # constraints are not needed for an init.
-    return jax.jit(init, out_shardings=shardings)(rng)
+    def place_batch(self, local_batch: dict) -> dict:
+        """This process's numpy rows -> global arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in local_batch.items()}
 
+    def place_state(self, state: TrainState) -> TrainState:
+        return state  # already in state_shardings
 
-def compile_train_step(model, tx, schedule, microbatches: int, mesh, cfg_mesh, shardings):
-    """jit(train_step) with explicit in/out shardings; the old state's buffers are donated."""
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                             microbatches=microbatches)
-    batch_sh = sharding.batch_sharding(mesh, cfg_mesh)
-    rep = sharding.replicated(mesh)
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sh, rep),
-                     out_shardings=(shardings, rep), donate_argnums=(0,))
-
-    def run(state, batch, rng):
-        with sharding.activate(mesh, cfg_mesh):
-            return jitted(state, batch, rng)
-    run.jitted = jitted
-    return run
-
-
-def compile_pmap_train_step(model, tx, schedule, microbatches: int):
-    """pmap(pmap_train_step) over this host's devices. The state carries a leading device
-    axis (see `replicate`), the batch is split [devices, B/devices, ...]."""
-    step = functools.partial(pmap_train_step, model=model, tx=tx, schedule=schedule,
-                             microbatches=microbatches)
-    pmapped = jax.pmap(step, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
-
-    def run(state, batch, rng):
-        state, metrics = pmapped(state, batch, rng)
-        return state, jax.tree_util.tree_map(lambda x: x[0], metrics)
-    return run
-
-
-def pmap_sharding() -> jax.sharding.NamedSharding:
-    """Leading axis split over this host's devices: the layout pmap reads and writes."""
-    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("batch",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-
-
-def replicate(tree):
-    """One copy per local device, stacked on a new leading axis."""
-    n, sh = jax.local_device_count(), pmap_sharding()
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), sh), tree)
-
-
-def unreplicate(tree):
-    return jax.tree_util.tree_map(lambda x: x[0], tree)
+    def global_state(self, state: TrainState) -> TrainState:
+        return state

@@ -1,0 +1,84 @@
+"""What every command builds from a config before it touches data or checkpoints.
+
+    setup = build(cfg)           # tokenizer, model, mesh, parameter shapes and shardings
+    train = build_train(cfg)     # + objective, optimizer, train-state shardings, the step
+
+Evaluation, export and inference need parameters only and call `build`; training calls
+`build_train`. Every name in the config (model family, objective, tokenizer, mesh strategy
+and rules) is parsed here, so a bad one stops the command before it writes anything.
+Nothing here allocates a full model: shapes come from `jax.eval_shape`, and parameters are
+created or restored straight into their shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxlm import models, sharding
+from jaxlm.data.tokenizers import Tokenizer, get_tokenizer
+from jaxlm.errors import ConfigError
+from jaxlm.train import objectives, optimizer, pmap, step
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: ml_collections.ConfigDict
+    tokenizer: Tokenizer
+    family: models.Family
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    boxed_params: object       # abstract params with their logical axis names
+    abstract_params: object    # the same, unboxed: ShapeDtypeStructs
+    param_shardings: object    # NamedShardings of the params on `mesh`
+
+    def init_params(self, rng: jax.Array):
+        """Freshly initialised params (unboxed); jit this with out_shardings to place them."""
+        tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
+        return nn.meta.unbox(self.model.init(rng, tokens)["params"])
+
+
+def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
+    """Tokenizer, model, mesh (over `devices`, default all) and parameter shardings."""
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} ids")
+    family = models.family(cfg.model.arch)
+    model = family.module(cfg.model)
+    sharding.rules(cfg.mesh)  # a bad strategy or rule is named before any device work
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    if cfg.data.seq_len % mesh.shape["sequence"]:
+        raise ConfigError(f"config.data.seq_len={cfg.data.seq_len} is not divisible by the "
+                          f"sequence axis ({mesh.shape['sequence']})")
+    heads = sharding.split_count(mesh, cfg.mesh, "heads")
+    if cfg.model.num_heads % heads:  # kernels are [D, H*K]: a split must not cut a head
+        raise ConfigError(f"config.model.num_heads={cfg.model.num_heads} is not divisible "
+                          f"by the {heads} parts config.mesh.strategy={cfg.mesh.strategy!r} "
+                          "splits heads into")
+    tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(0))
+    sharding.check_divisible(boxed, mesh, cfg.mesh)
+    return Setup(cfg, tokenizer, family, model, mesh, boxed, nn.meta.unbox(boxed),
+                 sharding.logical_shardings(boxed, mesh, cfg.mesh))
+
+
+def build_train(cfg: ml_collections.ConfigDict, devices=None):
+    """`build` plus what training needs: the objective, the optimizer and the compiled step
+    (jaxlm.train.step.JitTrainStep, or the pmap adapter when config.parallelism = pmap)."""
+    setup = build(cfg, devices)
+    objective = objectives.make_objective(cfg)
+    tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
+    schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    kind = pmap.PmapTrainStep if cfg.parallelism == "pmap" else step.JitTrainStep
+    train_step = kind(setup, objective, tx, schedule)
+    dp, micro = train_step.data_parallel, cfg.train.microbatches
+    if cfg.train.batch_size % (dp * micro):
+        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
+                          f"the data-parallel size {dp} x config.train.microbatches={micro}")
+    return train_step
+
