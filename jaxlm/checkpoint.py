@@ -26,10 +26,17 @@ on any mesh: EXPORT/{params, meta}.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import json
 import logging
+import os
 import pathlib
+import re
+import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -39,6 +46,10 @@ from jaxlm import models
 from jaxlm.errors import CheckpointError
 
 log = logging.getLogger("jaxlm")
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read back as written (truncated, changed bytes)."""
 
 
 def check_meta(meta: dict, cfg: ml_collections.ConfigDict, tokenizer, where: str) -> None:
@@ -88,30 +99,122 @@ def _unreadable(what: str, error: Exception) -> CheckpointError:
             f"{what} holds arrays of other shapes than this config builds ({first_line.split('. ')[0]}): "
             "the model code differs from the jaxlm that wrote it (a parameter stored in "
             "another layout); evaluate or resume it with that version")
-    return CheckpointError(f"{what} cannot be read ({type(error).__name__}: {first_line}); "
-                           "it is damaged or incomplete")
+    return DamagedCheckpoint(f"{what} cannot be read ({type(error).__name__}: {first_line}); "
+                             "it is damaged or incomplete")
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """A uint32 that changes when any element's bits or position change: the sum (mod 2^32)
+    of a hash of (bits, flat index) per element. A sum is the same over any split into
+    shards, so every process checks its own shards and XLA adds them up, and integer sums
+    are exact, so the result does not depend on the mesh."""
+    if x.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:  # bool, int8: the value is the bits
+        bits = x.astype(jnp.uint32)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for d in reversed(range(x.ndim)):  # row-major flat index, built per dimension (no reshape)
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride)
+        stride *= x.shape[d]
+    h = bits ^ (index * jnp.uint32(0x9E3779B9))
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)  # murmur3's finaliser: every input bit
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)  # flips about half the output bits
+    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree_util.tree_map(_checksum, tree))
+
+
+def _name(path) -> str:
+    """A tree path as "params/block_0/attn/query/kernel" (the same for a dict or a state)."""
+    keys = []
+    for k in path:
+        keys.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(keys)
+
+
+def checksums(tree) -> dict[str, int]:
+    """{array name: checksum} of a tree of (possibly sharded) arrays."""
+    sums = _checksums(tree)
+    return {_name(path): int(np.asarray(x.addressable_data(0)))
+            for path, x in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def verify(tree, expected: dict[str, int], where: str, prefix: str = "") -> None:
+    """CheckpointError naming the first array of `tree` whose checksum is not the one saved
+    (names in `expected` carry `prefix`, e.g. "params/" for a params-only restore)."""
+    if not expected:
+        log.info("%s holds no checksums (saved with config.checkpoint.verify=false or by an "
+                 "older jaxlm): not verified", where)
+        return
+    for name, value in checksums(tree).items():
+        saved = expected.get(prefix + name)
+        if saved is not None and saved != value:
+            raise DamagedCheckpoint(f"{where} is damaged: array {prefix + name} does not match the "
+                                  f"checksum saved with it (the file was changed after it was "
+                                  "written)")
+
+
+def _sealed(meta: dict) -> dict:
+    """`meta` with the sha256 of its own canonical JSON, to detect a changed meta file."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return {**body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def _check_seal(meta: dict, where: str) -> dict:
+    if "sha256" in meta and _sealed(meta)["sha256"] != meta["sha256"]:
+        raise DamagedCheckpoint(f"{where} is damaged: its contents do not match the checksum "
+                              "saved with them")
+    return meta
+
+
+def _disk_error(error: BaseException) -> OSError | None:
+    """The operating-system error (disk full, permission, ...) behind an Orbax failure, if
+    there is one: an OSError in the chain, or TensorStore's "[os_error_code='28']"."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code:
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class Checkpointer:
     """The checkpoints of one workdir. `cfg_ckpt` is config.checkpoint (None: defaults,
-    for reading); `watchdog` (jaxlm.watchdog.Watchdog) guards saves and restores."""
+    for reading); `watchdog` (jaxlm.watchdog.Watchdog) guards saves and restores.
+    `read_only`: nothing is created or cleaned up (evaluation, export, and a training run
+    until it has passed its checks)."""
 
-    def __init__(self, workdir: pathlib.Path, cfg_ckpt=None, watchdog=None):
+    def __init__(self, workdir: pathlib.Path, cfg_ckpt=None, watchdog=None, *,
+                 read_only: bool = False):
         self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
         self.watchdog = watchdog
         cfg_ckpt = cfg_ckpt if cfg_ckpt is not None else config_lib.base_config().checkpoint
+        self.verify = cfg_ckpt.verify
+        self._last_saved = None  # the step of the save in flight, for error messages
         policy = ocp.checkpoint_managers.LatestN(cfg_ckpt.keep)
         if cfg_ckpt.archive_every:
             policy = ocp.checkpoint_managers.AnyPreservationPolicy(
                 [policy, ocp.checkpoint_managers.EveryNSteps(cfg_ckpt.archive_every)])
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                preservation_policy=policy,
-                enable_async_checkpointing=cfg_ckpt.async_save,
-                async_options=ocp.AsyncOptions(timeout_secs=int(cfg_ckpt.timeout_seconds)),
-                cleanup_tmp_directories=True,
-                create=True))
+        with _quiet_orbax():  # read_only makes Orbax warn that it will not save
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    preservation_policy=policy,
+                    enable_async_checkpointing=cfg_ckpt.async_save,
+                    async_options=ocp.AsyncOptions(timeout_secs=int(cfg_ckpt.timeout_seconds)),
+                    cleanup_tmp_directories=not read_only,
+                    create=not read_only, read_only=read_only))
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -136,7 +239,7 @@ class Checkpointer:
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # any failure to read is reported the same way
             raise _unreadable(f"{where}/meta", e) from e
-        return restored["meta"]
+        return _check_seal(restored["meta"], f"{where}/meta")
 
     def check_compatible(self, cfg: ml_collections.ConfigDict, tokenizer,
                          step: int = -1) -> dict | None:
@@ -150,13 +253,64 @@ class Checkpointer:
         return meta
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Starts an asynchronous save (waiting first for the previous one to finish)."""
-        with _watch(self.watchdog, f"saving checkpoint {step}"):
+        """Starts an asynchronous save (waiting first for the previous one to finish). The
+        meta holds a checksum of every array (config.checkpoint.verify) and of itself."""
+        self._check_space(step, state)
+        self._last_saved = step
+        if self.verify:
+            meta = {**meta, "checksums": checksums(state)}
+        with _watch(self.watchdog, f"saving checkpoint {step}"), self._saving(step):
             self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_sealed(meta))),
+                force=True)
+
+    @contextlib.contextmanager
+    def _saving(self, step: int | None):
+        """A save that fails on the disk (full, no permission) is a CheckpointError naming
+        the directory; the checkpoints before it stay (Orbax renames a finished one into
+        place, and only then deletes old ones)."""
+        try:
+            yield
+        except Exception as e:
+            cause = _disk_error(e)
+            if cause is None:
+                raise
+            what = f"checkpoint {step if step is not None else self._last_saved}"
+            advice = {errno.ENOSPC: "free space on that disk, or use another --workdir",
+                      errno.EDQUOT: "free space within your quota, or use another --workdir",
+                      errno.EFBIG: "a file-size limit (ulimit -f) or the filesystem refused it",
+                      errno.EACCES: "check the folder's permissions",
+                      errno.EROFS: "the filesystem is read-only; use another --workdir",
+                      }.get(cause.errno, "check that disk")
+            raise CheckpointError(
+                f"saving {what} to {self.directory} failed: {cause.strerror or cause}; "
+                f"{advice}. Finished checkpoints there are intact: {self.finished_steps()}") from None
+
+    def _check_space(self, step: int, state) -> None:
+        """Refuses a save that cannot fit: the previous save must finish first (it may be
+        what fills the disk), then the free space must hold the state's raw bytes (an upper
+        bound: Orbax compresses). Checked, not attempted, so nothing half-written is left."""
+        self.wait()
+        needed = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointError(
+                f"saving checkpoint {step} needs about {_size(needed)}, and "
+                f"{self.directory} has {_size(free)} free: free space on that disk, or "
+                f"use another --workdir. Finished checkpoints there are intact: "
+                f"{self.finished_steps()}")
+
+    def finished_steps(self) -> list[int]:
+        """Steps with a finished checkpoint on disk (re-read, not Orbax's cached list)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and (p / "meta").exists())
 
     def restore(self, step: int, abstract_state, shardings):
-        """(state, meta) of `step`, the state placed straight into `shardings`."""
+        """(state, meta) of `step`, the state placed straight into `shardings` and checked
+        against its checksums."""
         where = f"checkpoint {self.directory / str(step)}"
         try:
             with _watch(self.watchdog, f"restoring {where}"):
@@ -165,7 +319,22 @@ class Checkpointer:
                     meta=ocp.args.JsonRestore()))
         except Exception as e:
             raise _unreadable(where, e) from e
-        return restored["state"], restored["meta"]
+        meta = _check_seal(restored["meta"], f"{where}/meta")
+        if self.verify:
+            verify(restored["state"], meta.get("checksums", {}), where)
+        return restored["state"], meta
+
+    def intact_before(self, step: int, restore) -> int | None:
+        """The newest checkpoint before `step` that `restore(step)` reads without a
+        CheckpointError (it verifies the checksums), if any: what to offer when `step` is
+        damaged. Each one tried is restored in full, one at a time."""
+        for older in reversed([s for s in self.steps() if s < step]):
+            try:
+                restore(older)
+            except CheckpointError:
+                continue
+            return older
+        return None
 
     def restore_params(self, step: int, abstract_params, shardings):
         """Only the parameters of `step`, placed into `shardings`: the optimizer state is
@@ -181,15 +350,35 @@ class Checkpointer:
                                               restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
         except Exception as e:
             raise _unreadable(where, e) from e
+        if self.verify:
+            verify(restored["params"], self.read_meta(step).get("checksums", {}), where, "params/")
         return restored["params"]
 
     def wait(self) -> None:
         """Blocks until the last save is on disk."""
-        with _watch(self.watchdog, "finishing the last checkpoint save"):
+        with _watch(self.watchdog, "finishing the last checkpoint save"), self._saving(None):
             self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.0f} kB"
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def _target(abstract_tree, shardings):
@@ -218,6 +407,7 @@ def export_params(path: pathlib.Path, params, meta: dict) -> None:
     path = pathlib.Path(path).absolute()
     if path.exists():
         raise CheckpointError(f"--output={path} already exists; not overwriting it")
+    meta = _sealed({**meta, "checksums": checksums(params)})
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(path, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                  meta=ocp.args.JsonSave(meta)))
@@ -230,13 +420,15 @@ def read_export_meta(path: pathlib.Path) -> dict:
                               "(no meta inside; make one with python -m jaxlm.export)")
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            return ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
         raise _unreadable(f"export {path}/meta", e) from e
+    return _check_seal(meta, f"export {path}/meta")
 
 
-def load_params(path: pathlib.Path, abstract_params, shardings):
-    """The exported params, placed into `shardings` (any mesh)."""
+def _load_export(path: pathlib.Path, abstract_params, shardings, meta: dict, check: bool):
+    """The exported params, placed into `shardings` (any mesh) and, with `check`, verified
+    against the checksums in the export's `meta`."""
     path = pathlib.Path(path).absolute()
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -244,4 +436,41 @@ def load_params(path: pathlib.Path, abstract_params, shardings):
                 params=ocp.args.StandardRestore(_target(abstract_params, shardings))))
     except Exception as e:
         raise _unreadable(f"export {path}", e) from e
+    if check:
+        verify(restored["params"], meta.get("checksums", {}), f"export {path}")
     return restored["params"]
+
+
+# ----------------------------------------------------------------------------- params to use
+
+
+def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
+    """(params, step) that evaluation and export read: the export config.evaluate.params,
+    or checkpoint config.checkpoint.step (default: the latest) of `workdir`, checked
+    against the config and against their checksums. Creates nothing."""
+    if cfg.evaluate.params:
+        path = pathlib.Path(cfg.evaluate.params)
+        meta = read_export_meta(path)
+        check_meta(meta, cfg, setup.tokenizer, f"export {path}")
+        params = _load_export(path, setup.abstract_params, setup.param_shardings, meta,
+                              cfg.checkpoint.verify)
+        return params, meta["step"]
+    ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+    try:
+        step = ckpt.select(cfg.checkpoint.step)
+        if step is None:
+            raise CheckpointError(f"--workdir={workdir}: no checkpoint to evaluate (run "
+                                  "jaxlm.train first)")
+        ckpt.check_compatible(cfg, setup.tokenizer, step)
+        restore = lambda s: ckpt.restore_params(s, setup.abstract_params, setup.param_shardings)
+        try:
+            params = restore(step)
+        except DamagedCheckpoint as e:
+            intact = ckpt.intact_before(step, restore)
+            hint = (f"; checkpoint {intact} is intact: evaluate it with "
+                    f"--config.checkpoint.step={intact}" if intact is not None else
+                    "; no older checkpoint there is intact either")
+            raise CheckpointError(f"{e}{hint}") from None
+    finally:
+        ckpt.close()
+    return params, step

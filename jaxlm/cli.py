@@ -16,16 +16,21 @@ result (jaxlm.config), before JAX starts. `--help` lists the command's flags and
 config field with its default, valid values and meaning; it needs no config file.
 
 `run` turns a user error (jaxlm.errors.JaxlmError) into one line on stderr,
-`error: <message>`, and its exit code (2; 1 for a diverged run); any other exception is a
-bug and keeps its traceback.
+`error: <message>`, and its exit code (2; 1 for a diverged run, 130 for Ctrl-C); an
+operating-system error (no space left, permission denied, not a directory, too many open
+files) into one line naming the path and what to do (exit 2; JAXLM_TRACEBACK=1 shows the
+traceback); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import pathlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from jaxlm import config as config_lib
@@ -174,11 +179,79 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None):
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("jaxlm").setLevel(logging.INFO)  # ours at INFO; libraries at WARNING
+    _quiet_library_failures()
     try:
         return main(sys.argv[1:] if argv is None else list(argv))
     except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
+        _exit(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _exit("interrupted (Ctrl-C); checkpoints already written are intact", 130)
+    except OSError as e:
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        _exit(f"{os_error_message(e)} (JAXLM_TRACEBACK=1 shows where)", 2)
+
+
+_reported = False  # a user error was printed: the process is ending
+
+
+def _exit(message: str, code: int):
+    """The one line a user error ends with; library threads that fail while the process
+    shuts down (Orbax's background saves, asyncio tasks) are not printed after it."""
+    global _reported
+    _reported = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    warnings.simplefilter("ignore")  # e.g. coroutines of a failed save, collected at exit
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code) from None
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_library_failures() -> None:
+    """A failed checkpoint write is reported by jaxlm in one line (checkpoint.py); keep
+    Orbax's threads from printing tracebacks around it: its log records keep their first
+    line, and the callbacks TensorStore fires into Orbax's closed event loop are dropped."""
+    if _one_line in logging.getLogger("absl").filters:
+        return
+    for name in ("absl", "asyncio"):  # Orbax's log, and its tasks that fail unobserved
+        logging.getLogger(name).addFilter(_one_line)
+    default = sys.unraisablehook
+
+    def unraisable(u):
+        closed_loop = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        # After the one-line error: a library's exit-time cleanup failing the same way (a
+        # TensorBoard writer flushing to the full disk) is not news.
+        if not closed_loop and not (_reported and isinstance(u.exc_value, OSError)):
+            default(u)
+    sys.unraisablehook = unraisable
+
+
+# What to do about an operating-system error, by errno.
+_ADVICE = {
+    errno.ENOSPC: "free space on that disk, or point the path elsewhere",
+    errno.EDQUOT: "free space within your quota, or point the path elsewhere",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "the filesystem is read-only; choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder where a file was expected",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n 65536)",
+    errno.ENFILE: "too many open files on this machine",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an operating-system error: the path, what went wrong, what to do."""
+    what = e.strerror or type(e).__name__
+    where = e.filename if e.filename is not None else "a file"
+    advice = _ADVICE.get(e.errno, "")
+    return f"{where}: {what}" + (f"; {advice}" if advice else "")
 
 
 def integer(flags: dict, name: str, minimum: int) -> int:

@@ -142,6 +142,8 @@ SCHEMA = {
         "archive_every": Field(0, NONNEGATIVE, "also keep for good multiples of this; 0 = none"),
         "async_save": Field(True, None, "write in the background while training goes on"),
         "check_data": Field(True, None, "refuse to resume on data whose order differs"),
+        "verify": Field(True, None, "save a checksum of every array and check it on restore: "
+                        "a damaged file is named instead of restored"),
         "step": Field(-1, Range(0, also=(-1,)), "checkpoint that evaluate/export read; -1 = latest"),
         "heartbeat_seconds": Field(60.0, POSITIVE, "saves, restores and step waits log a line this often"),
         "timeout_seconds": Field(1800.0, POSITIVE, "and end the process (exit 3, stacks printed) "
@@ -370,6 +372,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(t.batch_size % t.microbatches == 0,
          f"config.train.batch_size={t.batch_size} is not divisible by "
          f"config.train.microbatches={t.microbatches}")
+    e = cfg.evaluate
+    for f in ("max_new_tokens", "sample_len"):  # generation needs room for a prompt
+        need(e[f] < m.max_len, f"config.evaluate.{f}={e[f]} leaves no room for a prompt "
+             f"within config.model.max_len={m.max_len}")
     need(cfg.optimizer.warmup_steps <= t.steps,
          f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be in [0, train.steps]")
 

@@ -31,3 +31,8 @@ class DataError(JaxlmError):
 class Diverged(JaxlmError):
     """The loss or gradient norm became NaN/inf (config.train.nonfinite); exit code 1."""
     exit_code = 1
+
+
+class Interrupted(JaxlmError):
+    """Ctrl-C: the run saved a checkpoint at the next step boundary and stopped; exit 130."""
+    exit_code = 130

@@ -11,11 +11,12 @@ Evaluate it with `python -m jaxlm.evaluate --config=FILE --workdir=OUT
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 
 from jaxlm import checkpoint, cli
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError
-from jaxlm.evaluate.fewshot import load_params
 from jaxlm.setup import build
 
 log = logging.getLogger("jaxlm")
@@ -28,8 +29,12 @@ def export(cfg, workdir: pathlib.Path, output: pathlib.Path) -> int:
     output = pathlib.Path(output)
     if output.exists():  # checked before the (possibly long) restore
         raise ConfigError(f"--output={output} already exists; not overwriting it")
+    parent = output.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output={output}: {parent} is not a writable folder")
+    workdir = workdir_lib.check(workdir, must_exist=not cfg.evaluate.params)
     setup = build(cfg)
-    params, step = load_params(cfg, setup, pathlib.Path(workdir))
+    params, step = checkpoint.load_params(cfg, setup, pathlib.Path(workdir))
     meta = checkpoint.make_export_meta(cfg, setup.tokenizer, step)
     checkpoint.export_params(output, params, meta)
     log.info("exported the params of step %d from %s to %s", step, workdir, output)

@@ -26,7 +26,10 @@ def pretrain_then_evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     )
     from jaxlm.train import loop
 
-    fewshot.make_tasks(cfg)  # a bad task name stops the job now, not after training
+    # The evaluation half is checked now, not after a long training run.
+    fewshot.make_tasks(cfg)
+    if cfg.evaluate.params:
+        checkpoint.read_export_meta(cfg.evaluate.params)
     out = {"train": loop.train(cfg, workdir)}
     log.info("training done: %s", out["train"])
     if not out["train"]["preempted"]:

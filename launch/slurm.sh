@@ -9,15 +9,19 @@
 # Writes the batch script to logs/slurm/<job>.sbatch and submits it with sbatch; --dry-run
 # prints the script and the sbatch command instead. Logs: logs/slurm/<job>-%j.out.
 # SLURM sends SIGTERM 5 minutes before the time limit (--signal): jaxlm then saves and
-# exits 0, and submitting the same script again resumes the run.
+# exits 0, and submitting the same script again resumes the run. Paths and overrides are
+# quoted in the script, whatever characters they hold.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/_quote.sh
 
-NODES=1 GPUS=8 CONFIG= WORKDIR= PARTITION= TIME=24:00:00 VENV=.venv DRY=0 EXTRA=()
+NODES=1 GPUS=8 CONFIG= WORKDIR= PARTITION= TIME=24:00:00 VENV=.venv DRY=0 EXTRA=() SEEN_DASHES=0
 for arg in "$@"; do
   # --dry-run counts wherever it stands, even after "--": a misplaced one must not launch.
   if [[ $arg == --dry-run ]]; then DRY=1; continue; fi
-  if [[ ${#EXTRA[@]} -gt 0 || $arg == "--" ]]; then EXTRA+=("$arg"); continue; fi
+  if [[ $SEEN_DASHES == 1 ]]; then EXTRA+=("$arg"); continue; fi
   case $arg in
+    --) SEEN_DASHES=1 ;;
     --nodes=*) NODES=${arg#*=} ;;
     --gpus-per-node=*) GPUS=${arg#*=} ;;
     --config=*) CONFIG=${arg#*=} ;;
@@ -28,14 +32,20 @@ for arg in "$@"; do
     *) echo "slurm.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-EXTRA=("${EXTRA[@]:1}")
 [[ -n $CONFIG && -n $WORKDIR ]] || { echo "slurm.sh: --config=... and --workdir=... are required" >&2; exit 2; }
+need_match nodes "$NODES" '^[1-9][0-9]*$' "a number of nodes"
+need_match gpus-per-node "$GPUS" '^[1-9][0-9]*$' "a number of GPUs"
+need_match time "$TIME" '^[0-9:-]+$' "a SLURM time limit such as 24:00:00 or 1-12:00:00"
+[[ -z $PARTITION ]] || need_match partition "$PARTITION" '^[A-Za-z0-9_.,-]+$' "partition name(s)"
+for e in ${EXTRA[@]+"${EXTRA[@]}"}; do
+  [[ $e == --config.* ]] || { echo "slurm.sh: after --, only --config.FIELD=VALUE overrides are passed on, not $e" >&2; exit 2; }
+done
 
-cd "$(dirname "$0")/.."
-JOB="jaxlm-$(basename "$CONFIG" .py)"
+BASE=$(basename "$CONFIG" .py)
+JOB="jaxlm-${BASE//[^A-Za-z0-9_.-]/_}"  # names a file and an #SBATCH line: no odd characters
 SCRIPT="logs/slurm/$JOB.sbatch"
-ARGS="--config=$CONFIG --workdir=$WORKDIR --config.distributed.auto_detect=true"
-for e in "${EXTRA[@]}"; do ARGS+=" $(printf '%q' "$e")"; done
+ARGS="$(shq "--config=$CONFIG") $(shq "--workdir=$WORKDIR") --config.distributed.auto_detect=true"
+for e in ${EXTRA[@]+"${EXTRA[@]}"}; do ARGS+=" $(shq "$e")"; done
 
 BODY="#!/usr/bin/env bash
 #SBATCH --job-name=$JOB
@@ -47,8 +57,8 @@ BODY="#!/usr/bin/env bash
 #SBATCH --output=logs/slurm/$JOB-%j.out
 ${PARTITION:+#SBATCH --partition=$PARTITION}
 set -euo pipefail
-cd $(pwd)
-source $VENV/bin/activate
+cd $(shq "$(pwd)")
+source $(shq "$VENV/bin/activate")
 srun python -m jaxlm.main $ARGS"
 
 if [[ $DRY == 1 ]]; then

@@ -2,23 +2,31 @@
 # Runs a jaxlm command on every worker of a Cloud TPU VM slice (v4, v5e, v5p, v6e, ...).
 #
 #   launch/tpu_pod.sh --name=my-tpu --zone=us-central2-b --accelerator=v4-32 \
-#       --config=configs/gpt/gpt2_small.py --workdir=gs://my-bucket/runs/small [--create] \
+#       --config=configs/gpt/gpt2_small.py --workdir=/mnt/shared/runs/small [--create] \
 #       [--project=P] [--version=tpu-ubuntu2204-base] [--dry-run] [-- --config.train.steps=100]
 #
 # Steps: (1) create the TPU VM if --create and it does not exist, (2) copy this checkout to
-# every worker, (3) pip install it with jax[tpu] of the pinned JAX version on every worker,
-# (4) run `python -m jaxlm.main` on all workers at once (jax.distributed finds the other
-# workers by itself: --config.distributed.auto_detect=true), (5) copy each worker's log
-# back into logs/<name>/. --dry-run prints exactly these commands and runs none.
+# every worker, (3) pip install it with jax[tpu] of the same JAX version as here (or
+# $JAX_VERSION) on every worker, (4) run `python -m jaxlm.main` on all workers at once
+# (jax.distributed finds the other workers by itself: --config.distributed.auto_detect=true),
+# (5) copy each worker's log back into logs/<name>/. --dry-run prints exactly these
+# commands and runs none.
+#
+# The workdir must be a folder every worker sees (a shared filesystem, or a bucket mounted
+# with gcsfuse): a gs:// URL is not a workdir. Every value that goes into the command the
+# workers' shell runs is quoted for it, whatever characters it holds.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/_quote.sh
 
 NAME= ZONE= ACCEL= CONFIG= WORKDIR= PROJECT= VERSION=tpu-ubuntu2204-base
-CREATE=0 DRY=0 WORKERS= EXTRA=()
+CREATE=0 DRY=0 WORKERS= EXTRA=() SEEN_DASHES=0
 for arg in "$@"; do
   # --dry-run counts wherever it stands, even after "--": a misplaced one must not launch.
   if [[ $arg == --dry-run ]]; then DRY=1; continue; fi
-  if [[ ${#EXTRA[@]} -gt 0 || $arg == "--" ]]; then EXTRA+=("$arg"); continue; fi
+  if [[ $SEEN_DASHES == 1 ]]; then EXTRA+=("$arg"); continue; fi
   case $arg in
+    --) SEEN_DASHES=1 ;;
     --name=*) NAME=${arg#*=} ;;
     --zone=*) ZONE=${arg#*=} ;;
     --accelerator=*) ACCEL=${arg#*=} ;;
@@ -31,19 +39,22 @@ for arg in "$@"; do
     *) echo "tpu_pod.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-EXTRA=("${EXTRA[@]:1}")  # drop the "--"
 for v in NAME ZONE CONFIG WORKDIR; do
   [[ -n ${!v} ]] || { echo "tpu_pod.sh: --${v,,}=... is required" >&2; exit 2; }
 done
 [[ $CREATE == 0 || -n $ACCEL ]] || { echo "tpu_pod.sh: --create needs --accelerator=..." >&2; exit 2; }
+need_match name "$NAME" '^[a-z]([-a-z0-9]*[a-z0-9])?$' "a TPU name (lowercase letters, digits, -)"
+[[ -z $WORKERS ]] || need_match workers "$WORKERS" '^[1-9][0-9]*$' "a number of workers"
+[[ $WORKDIR != *://* ]] || { echo "tpu_pod.sh: --workdir=$WORKDIR: a URL is not a workdir; mount the bucket on every worker (gcsfuse) and pass its path" >&2; exit 2; }
+for e in ${EXTRA[@]+"${EXTRA[@]}"}; do
+  [[ $e == --config.* ]] || { echo "tpu_pod.sh: after --, only --config.FIELD=VALUE overrides are passed on, not $e" >&2; exit 2; }
+done
 
-cd "$(dirname "$0")/.."
-JAX_VERSION=$(python3 -c 'import jax; print(jax.__version__)' 2>/dev/null || echo "")
-JAX_PIN=${JAX_VERSION:+==$JAX_VERSION}
+PIN=$(jax_pin)
 G=(gcloud compute tpus tpu-vm)
 LOC=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
 
-run() {  # prints the command; runs it unless --dry-run
+run() {  # prints the command (each argument quoted for bash); runs it unless --dry-run
   printf '%q ' "$@"; echo
   [[ $DRY == 1 ]] || "$@"
 }
@@ -59,12 +70,14 @@ if [[ -z $WORKERS && $DRY == 0 ]]; then
 fi
 WORKERS=${WORKERS:-1}
 
-run tar czf /tmp/jaxlm-src.tgz --exclude=.git --exclude=.venv --exclude=runs .
+# The commands below run in each worker's shell: every user value goes in through shq.
+INSTALL="mkdir -p ~/jaxlm && tar xzf /tmp/jaxlm-src.tgz -C ~/jaxlm && cd ~/jaxlm && pip install -q -e . $(shq "jax[tpu]$PIN")"
+MAIN="cd ~/jaxlm && python3 -m jaxlm.main $(shq "--config=$CONFIG") $(shq "--workdir=$WORKDIR") --config.distributed.auto_detect=true"
+for e in ${EXTRA[@]+"${EXTRA[@]}"}; do MAIN+=" $(shq "$e")"; done
+
+run tar czf /tmp/jaxlm-src.tgz --exclude=.git --exclude=.venv --exclude=runs --exclude=logs .
 run "${G[@]}" scp /tmp/jaxlm-src.tgz "$NAME":/tmp/jaxlm-src.tgz --worker=all "${LOC[@]}"
-run "${G[@]}" ssh "$NAME" --worker=all "${LOC[@]}" --command \
-  "mkdir -p ~/jaxlm && tar xzf /tmp/jaxlm-src.tgz -C ~/jaxlm && cd ~/jaxlm && pip install -q -e . 'jax[tpu]$JAX_PIN'"
-MAIN="cd ~/jaxlm && python3 -m jaxlm.main --config=$CONFIG --workdir=$WORKDIR --config.distributed.auto_detect=true"
-for e in "${EXTRA[@]}"; do MAIN+=" $(printf '%q' "$e")"; done
+run "${G[@]}" ssh "$NAME" --worker=all "${LOC[@]}" --command "$INSTALL"
 run "${G[@]}" ssh "$NAME" --worker=all "${LOC[@]}" --command "$MAIN > ~/jaxlm_run.log 2>&1; echo exit \$?"
 [[ $DRY == 1 ]] || mkdir -p "logs/$NAME"
 for ((w = 0; w < WORKERS; w++)); do

@@ -10,7 +10,7 @@ from jaxlm.train import metrics
 
 def record(step, loss=2.0):
     return {"loss": loss, "perplexity": 7.4, "tokens_per_second": 1000.0, "grad_norm": 0.5,
-            "learning_rate": 1e-3, "mfu": None}
+            "learning_rate": 1e-3, "mfu": None, "eta_seconds": 125.0 if step < 10 else 0.0}
 
 
 @pytest.mark.parametrize("interactive", [True, False])
@@ -30,8 +30,13 @@ def test_sink_writes_jsonl_tensorboard_and_console(tmp_path, monkeypatch, caplog
     if interactive:  # a progress bar with loss and tokens/s, no log lines
         assert "loss 2.0000" in stderr.getvalue() and "10/10" in stderr.getvalue()
         assert "step 5" not in caplog.text
-    else:             # plain log lines
-        assert "step 5  loss 2.0000" in caplog.text and stderr.getvalue() == ""
+    else:             # plain log lines: progress and time left
+        assert "step 5/10  loss 2.0000" in caplog.text and stderr.getvalue() == ""
+        assert "eta 2m05s" in caplog.text and "eta 0s" in caplog.text
+
+
+def test_durations_read_at_a_glance():
+    assert [metrics.format_duration(s) for s in (0, 42, 125, 3725)] == ["0s", "42s", "2m05s", "1h02m"]
 
 
 def test_read_history_keeps_last_record_per_step(tmp_path):

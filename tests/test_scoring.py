@@ -2,8 +2,8 @@
 per length bucket, and none more when the same shapes come again."""
 
 import jax
-
 from conftest import tiny_config
+
 from jaxlm.evaluate import scoring
 from jaxlm.evaluate.scoring import Scorer
 from jaxlm.setup import build

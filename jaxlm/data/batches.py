@@ -21,8 +21,9 @@ from jaxlm.errors import ConfigError
 
 def local_batch(source, step: int, global_batch: int, vocab_size: int,
                 make_example: Callable[[dict], dict], process_index: int = 0,
-                process_count: int = 1) -> dict:
-    """This process's rows of global batch `step`, as numpy arrays [B/P, ...]."""
+                process_count: int = 1, spec: dict | None = None) -> dict:
+    """This process's rows of global batch `step`, as numpy arrays [B/P, ...]; checked
+    against `spec` (the objective's batch_spec of the global batch) when given."""
     per_process = global_batch // process_count
     first = step * global_batch + process_index * per_process
     windows = [source.example(first + r) for r in range(per_process)]
@@ -31,7 +32,14 @@ def local_batch(source, step: int, global_batch: int, vocab_size: int,
         raise ConfigError(f"token id {top} in batch {step} is beyond "
                           f"config.model.vocab_size={vocab_size}")
     rows = [make_example(w) for w in windows]
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if spec is not None:
+        got = {k: ((v.shape[0] * process_count,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+        want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in spec.items()}
+        if got != want:
+            raise RuntimeError(f"batch {step} does not match the objective's batch spec: "
+                               f"{got} != {want}")
+    return batch
 
 
 class Batches:
@@ -40,9 +48,9 @@ class Batches:
 
     def __init__(self, source, start_step: int, global_batch: int, vocab_size: int,
                  make_example: Callable[[dict], dict], place: Callable[[dict], dict],
-                 prefetch: int = 2):
+                 prefetch: int = 2, spec: dict | None = None):
         self.step = start_step
-        self._args = (source, global_batch, vocab_size, make_example)
+        self._args = (source, global_batch, vocab_size, make_example, spec)
         self._place = place
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
@@ -50,11 +58,11 @@ class Batches:
         self._thread.start()
 
     def _fill(self, step: int):
-        source, global_batch, vocab_size, make_example = self._args
+        source, global_batch, vocab_size, make_example, spec = self._args
         while not self._stop.is_set():
             try:
                 item = local_batch(source, step, global_batch, vocab_size, make_example,
-                                   jax.process_index(), jax.process_count())
+                                   jax.process_index(), jax.process_count(), spec)
             except Exception as e:  # hand the error to the consumer instead of hanging it
                 item = e
             while not self._stop.is_set():

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm import checkpoint
+from jaxlm import workdir as workdir_lib
 from jaxlm.data import synthetic
 from jaxlm.errors import ConfigError
 from jaxlm.evaluate import plots
@@ -34,6 +35,7 @@ def evaluate_task(scorer: Scorer, task: Task, k: int, seed: int, max_new_tokens:
     """
     prompts = [format_prompt(task, ex, k, seed) for ex in task.examples]
     result = {"num_examples": len(task.examples), "chance": task.chance, "k": k}
+    truncated_before = scorer.truncated
     if task.kind == "multiple_choice":
         requests = [(p, c) for p, ex in zip(prompts, task.examples) for c in ex.choices]
         scores = iter(scorer.loglikelihood(requests))
@@ -48,6 +50,12 @@ def evaluate_task(scorer: Scorer, task: Task, k: int, seed: int, max_new_tokens:
         outputs = scorer.generate(prompts, max_new_tokens, stop="\n")
         correct = [out == ex.answer for out, ex in zip(outputs, task.examples)]
         result.update(accuracy=float(np.mean(correct)))
+    # Requests whose prompt was cut on the left to fit model.max_len: they saw fewer shots.
+    result["truncated_requests"] = scorer.truncated - truncated_before
+    if result["truncated_requests"]:
+        log.warning("eval %s k=%d: %d requests did not fit model.max_len=%d and were cut on the "
+                    "left, so they saw fewer than %d shots (results.json: truncated_requests)",
+                    task.name, k, result["truncated_requests"], scorer.max_len, k)
     return result
 
 
@@ -88,33 +96,12 @@ def make_tasks(cfg: ml_collections.ConfigDict) -> dict[str, Task]:
         raise ConfigError(f"config.evaluate.tasks: {e}") from None
 
 
-def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
-    """(params, step) to evaluate: an export (config.evaluate.params) or the workdir's
-    checkpoint config.checkpoint.step (default: the latest), checked against the config."""
-    if cfg.evaluate.params:
-        path = pathlib.Path(cfg.evaluate.params)
-        meta = checkpoint.read_export_meta(path)
-        checkpoint.check_meta(meta, cfg, setup.tokenizer, f"export {path}")
-        params = checkpoint.load_params(path, setup.abstract_params, setup.param_shardings)
-        return params, meta["step"]
-    ckpt = checkpoint.Checkpointer(workdir)
-    try:
-        step = ckpt.select(cfg.checkpoint.step)
-        if step is None:
-            raise ConfigError(f"--workdir={workdir}: no checkpoint to evaluate (run jaxlm.train first)")
-        ckpt.check_compatible(cfg, setup.tokenizer, step)
-        params = ckpt.restore_params(step, setup.abstract_params, setup.param_shardings)
-    finally:
-        ckpt.close()
-    return params, step
-
-
 def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Restores the parameters (see load_params), prints samples, runs the few-shot suite,
     and writes results.json and plots into `workdir`. Returns the results dict."""
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_lib.check(workdir, must_exist=not cfg.evaluate.params)
     setup = build(cfg)
-    params, step = load_params(cfg, setup, workdir)
+    params, step = checkpoint.load_params(cfg, setup, workdir)
     tasks = make_tasks(cfg)
 
     e = cfg.evaluate
@@ -132,6 +119,6 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         if results:  # config.evaluate.tasks = () writes samples only
             print(f"\nFew-shot results at step {step}:\n{table}\n", flush=True)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "results.json").write_text(json.dumps(out, indent=2))
+        workdir_lib.write_text(workdir / "results.json", json.dumps(out, indent=2))
         plots.write_plots(workdir, results, list(e.shots))
     return out

@@ -6,6 +6,7 @@ few-shot evaluation. Re-running on the same workdir resumes from the latest chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
@@ -14,12 +15,15 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, models
+from jaxlm import workdir as workdir_lib
 from jaxlm.config import to_json
 from jaxlm.data import batches as batches_lib
 from jaxlm.data import sources
-from jaxlm.errors import CheckpointError
+from jaxlm.errors import CheckpointError, ConfigError, Interrupted, JaxlmError
 from jaxlm.setup import build_train
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.nonfinite import NonfiniteGuard
@@ -31,45 +35,109 @@ log = logging.getLogger("jaxlm")
 
 def restore_or_init(step, ckpt: checkpoint.Checkpointer):
     """(state, meta): resume from the workdir's latest checkpoint (meta: its metadata),
-    else a fresh init (meta None)."""
+    else a fresh init (meta None). A damaged latest checkpoint is named together with the
+    newest older one that is intact."""
     setup = step.setup
     meta = ckpt.check_compatible(setup.cfg, setup.tokenizer)
     if meta is None:
         return step.init_state(), None
     latest = ckpt.latest_step()
-    state, meta = ckpt.restore(latest, step.abstract_state, step.state_shardings)
+    if latest > setup.cfg.train.steps:
+        raise CheckpointError(f"config.train.steps={setup.cfg.train.steps} is below the step of "
+                              f"the latest checkpoint in {ckpt.directory} ({latest}); raise it to "
+                              "continue the run, or use another --workdir")
+    restore = lambda s: ckpt.restore(s, step.abstract_state, step.state_shardings)
+    try:
+        state, meta = restore(latest)
+    except checkpoint.DamagedCheckpoint as e:
+        intact = ckpt.intact_before(latest, restore)
+        hint = (f"; checkpoint {intact} is intact: move {ckpt.directory / str(latest)} out of "
+                f"{ckpt.directory} and run again to resume from step {intact}"
+                if intact is not None else "; no older checkpoint there is intact either")
+        raise CheckpointError(f"{e}{hint}") from None
     log.info("resumed from %s at step %d", ckpt.directory, latest)
     return state, meta
 
 
+def _claim(workdir: pathlib.Path):
+    """Process 0 locks the workdir (jaxlm.workdir); every process learns whether it could."""
+    claim, error = workdir_lib.NO_CLAIM, None
+    if jax.process_index() == 0:
+        try:
+            claim = workdir_lib.claim(workdir)
+        except JaxlmError as e:
+            error = e
+    if jax.process_count() > 1:
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = ConfigError(f"--workdir={workdir}: process 0 could not take it (see its log)")
+    if error is not None:
+        raise error
+    return claim
+
+
+def _resume_checked(train_step, workdir, source, watchdog):
+    """(state, meta, first step) of the run, after every check that can refuse it: a
+    checkpoint of another model, damaged, of other data, another batch size, or past
+    config.train.steps. Reads only: a refused run leaves the workdir as it was."""
+    cfg = train_step.setup.cfg
+    reader = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog, read_only=True)
+    try:
+        state, meta = restore_or_init(train_step, reader)
+        latest = reader.latest_step()
+    finally:
+        reader.close()
+    start = int(state.step)
+    if meta:
+        checkpoint.check_data(meta, source.fingerprint(), cfg.checkpoint, latest)
+        B = cfg.train.batch_size
+        if meta["data"]["next_sample"] != start * B:
+            raise CheckpointError(f"checkpoint data position {meta['data']['next_sample']} does "
+                                  f"not match step {start} x config.train.batch_size={B}; the "
+                                  "batch size changed mid-run")
+    return state, meta, start
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -> dict:
     """Pretrains to config.train.steps (resuming if the workdir has a checkpoint), on
-    `devices` (default: all).
+    `devices` (default: all). Nothing is written to the workdir until every check passed.
 
     Returns a summary: final step, last logged loss, parameter count, wall time, whether
     the run stopped early for a preemption (SIGTERM, after saving), steps skipped for a
     non-finite loss, and how often the step was compiled (1 unless something is wrong).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_lib.check(workdir, must_exist=False)
+    claim = _claim(workdir)
+    try:
+        return _train(cfg, workdir, devices, claim)
+    finally:
+        claim.release()
+
+
+def _train(cfg, workdir: pathlib.Path, devices, claim) -> dict:
     train_step = build_train(cfg, devices)
     setup, objective = train_step.setup, train_step.objective
-    workdir.mkdir(parents=True, exist_ok=True)
-    watchdog = Watchdog(cfg.checkpoint.heartbeat_seconds, cfg.checkpoint.timeout_seconds)
-    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog)
-    state, meta = restore_or_init(train_step, ckpt)
     source = sources.make_source(cfg.data, setup.tokenizer, objective.extra_tokens)
-    if meta:
-        checkpoint.check_data(meta, source.fingerprint(), cfg.checkpoint, ckpt.latest_step())
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(to_json(cfg))
+    watchdog = Watchdog(cfg.checkpoint.heartbeat_seconds, cfg.checkpoint.timeout_seconds)
+    state, meta, start = _resume_checked(train_step, workdir, source, watchdog)
 
+    claim.accept()  # the run is accepted: from here on it writes
+    if jax.process_index() == 0:
+        workdir_lib.write_text(workdir / "config.json", to_json(cfg))
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog)
+    try:
+        return _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start)
+    finally:
+        try:
+            ckpt.wait()  # a failed save surfaces here at the latest
+        finally:
+            ckpt.close()
+
+
+def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start) -> dict:
+    """The steps, with logging, checkpoints, preemption and the NaN policy."""
+    setup, objective = train_step.setup, train_step.objective
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    start = int(state.step)
-    next_sample = meta["data"]["next_sample"] if meta else 0
-    if next_sample != start * B:
-        raise CheckpointError(f"checkpoint data position {next_sample} does not match step "
-                              f"{start} x config.train.batch_size={B}; the batch size changed "
-                              "mid-run")
     # Dropout randomness: step s uses fold_in(rng, s), so the key is all the RNG state.
     rng = (jnp.asarray(meta["rng"], jnp.uint32) if meta
            else jax.random.PRNGKey(cfg.train.seed + 1))
@@ -85,15 +153,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
 
     state = train_step.place_state(state)
     log.info("data: %s", sources.describe(source, start * B, cfg.train.steps * B))
-    batches = batches_lib.Batches(source, start, B, cfg.model.vocab_size, objective.example,
-                                  train_step.place_batch, cfg.data.prefetch)
-    sink = metrics_lib.MetricSink(workdir, cfg.train.steps, start)
-    preemption = Preemption()
-
     t_begin = time.time()
     window = (start, time.time())  # (step, time) where the throughput window starts
     pending = None                 # (step, device metrics) of the step before: read one late
-    last, preempted = {}, False
+    last, stopped = {}, None
 
     def report(step, device_metrics):
         """Writes a finished step's metrics, restarts the throughput window. The first
@@ -104,13 +167,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
         tps = (step - window[0]) * B * T / (now - window[1]) if step > start + 1 else None
         m.update(perplexity=math.exp(min(m["loss"], 30.0)), tokens_per_second=tps,
                  mfu=metrics_lib.mfu(fpt, tps, n_devices, peak) if tps else None,
-                 skipped_steps=len(guard.skipped))
+                 skipped_steps=len(guard.skipped),
+                 eta_seconds=(cfg.train.steps - step) * B * T / tps if tps else None)
         del m["tokens"], m["nonfinite"]
         sink.write(step, m)
         window = (step, now)
         return m
 
-    try:
+    with contextlib.ExitStack() as closing:
+        batches = closing.enter_context(contextlib.closing(batches_lib.Batches(
+            source, start, B, cfg.model.vocab_size, objective.example, train_step.place_batch,
+            cfg.data.prefetch, objective.batch_spec(B))))
+        sink = closing.enter_context(contextlib.closing(
+            metrics_lib.MetricSink(workdir, cfg.train.steps, start)))
+        preemption = closing.enter_context(contextlib.closing(Preemption()))
         for step in range(start, cfg.train.steps):
             state, device_metrics = train_step(state, next(batches), rng)
             done = step + 1
@@ -126,28 +196,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
                     window = (p_step, time.time())
             pending = (done, device_metrics)
             sink.advance()
-            preempted = preemption.reached(done)
-            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or preempted:
+            stopped = preemption.reached(done)
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stopped:
                 with watchdog.watch(f"waiting for step {done}"):
                     guard.check(done, device_metrics, last_saved)
                 ckpt.save(done, train_step.global_state(state),
                           checkpoint.make_meta(cfg, setup.tokenizer, done * B, source.fingerprint(),
                                                rng, guard.skipped))
                 last_saved = done
-            if preempted:
-                log.warning("preempted (SIGTERM): saved step %d; exiting", done)
+            if stopped:
                 break
         if pending is not None and pending[0] > window[0]:
             last = report(*pending)
-    finally:
-        batches.close()
-        sink.close()
-        preemption.close()
+    if stopped == "Ctrl-C":
         ckpt.wait()
-        ckpt.close()
+        raise Interrupted(f"interrupted (Ctrl-C): saved checkpoint {last_saved}; run the same "
+                          "command to continue")
+    if stopped:
+        log.warning("preempted (%s): saved step %d; exiting", stopped, last_saved)
     if train_step.traces > 1:  # every step has the same shapes: one compilation is enough
         log.warning("the train step was compiled %d times; batches changed shape or dtype",
                     train_step.traces)
     return {"step": int(train_step.global_state(state).step), "loss": last.get("loss"),
-            "params": n_params, "seconds": time.time() - t_begin, "preempted": preempted,
+            "params": n_params, "seconds": time.time() - t_begin, "preempted": bool(stopped),
             "skipped_steps": len(guard.skipped), "compiles": train_step.traces}

@@ -55,6 +55,7 @@ class MetricSink:
 
     def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int):
         self.enabled = jax.process_index() == 0
+        self.total_steps = total_steps
         self.bar = None
         if not self.enabled:
             return
@@ -76,8 +77,11 @@ class MetricSink:
         if not self.enabled:
             return
         clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            self.jsonl.flush()
+        except OSError as e:  # e.g. a full disk: name the file
+            raise OSError(e.errno, e.strerror, self.jsonl.name) from None
         for k, v in clean.items():
             if v is not None and math.isfinite(v):
                 self.tb.add_scalar(f"train/{k}", v, step)
@@ -86,11 +90,13 @@ class MetricSink:
                 + (f"tok/s {tps:,.0f}" if tps is not None else "tok/s - (compiling)"))
         if self.bar is not None:
             self.bar.set_postfix_str(text)
-        else:
+        else:  # a log file or pipe: progress and time left in every line
             extra = f"  grad_norm {clean['grad_norm']:.3f}  lr {clean['learning_rate']:.2e}"
             if clean.get("mfu") is not None:
                 extra += f"  mfu {100 * clean['mfu']:.1f}%"
-            log.info("step %d  %s%s", step, text, extra)
+            if clean.get("eta_seconds") is not None:
+                extra += f"  eta {format_duration(clean['eta_seconds'])}"
+            log.info("step %d/%d  %s%s", step, self.total_steps, text, extra)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -102,6 +108,14 @@ class MetricSink:
                 self.bar.close()
             self.tb.close()
             self.jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> "1h02m", 125 -> "2m05s", 42 -> "42s"."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def read_history(workdir: pathlib.Path) -> list[dict]:

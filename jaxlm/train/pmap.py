@@ -19,12 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.train.step import (
-    TrainState,
-    accumulate_gradients,
-    apply_gradients,
-    boxed_state,
-)
+from jaxlm.train.step import (TrainState, accumulate_gradients, apply_gradients, boxed_state,
+                              fresh_state)
 
 AXIS = "devices"
 
@@ -70,12 +66,7 @@ class PmapTrainStep:
         return state, jax.tree_util.tree_map(lambda x: x[0], metrics)  # identical on all
 
     def init_state(self):
-        def init(rng):
-            params = self.setup.init_params(rng)
-            return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                              opt_state=self.tx.init(params))
-        rng = jax.random.PRNGKey(self.setup.cfg.train.seed)
-        return jax.jit(init, out_shardings=self.state_shardings)(rng)
+        return fresh_state(self.setup, self.tx, self.state_shardings)
 
     def place_batch(self, local_batch: dict) -> dict:
         """Rows [B, ...] -> [devices, B / devices, ...], one slice per device."""

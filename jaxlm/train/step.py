@@ -102,6 +102,15 @@ def boxed_state(boxed_params, tx):
         boxed_params)
 
 
+def fresh_state(setup, tx: optax.GradientTransformation, shardings) -> TrainState:
+    """A new state (seed config.train.seed), created straight into `shardings`: no host
+    ever holds the full model."""
+    def init(rng):
+        params = setup.init_params(rng)
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(setup.cfg.train.seed))
+
+
 class JitTrainStep:
     """The train step compiled once over the mesh (see the module docstring)."""
 
@@ -132,14 +141,7 @@ class JitTrainStep:
             return self.jitted(state, batch, rng)
 
     def init_state(self) -> TrainState:
-        """A fresh state (seed config.train.seed), created straight into its shardings: no
-        host ever holds the full model."""
-        def init(rng):
-            params = self.setup.init_params(rng)
-            return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                              opt_state=self.tx.init(params))
-        rng = jax.random.PRNGKey(self.setup.cfg.train.seed)
-        return jax.jit(init, out_shardings=self.state_shardings)(rng)
+        return fresh_state(self.setup, self.tx, self.state_shardings)
 
     def place_batch(self, local_batch: dict) -> dict:
         """This process's numpy rows -> global arrays sharded over the batch axes."""

@@ -1,0 +1,337 @@
+"""Bad input and faults, as a new user meets them: each ends with one line naming the field,
+file or checkpoint, the documented exit code (2 user error, 130 Ctrl-C), and a workdir
+exactly as it was (every file hashed before and after).
+
+Categories: config values, paths, names, checkpoints (refused resumes, damaged files),
+concurrency (one writer per workdir), signals (Ctrl-C), a full disk. The launchers'
+quoting is tested in test_launch.py.
+"""
+
+import contextlib
+import importlib
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from test_main import TINY, tree_digest
+
+from jaxlm import checkpoint, cli, workdir
+from jaxlm.train.metrics import read_history
+
+COMMANDS = {"main": "jaxlm.main", "train": "jaxlm.train.__main__",
+            "evaluate": "jaxlm.evaluate.__main__", "export": "jaxlm.export",
+            "plan": "jaxlm.plan"}
+DEBUG = f"--config={REPO}/configs/gpt/debug.py"
+
+
+def command(name, *args):
+    """`python -m jaxlm.<name> args` in this process: (exit code, its "error:" lines)."""
+    module = importlib.import_module(COMMANDS[name])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.run(module.main, list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+
+
+def refused(name, workdir_path, *args, match, code=2):
+    """Runs a command that must be refused; checks code, one error line, untouched workdir."""
+    before = tree_digest(workdir_path) if workdir_path.exists() else None
+    got, errors = command(name, DEBUG, f"--workdir={workdir_path}", *TINY, *args)
+    assert got == code and len(errors) == 1, (got, errors)
+    assert match in errors[0], errors[0]
+    after = tree_digest(workdir_path) if workdir_path.exists() else None
+    assert after == before, "the refused command changed the workdir"
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    path = tmp_path_factory.mktemp("bad_input") / "run"
+    code, errors = command("train", DEBUG, f"--workdir={path}", *TINY,
+                           "--config.train.steps=4", "--config.checkpoint.every=2")
+    assert code == 0, errors
+    return path
+
+
+@pytest.fixture
+def run_dir(trained_once, tmp_path):
+    shutil.copytree(trained_once, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def flip_bytes(path, offset_fraction=0.5, count=4):
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * offset_fraction)
+    for i in range(at, at + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def silently_damage(run_dir, step=4):
+    """Flips 4 bytes in a data file of checkpoint `step` such that its params still restore
+    without any error, with other values: bit rot that nothing notices without checksums."""
+    import jax
+    import numpy as np
+
+    from jaxlm import config
+    from jaxlm.errors import CheckpointError
+    from jaxlm.setup import build
+    ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
+    setup = build(config.from_dict(ckpt.read_meta(step)["config"]))
+    ckpt.verify = False
+    read = lambda: jax.device_get(ckpt.restore_params(step, setup.abstract_params,
+                                                      setup.param_shardings))
+    good = jax.tree_util.tree_leaves(read())
+    data_files = sorted((p for p in (run_dir / "checkpoints" / str(step) / "state").rglob("*")
+                         if p.is_file() and p.parent.name == "d"), key=lambda p: -p.stat().st_size)
+    try:
+        for path in data_files:
+            original = path.read_bytes()
+            for fraction in (0.5, 0.3, 0.7, 0.9):
+                flip_bytes(path, fraction)
+                try:
+                    got = jax.tree_util.tree_leaves(read())
+                except CheckpointError:
+                    got = good
+                if any(not np.array_equal(a, b) for a, b in zip(good, got)):
+                    return path
+                path.write_bytes(original)
+    finally:
+        ckpt.close()
+    pytest.fail("no 4-byte flip changed the params without an error")
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--config.optimizer.learning_rate=-0.001"], "config.optimizer.learning_rate=-0.001 must be positive"),
+    (["--config.model.dropout=1.5"], "config.model.dropout=1.5 must be in [0, 1)"),
+    (["--config.train.batch_size=0"], "config.train.batch_size=0 must be positive"),
+    (["--config.evaluate.num_examples=0"], "config.evaluate.num_examples=0 must be positive"),
+    (["--config.evaluate.max_new_tokens=500"], "config.evaluate.max_new_tokens=500 leaves no room"),
+    (["--config.data.seq_len=256"], "config.data.seq_len=256 exceeds config.model.max_len=128"),
+    (["--config.train.stpes=3"], "did you mean config.train.steps"),
+])
+def test_bad_values_are_refused_before_anything_starts(tmp_path, args, match):
+    refused("main", tmp_path / "new", *args, match=match)
+    assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def test_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    refused("train", tmp_path / "file", match="is a file, not a folder")
+    refused("train", tmp_path / "file" / "run", match=f"{tmp_path / 'file'} is a file, not a folder")
+
+
+def test_empty_workdir_flag_writes_nothing_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, errors = command("train", DEBUG, "--workdir=", *TINY)
+    assert code == 2 and errors == ["error: --workdir= is empty; expected --workdir=DIR"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_unwritable_workdir(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    refused("train", locked / "run", match="is not writable (permission denied)")
+
+
+@pytest.mark.parametrize("name", ["evaluate", "export"])
+def test_read_only_commands_create_nothing_at_a_mistyped_path(tmp_path, name):
+    extra = [f"--output={tmp_path / 'out'}"] if name == "export" else []
+    refused(name, tmp_path / "typo", *extra, match="no such folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_export_into_a_missing_folder(run_dir, tmp_path):
+    refused("export", run_dir, f"--output={tmp_path / 'missing' / 'export'}",
+            match="is not a writable folder")
+
+
+# ----------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name,args,match", [
+    ("main", ["--config.data.tokenizer=bpe"], "config.data.tokenizer='bpe': unknown tokenizer"),
+    ("main", ["--config.mesh.strategy=zero3"], "config.mesh.strategy='zero3': expected one of"),
+    ("main", ["--config.model.arch=llama"], "config.model.arch='llama': expected one of"),
+    ("main", ["--config.train.objective=masked"], "config.train.objective='masked': expected one of"),
+    ("main", ["--config.evaluate.tasks=rule_mc,hellaswag"],
+     "config.evaluate.tasks: unknown task(s) ['hellaswag']"),
+    ("train", ["--config.data.name=no_such_dataset", "--config.data.data_dir={tmp}"],
+     "config.data.name='no_such_dataset': no TFDS dataset of that name"),
+])
+def test_bad_names_are_refused_before_training(tmp_path, name, args, match):
+    args = [a.format(tmp=tmp_path) for a in args]
+    refused(name, tmp_path / "new", *args, match=match)
+    assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--config.train.batch_size=16"], "the batch size changed mid-run"),
+    (["--config.train.steps=3"], "config.train.steps=3 is below the step of the latest checkpoint"),
+    (["--config.model.num_layers=3"], "config.model.num_layers is 2 there and 3 here"),
+    (["--config.data.seed=1"], "checkpoint 4 was trained on other data"),
+])
+def test_refused_resumes_change_no_file(run_dir, args, match):
+    refused("main", run_dir, "--config.train.steps=6", *args, match=match)
+
+
+def test_a_flipped_byte_is_named_with_the_intact_checkpoint(run_dir):
+    silently_damage(run_dir)
+    message = refused("train", run_dir, "--config.train.steps=6", match="checkpoints/4")
+    assert "does not match the checksum saved with it" in message
+    assert "checkpoint 2 is intact" in message
+    assert f"move {run_dir / 'checkpoints' / '4'} out of" in message
+    message = refused("evaluate", run_dir, match="damaged")
+    assert "evaluate it with --config.checkpoint.step=2" in message
+    code, errors = command("evaluate", DEBUG, f"--workdir={run_dir}", *TINY,
+                           "--config.checkpoint.step=2")
+    assert code == 0, errors
+
+
+def test_a_changed_meta_file_is_named(run_dir):
+    meta = run_dir / "checkpoints" / "4" / "meta" / "metadata"  # Orbax's JSON file
+    text = meta.read_text()
+    meta.write_text(text.replace('"next_sample": 32', '"next_sample": 33'))
+    assert meta.read_text() != text
+    refused("train", run_dir, "--config.train.steps=6", match="meta is damaged")
+
+
+def test_without_verification_a_flip_goes_unnoticed(run_dir):
+    """What config.checkpoint.verify buys: the same damage, not checked, restores."""
+    silently_damage(run_dir)
+    code, errors = command("evaluate", DEBUG, f"--workdir={run_dir}", *TINY,
+                           "--config.checkpoint.verify=false", "--config.evaluate.tasks=rule_mc",
+                           "--config.evaluate.shots=(0,)")
+    assert code == 0, errors
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def _train_cmd(path, *extra):
+    return [sys.executable, "-m", "jaxlm.train", DEBUG, f"--workdir={path}", *TINY, *extra]
+
+
+def test_two_runs_on_one_workdir_exactly_one_trains(tmp_path):
+    path = tmp_path / "run"
+    procs = [subprocess.Popen(_train_cmd(path, "--config.train.steps=30", "--config.train.log_every=1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [r[1][-2000:] for r in results]
+    loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 2)
+    assert loser.strip().splitlines()[-1].startswith(f"error: --workdir={path} is in use by ")
+    assert "pid" in loser and "Traceback" not in loser
+    assert [h["step"] for h in read_history(path)] == list(range(1, 31))  # one run's lines
+
+
+def test_evaluation_may_run_beside_a_training_run(run_dir):
+    claim = workdir.claim(run_dir)  # as a running jaxlm.train holds it
+    try:
+        message = refused("train", run_dir, "--config.train.steps=6", match="is in use by")
+        assert f"pid {os.getpid()}" in message
+        code, errors = command("evaluate", DEBUG, f"--workdir={run_dir}", *TINY,
+                               "--config.evaluate.tasks=rule_mc", "--config.evaluate.shots=(0,)")
+        assert code == 0, errors
+    finally:
+        claim.accept()
+        claim.release()
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _wait_for_step(path, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if (path / "metrics.jsonl").exists() and any(h["step"] >= step for h in read_history(path)):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(step)
+
+
+def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
+    path = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(path, "--config.train.steps=100000", "--config.train.log_every=1",
+                                       "--config.checkpoint.every=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(path, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    saved = checkpoint.Checkpointer(path, read_only=True).steps()
+    assert proc.returncode == 130 and len(saved) == 1 and saved[0] >= 3, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"error: interrupted (Ctrl-C): saved checkpoint "
+                                            f"{saved[0]}; run the same command to continue")
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+from jaxlm import cli
+from jaxlm.train import __main__ as train
+cli.run(train.main, sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE")
+def test_a_save_that_the_disk_refuses_keeps_the_checkpoints_before_it(run_dir):
+    """The file-size limit makes every large write fail, as a full disk does (EFBIG instead
+    of ENOSPC): the run stops with one line and the checkpoints 2 and 4 still restore."""
+    before = tree_digest(run_dir / "checkpoints")
+    proc = subprocess.run([sys.executable, "-c", _LIMITED, DEBUG, f"--workdir={run_dir}", *TINY,
+                           "--config.train.steps=6", "--config.checkpoint.every=2"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last.startswith("error: saving checkpoint 6 to ") and "File too large" in last, last
+    assert "Finished checkpoints there are intact: [2, 4]" in last
+    assert "Traceback" not in proc.stderr and last == proc.stderr.strip().splitlines()[-1]
+    assert {k: v for k, v in tree_digest(run_dir / "checkpoints").items()
+            if k.split("/")[0] in ("2", "4")} == before
+    code, errors = command("evaluate", DEBUG, f"--workdir={run_dir}", *TINY,
+                           "--config.evaluate.tasks=rule_mc", "--config.evaluate.shots=(0,)")
+    assert code == 0, errors
+    assert json.loads((run_dir / "results.json").read_text())["step"] == 4
+
+
+def test_a_disk_without_room_for_the_next_checkpoint_stops_before_writing(run_dir, monkeypatch):
+    """Checked before the save starts: nothing half-written, one line, 2 and 4 intact."""
+    real = checkpoint.shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=1000))
+    code, errors = command("train", DEBUG, f"--workdir={run_dir}", *TINY,
+                           "--config.train.steps=6", "--config.checkpoint.every=2")
+    assert code == 2 and len(errors) == 1, errors
+    assert "saving checkpoint 6 needs about 354 kB" in errors[0] and "has 1 kB free" in errors[0]
+    assert "Finished checkpoints there are intact: [2, 4]" in errors[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
