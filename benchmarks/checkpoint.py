@@ -87,6 +87,10 @@ def main():
         row["restore_params_GB"] = nbytes(params) / 1e9
         del params
         ckpt.close()
+        t0 = time.perf_counter()
+        checkpoint.checksums(state)  # the verification pass itself, alone
+        row["checksums_s"] = time.perf_counter() - t0
+        row["checksums_GBps"] = size / 1e9 / row["checksums_s"]
         cfg.checkpoint.update(async_save=False, verify=False)  # the same without checksums
         ckpt = checkpoint.Checkpointer(root / f"unverified{r}", cfg.checkpoint)
         t0 = time.perf_counter()

@@ -127,7 +127,9 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
 
 
-_checksums = jax.jit(lambda tree: jax.tree_util.tree_map(_checksum, tree))
+# One small program per array shape (not one over the whole tree: a 1,000-array state
+# would take seconds to compile); all dispatched before any result is read.
+_checksum_jit = jax.jit(_checksum)
 
 
 def _name(path) -> str:
@@ -140,9 +142,10 @@ def _name(path) -> str:
 
 def checksums(tree) -> dict[str, int]:
     """{array name: checksum} of a tree of (possibly sharded) arrays."""
-    sums = _checksums(tree)
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    sums = [_checksum_jit(x) for _, x in leaves]
     return {_name(path): int(np.asarray(x.addressable_data(0)))
-            for path, x in jax.tree_util.tree_leaves_with_path(sums)}
+            for (path, _), x in zip(leaves, sums)}
 
 
 def verify(tree, expected: dict[str, int], where: str, prefix: str = "") -> None:

@@ -167,9 +167,7 @@ def _own(config: bool, workdir: bool) -> tuple[Flag, ...]:
 
 def start(cfg) -> None:
     """Joins the other processes of a multi-host job (config.distributed), if any."""
-    from jaxlm import (
-        distributed,  # imports JAX: only once the flags are known to be good
-    )
+    from jaxlm import distributed  # imports JAX: only once the flags are known to be good
     distributed.initialize(cfg.distributed)
 
 

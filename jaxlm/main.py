@@ -21,9 +21,8 @@ log = logging.getLogger("jaxlm")
 def pretrain_then_evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """{"train": training summary, "evaluate": results} (no evaluation after a preemption:
     the run saved and stopped; the same command continues it)."""
-    from jaxlm.evaluate import (
-        fewshot,  # JAX and friends: after the flags are known good
-    )
+    from jaxlm import checkpoint  # JAX and friends: after the flags are known good
+    from jaxlm.evaluate import fewshot
     from jaxlm.train import loop
 
     # The evaluation half is checked now, not after a long training run.

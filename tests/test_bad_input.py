@@ -335,3 +335,16 @@ def test_a_disk_without_room_for_the_next_checkpoint_stops_before_writing(run_di
     assert "saving checkpoint 6 needs about 354 kB" in errors[0] and "has 1 kB free" in errors[0]
     assert "Finished checkpoints there are intact: [2, 4]" in errors[0]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    path = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(path, "--config.train.steps=100000", "--config.train.log_every=1",
+                                       "--config.checkpoint.every=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(path, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")

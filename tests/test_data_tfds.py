@@ -6,13 +6,8 @@ import json
 import numpy as np
 import pytest
 from conftest import tiny_config
-from data_helpers import (
-    lm_batch,
-    lm_example,
-    memory_cache,
-    require_shakespeare,
-    require_tensorflow,
-)
+from data_helpers import (lm_batch, lm_example, memory_cache, require_shakespeare,
+                          require_tensorflow)
 
 from jaxlm.data import sources, text_dataset, text_files, token_cache
 from jaxlm.data.tokenizers import ByteTokenizer

@@ -8,9 +8,7 @@ from jaxlm import cli
 def main(argv) -> dict:
     args = cli.parse(argv, "jaxlm.evaluate", __doc__)
     cli.start(args.config)
-    from jaxlm.evaluate import (
-        fewshot,  # JAX and friends: after the flags are known good
-    )
+    from jaxlm.evaluate import fewshot  # JAX and friends: after the flags are known good
     return fewshot.evaluate(args.config, args.workdir)
 
 
