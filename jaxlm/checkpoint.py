@@ -56,12 +56,12 @@ def check_meta(meta: dict, cfg: ml_collections.ConfigDict, tokenizer, where: str
     """Raises CheckpointError if the checkpoint described by `meta` does not fit `cfg`:
     another model family, another value of a field that fixes parameter shapes (the
     family's shape_fields), or another tokenizer."""
-    saved = {"arch": "gpt", **meta["config"]["model"]}  # older checkpoints: all GPT
+    saved = config_lib.from_dict(meta["config"], where).model  # defaults for older fields
     for field in ("arch",) + models.family(cfg.model.arch).shape_fields:
-        if saved.get(field) != cfg.model[field]:
+        if saved[field] != cfg.model[field]:
             raise CheckpointError(
                 f"{where} holds a different model: config.model.{field} is "
-                f"{saved.get(field)!r} there and {cfg.model[field]!r} here; use another "
+                f"{saved[field]!r} there and {cfg.model[field]!r} here; use another "
                 "--workdir or the same config")
     if meta["tokenizer"] != tokenizer.to_dict():
         raise CheckpointError(
@@ -128,7 +128,8 @@ def _checksum(x: jax.Array) -> jax.Array:
 
 
 # One small program per array shape (not one over the whole tree: a 1,000-array state
-# would take seconds to compile); all dispatched before any result is read.
+# takes seconds to compile), run one at a time: programs with cross-device reductions in
+# flight together can deadlock XLA:CPU's collectives.
 _checksum_jit = jax.jit(_checksum)
 
 
@@ -142,10 +143,8 @@ def _name(path) -> str:
 
 def checksums(tree) -> dict[str, int]:
     """{array name: checksum} of a tree of (possibly sharded) arrays."""
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    sums = [_checksum_jit(x) for _, x in leaves]
-    return {_name(path): int(np.asarray(x.addressable_data(0)))
-            for (path, _), x in zip(leaves, sums)}
+    return {_name(path): int(np.asarray(_checksum_jit(x).addressable_data(0)))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def verify(tree, expected: dict[str, int], where: str, prefix: str = "") -> None:
@@ -429,7 +428,7 @@ def read_export_meta(path: pathlib.Path) -> dict:
     return _check_seal(meta, f"export {path}/meta")
 
 
-def _load_export(path: pathlib.Path, abstract_params, shardings, meta: dict, check: bool):
+def load_export(path: pathlib.Path, abstract_params, shardings, meta: dict, check: bool):
     """The exported params, placed into `shardings` (any mesh) and, with `check`, verified
     against the checksums in the export's `meta`."""
     path = pathlib.Path(path).absolute()
@@ -455,7 +454,7 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
         path = pathlib.Path(cfg.evaluate.params)
         meta = read_export_meta(path)
         check_meta(meta, cfg, setup.tokenizer, f"export {path}")
-        params = _load_export(path, setup.abstract_params, setup.param_shardings, meta,
+        params = load_export(path, setup.abstract_params, setup.param_shardings, meta,
                               cfg.checkpoint.verify)
         return params, meta["step"]
     ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)

@@ -175,7 +175,7 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None):
     """Calls `main(argv)` with logging set up; a user error ends the process with one line
     and its exit code instead of a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", force=True)  # whatever an import set up before
     logging.getLogger("jaxlm").setLevel(logging.INFO)  # ours at INFO; libraries at WARNING
     _quiet_library_failures()
     try:

@@ -81,7 +81,7 @@ SCHEMA = {
                          "jit: one program over the whole mesh (every strategy); pmap: classic "
                          "data parallel over local devices (replicated params, psum); mesh ignored"),
     "model": {
-        "arch": Field("gpt", None, "model family (jaxlm.models registry): gpt"),
+        "arch": Field("gpt", None, "model family (jaxlm.models registry): gpt, bert"),
         "vocab_size": Field(258, POSITIVE, "V; at least the tokenizer's ids (byte tokenizer: 258)"),
         "max_len": Field(256, POSITIVE, "longest sequence the model accepts (learned position rows)"),
         "num_layers": Field(4, POSITIVE, "transformer blocks"),
@@ -94,6 +94,14 @@ SCHEMA = {
                           "learned (GPT-2) or rope (rotary, applied to q and k)"),
         "rope_base": Field(10000.0, POSITIVE, "rotary base frequency (position = rope)"),
         "tie_embeddings": Field(True, None, "output projection reuses the token embedding (GPT-2)"),
+        "norm_position": Field("pre", ("pre", "post"), "LayerNorm before each sublayer (GPT-2) "
+                               "or after its residual sum (BERT)"),
+        "activation": Field("gelu_tanh", ("gelu_tanh", "gelu"), "MLP activation: GELU's tanh "
+                            "approximation (GPT-2) or the exact erf GELU (BERT)"),
+        "type_vocab_size": Field(0, NONNEGATIVE, "token types (sentence A/B) embedded; 0 = none "
+                                 "(GPT), BERT: 2"),
+        "num_classes": Field(0, NONNEGATIVE, "outputs of a sequence-classification head; 0 = "
+                             "no head (pretraining)"),
         "layer_norm_eps": Field(1e-5, POSITIVE, "LayerNorm epsilon"),
         "dtype": Field("float32", DTYPES, "compute dtype (bfloat16 for mixed precision)"),
         "param_dtype": Field("float32", DTYPES, "storage dtype of parameters and optimizer state"),
@@ -125,7 +133,10 @@ SCHEMA = {
     },
     "train": {
         "objective": Field("causal_lm", None, "what is learned from the token windows "
-                           "(jaxlm.train.objectives): causal_lm"),
+                           "(jaxlm.train.objectives): causal_lm, masked_lm, classification"),
+        "mask_prob": Field(0.15, Range(0, 1, lo_open=True, hi_open=True),
+                           "masked_lm: share of the real tokens chosen in each sequence"),
+        "whole_word_masking": Field(False, None, "masked_lm: choose whole words, not tokens"),
         "steps": Field(1000, POSITIVE, "optimizer steps"),
         "batch_size": Field(32, POSITIVE, "global batch, in sequences, per optimizer step"),
         "microbatches": Field(1, POSITIVE, "gradient accumulation: the batch is split into this many"),
@@ -186,6 +197,28 @@ SCHEMA = {
         "num_samples": Field(3, NONNEGATIVE, "generated samples printed after training"),
         "sample_len": Field(96, POSITIVE, "tokens per sample"),
         "temperature": Field(0.8, NONNEGATIVE, "sampling temperature of the samples (0: greedy)"),
+    },
+    "finetune": {
+        "init": Field("", None, "pretrained params: a workdir (its latest checkpoint), one "
+                      "checkpoint folder, or a params export; empty = random initialisation"),
+        "train_data": Field("synthetic:facts:train", None, "labelled examples: a .csv/.tsv/"
+                            ".jsonl file (a slice like FILE[:400] works), tfds:NAME:SPLIT or "
+                            "synthetic:facts:SPLIT (jaxlm.data.labelled)"),
+        "validation_data": Field("synthetic:facts:validation", None, "scored every epoch"),
+        "train_examples": Field(0, NONNEGATIVE, "use only the first N training examples "
+                                "(few-label experiments); 0 = all"),
+        "text_field": Field("sentence", None, "field holding the text"),
+        "pair_field": Field("", None, "field of the second text of a pair; empty: single texts"),
+        "label_field": Field("label", None, "field holding the class (a number, or a name of "
+                             "class_names)"),
+        "class_names": Field((), None, "the classes' names in label order (for labels given by "
+                             "name, and the plots)"),
+        "epochs": Field(3, POSITIVE, "passes over the training examples"),
+        "learning_rate": Field(5e-5, POSITIVE, "peak learning rate (replaces optimizer.learning_rate)"),
+        "batch_size": Field(32, POSITIVE, "examples per step (replaces train.batch_size)"),
+        "warmup_ratio": Field(0.1, Range(0, 1), "linear warmup over this share of the steps"),
+        "best_metric": Field("accuracy", ("accuracy", "f1", "f1_macro", "mcc", "roc_auc"),
+                             "validation metric that picks the best epoch (kept in WORKDIR/best)"),
     },
     "distributed": {
         "auto_detect": Field(False, None, "let JAX read the cluster (SLURM, Cloud TPU, GKE, MPI)"),
@@ -373,9 +406,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          f"config.train.batch_size={t.batch_size} is not divisible by "
          f"config.train.microbatches={t.microbatches}")
     e = cfg.evaluate
-    for f in ("max_new_tokens", "sample_len"):  # generation needs room for a prompt
-        need(e[f] < m.max_len, f"config.evaluate.{f}={e[f]} leaves no room for a prompt "
-             f"within config.model.max_len={m.max_len}")
+    for f, used in (("max_new_tokens", e.tasks), ("sample_len", e.num_samples)):
+        need(not used or e[f] < m.max_len,  # generation needs room for a prompt
+             f"config.evaluate.{f}={e[f]} leaves no room for a prompt within "
+             f"config.model.max_len={m.max_len}")
     need(cfg.optimizer.warmup_steps <= t.steps,
          f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be in [0, train.steps]")
 

@@ -91,7 +91,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | 
     mesh = step.setup.mesh
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     state = jax.tree_util.tree_map(with_sharding, step.abstract_state, step.state_shardings)
-    batch = {k: with_sharding(v, step.batch_sharding)
+    batch = {k: with_sharding(v, step.batch_shardings[k])
              for k, v in step.objective.batch_spec(cfg.train.batch_size).items()}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
     with sharding.activate(mesh, cfg.mesh):

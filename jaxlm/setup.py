@@ -71,7 +71,7 @@ def build_train(cfg: ml_collections.ConfigDict, devices=None):
     """`build` plus what training needs: the objective, the optimizer and the compiled step
     (jaxlm.train.step.JitTrainStep, or the pmap adapter when config.parallelism = pmap)."""
     setup = build(cfg, devices)
-    objective = objectives.make_objective(cfg)
+    objective = objectives.make_objective(cfg, setup.tokenizer)
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     kind = pmap.PmapTrainStep if cfg.parallelism == "pmap" else step.JitTrainStep

@@ -117,10 +117,11 @@ def logical_shardings(tree, mesh: Mesh, cfg_mesh):
     return nn.logical_to_mesh_sharding(specs, mesh, rules(cfg_mesh))
 
 
-def batch_sharding(mesh: Mesh, cfg_mesh) -> NamedSharding:
-    """Sharding of a [B, L] batch: B over the mesh axes the "batch" rule names."""
+def batch_sharding(mesh: Mesh, cfg_mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a batch array [B, ...] of `ndim` dimensions: B over the mesh axes the
+    "batch" rule names, the rest whole."""
     batch_axes = dict(rules(cfg_mesh)).get("batch")
-    return NamedSharding(mesh, P(batch_axes, None))
+    return NamedSharding(mesh, P(batch_axes, *[None] * (ndim - 1)))
 
 
 def split_count(mesh: Mesh, cfg_mesh, logical: str) -> int:

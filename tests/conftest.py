@@ -28,6 +28,19 @@ def tiny_config(**model_overrides):
     return c
 
 
+def tiny_bert_config(**model_overrides):
+    """configs/bert/debug.py at the tiny shapes of `tiny_config` (masked LM, byte:bert)."""
+    from jaxlm.config import load_config
+    c = load_config(REPO / "configs/bert/debug.py")
+    c.model.update(num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
+    c.model.update(**model_overrides)
+    c.data.seq_len = 32
+    c.train.update(steps=20, batch_size=8, log_every=5)
+    c.checkpoint.update(every=10, heartbeat_seconds=30.0, timeout_seconds=300.0)
+    c.optimizer.update(learning_rate=3e-3, warmup_steps=5)
+    return c
+
+
 @pytest.fixture
 def cfg():
     return tiny_config()
@@ -43,9 +56,10 @@ def fresh_step(cfg, devices=None):
 def random_batch(cfg, seed: int = 0) -> dict:
     """A global batch of random byte windows, made by the config's objective (numpy)."""
     from jaxlm.train.objectives import make_objective
-    objective = make_objective(cfg)
+    from jaxlm.data.tokenizers import get_tokenizer
+    objective = make_objective(cfg, get_tokenizer(cfg.data.tokenizer))
     rng = np.random.default_rng(seed)
     length = cfg.data.seq_len + objective.extra_tokens
-    rows = [objective.example({"tokens": rng.integers(0, 256, length).astype(np.int32)})
-            for _ in range(cfg.train.batch_size)]
+    rows = [objective.example({"tokens": rng.integers(0, 256, length).astype(np.int32)}, i)
+            for i in range(cfg.train.batch_size)]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

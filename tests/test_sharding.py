@@ -4,7 +4,7 @@ really are what the strategy says."""
 import jax
 import numpy as np
 import pytest
-from conftest import fresh_step, random_batch, tiny_config
+from conftest import fresh_step, random_batch, tiny_bert_config, tiny_config
 
 from jaxlm import models
 from jaxlm.errors import ConfigError
@@ -50,6 +50,20 @@ def test_strategy_matches_single_device(case):
     batches = make_batches(cfg)
     one = tiny_config(vocab_size=264)
     ref_state, ref_losses = run_steps(one, jax.devices()[:1], batches)
+    state, losses = run_steps(cfg, jax.devices(), batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           jax.device_get(state.params), jax.device_get(ref_state.params))
+
+
+@pytest.mark.parametrize("case", ["fsdp", "fsdp_sequence_tp"])
+def test_bert_strategy_matches_single_device(case):
+    """The encoder (bidirectional, post-LN, token types, MLM head) under the same rules."""
+    strategy, (data, fsdp, sequence, tensor) = MESHES[case]
+    cfg = tiny_bert_config(vocab_size=264)
+    cfg.mesh.update(strategy=strategy, data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
+    batches = make_batches(cfg)
+    ref_state, ref_losses = run_steps(tiny_bert_config(vocab_size=264), jax.devices()[:1], batches)
     state, losses = run_steps(cfg, jax.devices(), batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

@@ -12,7 +12,7 @@ from conftest import REPO
 PACKAGE = REPO / "jaxlm"
 # python -m <command>: the entry points, each a leaf that parses flags and calls one function.
 COMMANDS = ["jaxlm.main", "jaxlm.train", "jaxlm.evaluate", "jaxlm.export", "jaxlm.plan",
-            "jaxlm.data.prepare", "jaxlm.data.tokenizers"]
+            "jaxlm.finetune", "jaxlm.data.prepare", "jaxlm.data.tokenizers"]
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -91,7 +91,8 @@ def test_sentencepiece_train_command_special_ids_and_round_trip(spm_model):
     tok = get_tokenizer(f"sentencepiece:{spm_model}")
     assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (400, 0, 2)
     assert tok.sp.unk_id() == 1
-    assert [tok.special_ids[p] for p in SPM_BERT_PIECES] == [3, 4, 5]  # reserved for BERT
+    assert [tok.pieces[p] for p in SPM_BERT_PIECES] == [3, 4, 5]  # reserved for BERT
+    assert tok.bert_ids == {"cls": 3, "sep": 4, "mask": 5}
     for text in TEXTS:  # identity normalisation + byte fallback: exact inverse
         assert tok.decode(tok.encode(text)) == text
     ids = tok.encode("Bako lives in Tesmor.\n")
@@ -178,7 +179,7 @@ def test_gpt2_to_dict_and_errors(tmp_path):
 
 @pytest.mark.parametrize("spec,match", [("bpe", "unknown tokenizer 'bpe'"),
                                         ("sentencepiece", "expected 'sentencepiece:PATH'"),
-                                        ("byte:x", "expected 'byte'")])
+                                        ("byte:x", "expected 'byte' or 'byte:bert'")])
 def test_bad_tokenizer_specs(spec, match):
     with pytest.raises(ConfigError, match=match):
         get_tokenizer(spec)

@@ -149,3 +149,20 @@ def prepare_catalog(name: str, data_dir: str, manual_dir: str) -> str:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(manual), try_download_gcs=False))
     return str(builder.data_dir)
+
+
+def builder_for(name: str, data_dir: str, what: str):
+    """The builder of TFDS dataset `name`, prepared under data_dir ("" = the default);
+    ConfigError naming `what` (the config field) if it is unknown or not prepared."""
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    data_dir = data_dir or default_data_dir()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(f"{what}: no TFDS dataset {name!r}") from None
+    if not builder.is_prepared():
+        raise ConfigError(f"{what}: {name!r} is not prepared under {data_dir} and nothing is "
+                          "downloaded; prepare it there first (TFDS manual_dir)")
+    return builder

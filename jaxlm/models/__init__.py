@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from jaxlm.errors import ConfigError
-from jaxlm.models import gpt
+from jaxlm.models import bert, gpt
 from jaxlm.models.layers import block_name
 
 
@@ -33,7 +33,10 @@ class Family:
 
 
 FAMILIES = {
-    "gpt": Family("gpt", gpt.GPT, gpt.SHAPE_FIELDS, gpt.flops_per_token, ("causal_lm",)),
+    "gpt": Family("gpt", gpt.GPT, gpt.SHAPE_FIELDS, gpt.flops_per_token,
+                  ("causal_lm", "classification")),
+    "bert": Family("bert", bert.BERT, bert.SHAPE_FIELDS, bert.flops_per_token,
+                   ("masked_lm", "classification")),
 }
 
 

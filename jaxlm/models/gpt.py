@@ -21,7 +21,8 @@ Array = jax.Array
 # config.model fields that change parameter shapes or meaning: resuming or evaluating a
 # checkpoint made with other values is refused.
 SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim",
-                "position", "tie_embeddings", "param_dtype")
+                "position", "tie_embeddings", "norm_position", "activation", "num_classes",
+                "param_dtype")
 
 
 class GPT(nn.Module):
@@ -29,12 +30,16 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
-                 segments_BxL: Array | None = None, *, deterministic: bool = True,
-                 decode: bool = False) -> Array:
-        """Returns logits [B, L, V] in fp32.
+                 segments_BxL: Array | None = None, types_BxL: Array | None = None, *,
+                 deterministic: bool = True, decode: bool = False,
+                 output: str = "logits") -> Array:
+        """output="logits": next-token logits [B, L, V] in fp32; "hidden": the final hidden
+        states [B, L, D]; "classes": class logits [B, C] (config.model.num_classes) from the
+        last non-padding token.
 
         positions default to 0..L-1; segments (0 = padding) keep attention inside one
         document. decode=True runs incrementally against the KV cache (see layers.Attention).
+        GPT has no token types (types_BxL is accepted for a uniform interface, and unused).
         """
         cfg = self.cfg
         if positions_BxL is None:
@@ -51,14 +56,21 @@ class GPT(nn.Module):
                 x_BxLxD, positions_BxL, segments_BxL, deterministic, decode)
         x_BxLxD = layers.LayerNorm(cfg, name="ln_final")(x_BxLxD)
 
-        if cfg.tie_embeddings:
-            logits_BxLxV = embed.attend(x_BxLxD)
-        else:
-            logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
-                                    kernel_init=layers.init(cfg.init_std, ("embed", "vocab")),
-                                    **layers.dtypes(cfg))(x_BxLxD)
-        logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
-        return logits_BxLxV.astype(jnp.float32)
+        out = {"hidden": x_BxLxD}
+        init = self.is_initializing()  # init creates every head's parameters
+        if output == "logits" or init:
+            if cfg.tie_embeddings:
+                logits_BxLxV = embed.attend(x_BxLxD)
+            else:
+                logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
+                                        kernel_init=layers.init(cfg.init_std, ("embed", "vocab")),
+                                        **layers.dtypes(cfg))(x_BxLxD)
+            logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+            out["logits"] = logits_BxLxV.astype(jnp.float32)
+        if cfg.num_classes and (output == "classes" or init):
+            last_BxD = layers.last_token(x_BxLxD, segments_BxL)
+            out["classes"] = layers.ClassHead(cfg, name="classifier")(last_BxD, deterministic)
+        return out[output]
 
 
 def flops_per_token(cfg: layers.Config, seq_len: int) -> float:

@@ -74,7 +74,8 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, base: float) -> Array:
 
 
 class Embeddings(nn.Module):
-    """Token embedding plus (when config.position == "learned") a learned position table.
+    """Token embedding plus (when config.position == "learned") a learned position table
+    and (when config.type_vocab_size > 0, BERT) a token-type table for sentence A / B.
 
     `attend` maps hidden states back to vocabulary logits with the same table (tied output).
     """
@@ -89,11 +90,19 @@ class Embeddings(nn.Module):
             self.positions = nn.Embed(cfg.max_len, cfg.d_model,
                                       embedding_init=init(cfg.init_std / 2, ("pos", "embed")),
                                       **dtypes(cfg))
+        if cfg.type_vocab_size:
+            self.types = nn.Embed(cfg.type_vocab_size, cfg.d_model,
+                                  embedding_init=init(cfg.init_std, (None, "embed")),
+                                  **dtypes(cfg))
 
-    def __call__(self, tokens_BxL: Array, positions_BxL: Array) -> Array:
+    def __call__(self, tokens_BxL: Array, positions_BxL: Array,
+                 types_BxL: Array | None = None) -> Array:
         x_BxLxD = self.tokens(tokens_BxL)
         if self.cfg.position == "learned":
             x_BxLxD = x_BxLxD + self.positions(positions_BxL)
+        if self.cfg.type_vocab_size:
+            types_BxL = jnp.zeros_like(tokens_BxL) if types_BxL is None else types_BxL
+            x_BxLxD = x_BxLxD + self.types(types_BxL)
         return constrain(x_BxLxD, ("batch", "length", "embed"))
 
     def attend(self, x_BxLxD: Array) -> Array:
@@ -222,6 +231,12 @@ def block_name(i: int) -> str:
     return f"block_{i}"
 
 
+def activation(cfg: Config, x: Array) -> Array:
+    """config.model.activation: GELU's tanh approximation (GPT-2) or the exact, erf-based
+    GELU (BERT)."""
+    return nn.gelu(x, approximate=cfg.activation == "gelu_tanh")
+
+
 class Mlp(nn.Module):
     """Dense(D->F), GELU, Dense(F->D), dropout."""
     cfg: Config
@@ -230,7 +245,7 @@ class Mlp(nn.Module):
     def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
         cfg = self.cfg
         h_BxLxF = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.init_std, name="fc_in")(x_BxLxD)
-        h_BxLxF = constrain(nn.gelu(h_BxLxF, approximate=True), ("batch", "length", "mlp"))
+        h_BxLxF = constrain(activation(cfg, h_BxLxF), ("batch", "length", "mlp"))
         out_BxLxD = dense(cfg, cfg.d_model, ("mlp", "embed"),
                           cfg.init_std / (2 * cfg.num_layers) ** 0.5, name="fc_out")(h_BxLxF)
         out_BxLxD = nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=deterministic)
@@ -238,7 +253,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """A transformer block, by config.model.norm_position:
+    "pre" (GPT-2):  x + Attn(LN(x)), then x + MLP(LN(x));
+    "post" (BERT):  LN(x + Attn(x)), then LN(x + MLP(x))."""
     cfg: Config
     causal: bool
 
@@ -246,10 +263,41 @@ class Block(nn.Module):
     def __call__(self, x_BxLxD: Array, positions_BxL: Array, segments_BxL: Array | None,
                  deterministic: bool, decode: bool = False) -> Array:
         # deterministic/decode are positional so nn.remat can mark them static.
-        h = Attention(self.cfg, self.causal, name="attn")(
-            LayerNorm(self.cfg, name="ln_attn")(x_BxLxD), positions_BxL, segments_BxL,
+        cfg = self.cfg
+        pre = cfg.norm_position == "pre"
+        ln_attn, ln_mlp = LayerNorm(cfg, name="ln_attn"), LayerNorm(cfg, name="ln_mlp")
+        h = Attention(cfg, self.causal, name="attn")(
+            ln_attn(x_BxLxD) if pre else x_BxLxD, positions_BxL, segments_BxL,
             deterministic=deterministic, decode=decode)
-        x_BxLxD = x_BxLxD + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
-        h = Mlp(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln_mlp")(x_BxLxD),
-                                      deterministic=deterministic)
-        return constrain(x_BxLxD + h, ("batch", "length", "embed"))
+        x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        if not pre:
+            x_BxLxD = ln_attn(x_BxLxD)
+        h = Mlp(cfg, name="mlp")(ln_mlp(x_BxLxD) if pre else x_BxLxD, deterministic=deterministic)
+        x_BxLxD = x_BxLxD + h
+        return constrain(x_BxLxD if pre else ln_mlp(x_BxLxD), ("batch", "length", "embed"))
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def last_token(x_BxLxD: Array, segments_BxL: Array | None) -> Array:
+    """The hidden state of each row's last real token (segment != 0): what a causal model
+    has read the whole text at. [B, D]."""
+    if segments_BxL is None:
+        return x_BxLxD[:, -1]
+    last_B = jnp.max(jnp.where(segments_BxL != 0, jnp.arange(x_BxLxD.shape[1]), 0), axis=1)
+    return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+
+
+class ClassHead(nn.Module):
+    """Sequence classification: dropout, then Dense(D -> config.model.num_classes); fp32
+    logits. The same head for every family; what it reads ([CLS] through BERT's pooler, a
+    GPT's last token) is the family's choice."""
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, x_BxD: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+        x_BxD = nn.Dropout(cfg.dropout)(x_BxD, deterministic=deterministic)
+        logits_BxC = dense(cfg, cfg.num_classes, ("embed", None), cfg.init_std, name="out")(x_BxD)
+        return logits_BxC.astype(jnp.float32)

@@ -7,10 +7,12 @@ few-shot evaluation. Re-running on the same workdir resumes from the latest chec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import pathlib
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +35,31 @@ from jaxlm.watchdog import Watchdog
 log = logging.getLogger("jaxlm")
 
 
-def restore_or_init(step, ckpt: checkpoint.Checkpointer):
+@dataclasses.dataclass
+class Hooks:
+    """What a caller (jaxlm.finetune) plugs into the loop; the defaults pretrain.
+
+    source:         examples by global index; None: the one config.data describes.
+    init_params:    setup -> params to start from when the workdir has no checkpoint (the
+                    parameters it returns replace those of a fresh init); None: fresh.
+    evaluate:       (setup, params, step) -> {name: value}, run every `evaluate_every`
+                    steps and at the end; the values go to the metrics (metrics.jsonl, tb).
+    """
+    source: object = None
+    init_params: Callable | None = None
+    evaluate: Callable | None = None
+    evaluate_every: int = 0
+
+
+def restore_or_init(step, ckpt: checkpoint.Checkpointer, init_params: Callable | None = None):
     """(state, meta): resume from the workdir's latest checkpoint (meta: its metadata),
-    else a fresh init (meta None). A damaged latest checkpoint is named together with the
-    newest older one that is intact."""
+    else a fresh init (meta None), from `init_params(setup)` if given. A damaged latest
+    checkpoint is named together with the newest older one that is intact. The restore
+    order: resume > init_params > random."""
     setup = step.setup
     meta = ckpt.check_compatible(setup.cfg, setup.tokenizer)
     if meta is None:
-        return step.init_state(), None
+        return step.init_state(init_params(setup) if init_params else None), None
     latest = ckpt.latest_step()
     if latest > setup.cfg.train.steps:
         raise CheckpointError(f"config.train.steps={setup.cfg.train.steps} is below the step of "
@@ -76,14 +95,14 @@ def _claim(workdir: pathlib.Path):
     return claim
 
 
-def _resume_checked(train_step, workdir, source, watchdog):
+def _resume_checked(train_step, workdir, source, watchdog, init_params):
     """(state, meta, first step) of the run, after every check that can refuse it: a
     checkpoint of another model, damaged, of other data, another batch size, or past
     config.train.steps. Reads only: a refused run leaves the workdir as it was."""
     cfg = train_step.setup.cfg
     reader = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog, read_only=True)
     try:
-        state, meta = restore_or_init(train_step, reader)
+        state, meta = restore_or_init(train_step, reader, init_params)
         latest = reader.latest_step()
     finally:
         reader.close()
@@ -98,7 +117,8 @@ def _resume_checked(train_step, workdir, source, watchdog):
     return state, meta, start
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -> dict:
+def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None,
+          hooks: Hooks | None = None) -> dict:
     """Pretrains to config.train.steps (resuming if the workdir has a checkpoint), on
     `devices` (default: all). Nothing is written to the workdir until every check passed.
 
@@ -109,24 +129,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None) -
     workdir = workdir_lib.check(workdir, must_exist=False)
     claim = _claim(workdir)
     try:
-        return _train(cfg, workdir, devices, claim)
+        return _train(cfg, workdir, devices, claim, hooks or Hooks())
     finally:
         claim.release()
 
 
-def _train(cfg, workdir: pathlib.Path, devices, claim) -> dict:
+def _train(cfg, workdir: pathlib.Path, devices, claim, hooks: Hooks) -> dict:
     train_step = build_train(cfg, devices)
     setup, objective = train_step.setup, train_step.objective
-    source = sources.make_source(cfg.data, setup.tokenizer, objective.extra_tokens)
+    source = hooks.source or sources.make_source(cfg.data, setup.tokenizer, objective.extra_tokens)
     watchdog = Watchdog(cfg.checkpoint.heartbeat_seconds, cfg.checkpoint.timeout_seconds)
-    state, meta, start = _resume_checked(train_step, workdir, source, watchdog)
+    state, meta, start = _resume_checked(train_step, workdir, source, watchdog, hooks.init_params)
 
     claim.accept()  # the run is accepted: from here on it writes
     if jax.process_index() == 0:
         workdir_lib.write_text(workdir / "config.json", to_json(cfg))
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog)
     try:
-        return _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start)
+        return _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks)
     finally:
         try:
             ckpt.wait()  # a failed save surfaces here at the latest
@@ -134,7 +154,7 @@ def _train(cfg, workdir: pathlib.Path, devices, claim) -> dict:
             ckpt.close()
 
 
-def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start) -> dict:
+def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks) -> dict:
     """The steps, with logging, checkpoints, preemption and the NaN policy."""
     setup, objective = train_step.setup, train_step.objective
     B, T = cfg.train.batch_size, cfg.data.seq_len
@@ -197,6 +217,10 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start) -
             pending = (done, device_metrics)
             sink.advance()
             stopped = preemption.reached(done)
+            if hooks.evaluate and (done % hooks.evaluate_every == 0 or done == cfg.train.steps):
+                with watchdog.watch(f"waiting for step {done}"):
+                    guard.check(done, device_metrics, last_saved)
+                sink.write(done, hooks.evaluate(setup, train_step.global_state(state).params, done))
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stopped:
                 with watchdog.watch(f"waiting for step {done}"):
                     guard.check(done, device_metrics, last_saved)

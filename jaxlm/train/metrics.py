@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 
@@ -84,9 +85,17 @@ class MetricSink:
             raise OSError(e.errno, e.strerror, self.jsonl.name) from None
         for k, v in clean.items():
             if v is not None and math.isfinite(v):
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar(k.replace("validation_", "validation/") if
+                                   k.startswith("validation_") else f"train/{k}", v, step)
+        if "loss" not in clean:  # an evaluation's record, e.g. validation_accuracy
+            prefix = os.path.commonprefix(list(clean)).rpartition("_")[0]
+            log.info("step %d/%d  %s: %s", step, self.total_steps, prefix or "evaluation",
+                     "  ".join(f"{k[len(prefix) + 1 if prefix else 0:]} {v:.4f}"
+                               for k, v in clean.items() if v is not None))
+            return
         tps = clean.get("tokens_per_second")
         text = (f"loss {clean['loss']:.4f}  ppl {clean['perplexity']:.2f}  "
+                + (f"acc {clean['accuracy']:.3f}  " if clean.get("accuracy") is not None else "")
                 + (f"tok/s {tps:,.0f}" if tps is not None else "tok/s - (compiling)"))
         if self.bar is not None:
             self.bar.set_postfix_str(text)
@@ -119,8 +128,9 @@ def format_duration(seconds: float) -> str:
 
 
 def read_history(workdir: pathlib.Path) -> list[dict]:
-    """metrics.jsonl as a list, keeping the last record of each step (a resumed run may
-    have logged a step twice; a killed run may have left half a line)."""
+    """metrics.jsonl as a list, one dict per step: a step's records (training, validation)
+    merged, a later value of a field replacing an earlier one (a resumed run may have logged
+    a step twice; a killed run may have left half a line)."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -130,5 +140,5 @@ def read_history(workdir: pathlib.Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:  # empty, or the fragment of a killed run's last write
             continue
-        by_step[rec["step"]] = rec
+        by_step.setdefault(rec["step"], {}).update(rec)  # a step's records merge; later wins
     return [by_step[s] for s in sorted(by_step)]

@@ -1,20 +1,29 @@
-"""Objectives: what a model learns from the token windows the data sources give.
+"""Objectives: what a model learns from the examples the data sources give.
 
 A source (jaxlm.data.sources) hands out examples as windows of token ids: `tokens`, of
 length L + `extra_tokens`, and for packed data `segments` (document ids from 1, 0 =
 padding) and `positions` for the window's first L tokens. An objective
 
-  - turns a window into the model's inputs and the loss's targets and weights (`example`,
-    numpy, on the host: it runs in the data thread, and anything random in it is drawn from
-    the example's global index, so resuming stays exact);
+  - turns an example into the model's inputs and the loss's targets and weights
+    (`example(window, index)`, numpy, on the host: it runs in the data thread, and anything
+    random in it is drawn from the run seed and the example's global index, so resuming
+    stays exact on any number of hosts);
   - declares the batch that results (`batch_spec`: keys, shapes, dtypes), the one
     description shared by the data pipeline, jaxlm.plan and the tests;
-  - computes a batch's summed loss and token weight from the model (`loss`, inside the
-    jitted step). Sums, not means, so that microbatches and devices add up exactly.
+  - computes a batch's summed loss, its summed weight and summed metrics (`loss`, inside
+    the jitted step). Sums, not means, so that microbatches and devices add up exactly; the
+    step divides by the total weight (`metrics` names what it reports besides the loss).
 
 Objectives, by `config.train.objective`:
-  causal_lm  next-token prediction: inputs are tokens[:L], targets tokens[1:L+1] (the
-             window carries one extra token), weight 1 wherever the input is not padding.
+  causal_lm       next-token prediction (GPT): inputs tokens[:L], targets tokens[1:L+1]
+                  (the window carries one extra token), weight 1 wherever the input is
+                  not padding.
+  masked_lm       masked-token prediction (BERT): 15% of the real tokens, never a special
+                  or padding one, are chosen (whole words with `whole_word`); of those 80%
+                  become [MASK], 10% a random token and 10% stay; the loss and accuracy
+                  count the chosen positions only.
+  classification  a label per sequence (fine-tuning): examples carry `tokens`, `types`,
+                  `segments` and `label`; the loss is the cross-entropy of the class logits.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ import numpy as np
 from jaxlm import models
 from jaxlm.errors import ConfigError
 
+# Seed-sequence tag of the masking draws (data streams use 1 and 2, jaxlm.data.sources).
+_MASK_STREAM = 3
+
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
                   weights_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -35,6 +47,17 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
     return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
 
 
+def _correct(logits, targets, weights) -> jax.Array:
+    """Weighted count of positions whose most likely output is the target."""
+    return jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+
+
+def _apply(model, params, batch: dict, rng, deterministic: bool, output: str):
+    return model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                       batch.get("segments"), batch.get("types"), deterministic=deterministic,
+                       rngs={"dropout": rng}, output=output)
+
+
 class CausalLM:
     """Next-token prediction (GPT). Packed windows keep their segments and positions, so
     attention stays inside each document; unpacked batches carry neither (the model
@@ -42,45 +65,168 @@ class CausalLM:
 
     name = "causal_lm"
     extra_tokens = 1  # the last target
+    metrics = ("accuracy",)
 
     def __init__(self, seq_len: int, packed: bool):
         self.seq_len, self.packed = seq_len, packed
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        shape = (batch_size, self.seq_len)
-        spec = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
-        if self.packed:
-            spec.update(positions=jnp.int32, segments=jnp.int32)
-        return {k: jax.ShapeDtypeStruct(shape, dt) for k, dt in spec.items()}
+        return _token_spec(batch_size, self.seq_len, self.packed)
 
-    def example(self, window: dict) -> dict:
+    def example(self, window: dict, index: int = 0) -> dict:
         L, tokens = self.seq_len, window["tokens"]
         segments = window.get("segments")
         out = {"inputs": tokens[:L], "targets": tokens[1:L + 1],
                "weights": (np.ones(L, np.float32) if segments is None
                            else (segments != 0).astype(np.float32))}
-        if self.packed:  # an unpacked window in a packed batch (e.g. a mixture): one document
-            out["positions"] = window.get("positions", np.arange(L, dtype=np.int32))
-            out["segments"] = segments if segments is not None else np.ones(L, np.int32)
-        return out
+        return _with_packing(out, window, self.packed, L)
 
     def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
-        logits_BxLxV = model.apply({"params": params}, batch["inputs"],
-                                   batch.get("positions"), batch.get("segments"),
-                                   deterministic=deterministic, rngs={"dropout": rng})
-        return cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+        logits = _apply(model, params, batch, rng, deterministic, "logits")
+        total, weight = cross_entropy(logits, batch["targets"], batch["weights"])
+        return total, (weight, {"accuracy": _correct(logits, batch["targets"], batch["weights"])})
 
 
-OBJECTIVES = {"causal_lm": CausalLM}
+class MaskedLM:
+    """Masked-token prediction (BERT), with dynamic masking: example i of the run is masked
+    the same way whenever and wherever it is read (seed, i), and differently in every epoch."""
+
+    name = "masked_lm"
+    extra_tokens = 0
+    metrics = ("accuracy",)
+
+    def __init__(self, seq_len: int, packed: bool, tokenizer, seed: int,
+                 mask_prob: float = 0.15, whole_word: bool = False):
+        missing = {"cls", "sep", "mask"} - set(tokenizer.bert_ids)
+        if missing:
+            raise ConfigError(f"config.data.tokenizer={tokenizer.name!r} has no "
+                              f"{', '.join(sorted(missing))} token: BERT needs [CLS], [SEP] and "
+                              "[MASK] (use 'byte:bert', or a SentencePiece model trained by "
+                              "python -m jaxlm.data.tokenizers train)")
+        self.seq_len, self.packed, self.seed = seq_len, packed, seed
+        self.mask_prob, self.whole_word = mask_prob, whole_word
+        self.mask_id = tokenizer.bert_ids["mask"]
+        self.special = np.asarray(sorted(tokenizer.special_ids), np.int64)
+        self.replacements = np.setdiff1d(np.arange(tokenizer.vocab_size), self.special)
+        if whole_word:  # a token starts a word after whitespace or a special token
+            pieces = tokenizer.piece_texts()
+            self.starts_with_space = np.asarray([p[:1].isspace() for p in pieces])
+            self.ends_with_space = np.asarray([p == "" or p[-1:].isspace() for p in pieces])
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return _token_spec(batch_size, self.seq_len, self.packed)
+
+    def _words(self, tokens: np.ndarray) -> np.ndarray:
+        """Word number of every token (whole-word masking)."""
+        start = self.starts_with_space[tokens].copy()
+        start[1:] |= self.ends_with_space[tokens[:-1]]
+        start[0] = True
+        return np.cumsum(start)
+
+    def example(self, window: dict, index: int = 0) -> dict:
+        L, tokens = self.seq_len, np.asarray(window["tokens"][:self.seq_len])
+        segments = window.get("segments")
+        real = ~np.isin(tokens, self.special)
+        if segments is not None:
+            real &= segments != 0
+        candidates = np.flatnonzero(real)
+        rng = np.random.default_rng([self.seed, _MASK_STREAM, index])
+        count = int(round(self.mask_prob * len(candidates)))
+        if self.whole_word and count:
+            words = self._words(tokens)[candidates]
+            chosen, total = [], 0
+            for w in rng.permutation(np.unique(words)):
+                members = candidates[words == w]
+                if total + len(members) > count and total:
+                    continue  # the word would overshoot: try a shorter one
+                chosen.append(members)
+                total += len(members)
+                if total >= count:
+                    break
+            chosen = np.sort(np.concatenate(chosen))
+        else:
+            chosen = np.sort(rng.choice(candidates, count, replace=False))
+        inputs = tokens.copy()
+        draw = rng.random(len(chosen))
+        inputs[chosen[draw < 0.8]] = self.mask_id
+        swap = chosen[(draw >= 0.8) & (draw < 0.9)]
+        inputs[swap] = rng.choice(self.replacements, len(swap))
+        weights = np.zeros(L, np.float32)
+        weights[chosen] = 1.0
+        out = {"inputs": inputs.astype(np.int32), "targets": tokens.astype(np.int32),
+               "weights": weights}
+        return _with_packing(out, window, self.packed, L)
+
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+        logits = _apply(model, params, batch, rng, deterministic, "logits")
+        total, weight = cross_entropy(logits, batch["targets"], batch["weights"])
+        return total, (weight, {"accuracy": _correct(logits, batch["targets"], batch["weights"])})
 
 
-def make_objective(cfg):
+class Classification:
+    """One label per sequence. Examples hold `tokens` [L] ([CLS] a [SEP] (b [SEP]) for BERT),
+    `types` (sentence A = 0, B = 1), `segments` (1 on the text, 0 on padding) and `label`."""
+
+    name = "classification"
+    extra_tokens = 0
+    metrics = ("accuracy",)
+
+    def __init__(self, seq_len: int, num_classes: int):
+        if num_classes < 2:
+            raise ConfigError(f"config.model.num_classes={num_classes}: classification needs "
+                              "at least 2 classes")
+        self.seq_len, self.num_classes = seq_len, num_classes
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        row, one = (batch_size, self.seq_len), (batch_size,)
+        return {"inputs": jax.ShapeDtypeStruct(row, jnp.int32),
+                "types": jax.ShapeDtypeStruct(row, jnp.int32),
+                "segments": jax.ShapeDtypeStruct(row, jnp.int32),
+                "labels": jax.ShapeDtypeStruct(one, jnp.int32),
+                "weights": jax.ShapeDtypeStruct(one, jnp.float32)}
+
+    def example(self, record: dict, index: int = 0) -> dict:
+        return {"inputs": record["tokens"].astype(np.int32),
+                "types": record["types"].astype(np.int32),
+                "segments": record["segments"].astype(np.int32),
+                "labels": np.int32(record["label"]), "weights": np.float32(1.0)}
+
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+        logits_BxC = _apply(model, params, batch, rng, deterministic, "classes")
+        total, weight = cross_entropy(logits_BxC, batch["labels"], batch["weights"])
+        return total, (weight, {"accuracy": _correct(logits_BxC, batch["labels"], batch["weights"])})
+
+
+def _token_spec(batch_size: int, seq_len: int, packed: bool) -> dict:
+    spec = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+    if packed:
+        spec.update(positions=jnp.int32, segments=jnp.int32)
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt) for k, dt in spec.items()}
+
+
+def _with_packing(out: dict, window: dict, packed: bool, L: int) -> dict:
+    """Packed batches carry positions and segments; an unpacked window in a packed batch
+    (e.g. in a mixture) is one document from position 0."""
+    if packed:
+        segments = window.get("segments")
+        out["positions"] = window.get("positions", np.arange(L, dtype=np.int32))
+        out["segments"] = segments if segments is not None else np.ones(L, np.int32)
+    return out
+
+
+def make_objective(cfg, tokenizer):
     """The objective `config.train.objective` names, checked against the model family."""
     name, arch = cfg.train.objective, cfg.model.arch
-    if name not in OBJECTIVES:
-        raise ConfigError(f"config.train.objective={name!r}: expected one of {sorted(OBJECTIVES)}")
+    if name not in ("causal_lm", "masked_lm", "classification"):
+        raise ConfigError(f"config.train.objective={name!r}: expected one of "
+                          "['causal_lm', 'classification', 'masked_lm']")
     supported = models.family(arch).objectives
     if name not in supported:
         raise ConfigError(f"config.train.objective={name!r} does not fit config.model.arch="
                           f"{arch!r}, which trains with {', '.join(supported)}")
-    return OBJECTIVES[name](cfg.data.seq_len, cfg.data.packing)
+    if name == "causal_lm":
+        return CausalLM(cfg.data.seq_len, cfg.data.packing)
+    if name == "masked_lm":
+        return MaskedLM(cfg.data.seq_len, cfg.data.packing, tokenizer, cfg.train.seed,
+                        cfg.train.mask_prob, cfg.train.whole_word_masking)
+    return Classification(cfg.data.seq_len, cfg.model.num_classes)

@@ -27,11 +27,12 @@ AXIS = "devices"
 
 def pmap_train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    microbatches: int) -> tuple[TrainState, dict]:
+                    microbatches: int, metrics: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
     """One step on one device's rows, run under `jax.pmap(axis_name=AXIS)`."""
     device = jax.lax.axis_index(AXIS)
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
-    sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn, microbatches=microbatches)
+    sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn,
+                                microbatches=microbatches, metrics=metrics)
     sums = jax.lax.psum(sums, axis_name=AXIS)
     return apply_gradients(state, *sums, tx=tx, schedule=schedule)
 
@@ -52,7 +53,8 @@ class PmapTrainStep:
         self.traces = 0
         bound = functools.partial(
             pmap_train_step, loss_fn=functools.partial(objective.loss, setup.model), tx=tx,
-            schedule=schedule, microbatches=setup.cfg.train.microbatches)
+            schedule=schedule, microbatches=setup.cfg.train.microbatches,
+            metrics=objective.metrics)
 
         def counted(state, batch, rng):
             self.traces += 1
@@ -65,8 +67,8 @@ class PmapTrainStep:
         state, metrics = self._pmapped(state, batch, rng)
         return state, jax.tree_util.tree_map(lambda x: x[0], metrics)  # identical on all
 
-    def init_state(self):
-        return fresh_state(self.setup, self.tx, self.state_shardings)
+    def init_state(self, params=None):
+        return fresh_state(self.setup, self.tx, self.state_shardings, params)
 
     def place_batch(self, local_batch: dict) -> dict:
         """Rows [B, ...] -> [devices, B / devices, ...], one slice per device."""

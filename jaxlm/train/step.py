@@ -5,7 +5,7 @@ inputs only. `JitTrainStep` binds model, objective and optimizer and jits it onc
 explicit shardings and a donated state. jaxlm.train.pmap has the same interface for the
 classic pmap path, so the loop never asks which one it drives:
 
-    step.init_state()                     -> a fresh state, global layout (as checkpointed)
+    step.init_state(params=None)          -> a fresh state, global layout (as checkpointed)
     step.abstract_state, .state_shardings -> restore target of a checkpoint, same layout
     step.place_state(state)               -> the state in the layout the step runs on
     step.place_batch(numpy rows)          -> device batch (this process's rows)
@@ -37,9 +37,10 @@ class TrainState:
 
 
 def accumulate_gradients(params, batch: dict, rng: jax.Array, *, loss_fn: Callable,
-                         microbatches: int) -> tuple[Any, jax.Array, jax.Array]:
-    """Sums over microbatches of (gradients of the summed loss, summed loss, token weight).
-    `loss_fn(params, batch, rng, deterministic=...) -> (loss sum, weight sum)`.
+                         microbatches: int, metrics: tuple[str, ...] = ()):
+    """Sums over microbatches of (gradients of the summed loss, summed loss, token weight,
+    {metric: summed value}). `loss_fn(params, batch, rng, deterministic=...) -> (loss sum,
+    (weight sum, {metric: sum}))` (jaxlm.train.objectives); `metrics` names those sums.
 
     Microbatch i takes rows i, i+M, i+2M, ... so that every data-parallel shard keeps its
     own rows (a contiguous split would move data between devices).
@@ -47,23 +48,26 @@ def accumulate_gradients(params, batch: dict, rng: jax.Array, *, loss_fn: Callab
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, deterministic=False), has_aux=True)
 
     def accumulate(carry, xs):
-        grads, loss, weight = carry
+        grads, loss, weight, sums = carry
         i, micro = xs
-        (l, w), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
-        return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, weight + w), None
+        (l, (w, m)), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
+        sums = {k: sums[k] + m[k] for k in sums}
+        return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, weight + w, sums), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     micro_batches = jax.tree_util.tree_map(
         lambda x: einops.rearrange(x, "(n m) ... -> m n ...", m=microbatches), batch)
-    (grads, loss, weight), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
+    (grads, loss, weight, sums), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0), {k: jnp.float32(0) for k in metrics}),
         (jnp.arange(microbatches), micro_batches))
-    return grads, loss, weight
+    return grads, loss, weight, sums
 
 
-def apply_gradients(state: TrainState, grads, loss, weight, *, tx: optax.GradientTransformation,
+def apply_gradients(state: TrainState, grads, loss, weight, sums=None, *,
+                    tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> tuple[TrainState, dict]:
-    """Normalises the summed gradients by the total token weight and takes the step.
+    """Normalises the summed gradients (and the loss and metric sums) by the total weight
+    and takes the step.
 
     Dividing once, after summing, makes M microbatches (or N pmap devices) equal to one
     M-times larger batch up to float summation order.
@@ -80,17 +84,19 @@ def apply_gradients(state: TrainState, grads, loss, weight, *, tx: optax.Gradien
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_bad = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "tokens": weight, "nonfinite": ~finite}
+               "tokens": weight, "nonfinite": ~finite,
+               **{k: v / denom for k, v in (sums or {}).items()}}
     return TrainState(step=state.step + 1, params=keep_if_bad(params, state.params),
                       opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int) -> tuple[TrainState, dict]:
+               microbatches: int, metrics: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch (jit path: XLA inserts the collectives)."""
     rng = jax.random.fold_in(rng, state.step)
-    sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn, microbatches=microbatches)
+    sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn,
+                                microbatches=microbatches, metrics=metrics)
     return apply_gradients(state, *sums, tx=tx, schedule=schedule)
 
 
@@ -102,13 +108,15 @@ def boxed_state(boxed_params, tx):
         boxed_params)
 
 
-def fresh_state(setup, tx: optax.GradientTransformation, shardings) -> TrainState:
+def fresh_state(setup, tx: optax.GradientTransformation, shardings, params=None) -> TrainState:
     """A new state (seed config.train.seed), created straight into `shardings`: no host
-    ever holds the full model."""
-    def init(rng):
-        params = setup.init_params(rng)
-        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(setup.cfg.train.seed))
+    ever holds the full model. `params` (e.g. a pretrained encoder) replace the fresh
+    parameters of the same top-level names; the others (a new head) stay fresh."""
+    def init(rng, given):
+        fresh = setup.init_params(rng)
+        fresh = {**fresh, **given} if given is not None else fresh
+        return TrainState(step=jnp.array(0, jnp.int32), params=fresh, opt_state=tx.init(fresh))
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(setup.cfg.train.seed), params)
 
 
 class JitTrainStep:
@@ -121,31 +129,34 @@ class JitTrainStep:
         boxed = boxed_state(setup.boxed_params, tx)
         self.abstract_state = nn.meta.unbox(boxed)
         self.state_shardings = sharding.logical_shardings(boxed, mesh, cfg.mesh)
-        self.batch_sharding = sharding.batch_sharding(mesh, cfg.mesh)
+        # One sharding per batch key (the objective's batch spec): rows split over the mesh.
+        self.batch_shardings = {k: sharding.batch_sharding(mesh, cfg.mesh, len(v.shape))
+                                for k, v in objective.batch_spec(cfg.train.batch_size).items()}
         self.data_parallel = sharding.data_parallel_size(mesh, cfg.mesh)
         self.num_devices = mesh.size
         self.traces = 0  # how often the step was traced: more than once means it recompiled
         bound = functools.partial(train_step, loss_fn=functools.partial(objective.loss, setup.model),
-                                  tx=tx, schedule=schedule, microbatches=cfg.train.microbatches)
+                                  tx=tx, schedule=schedule, microbatches=cfg.train.microbatches,
+                                  metrics=objective.metrics)
 
         def counted(state, batch, rng):
             self.traces += 1
             return bound(state, batch, rng)
         counted.__name__ = counted.__qualname__ = "train_step"  # names the HLO and its dumps
         rep = sharding.replicated(mesh)
-        self.jitted = jax.jit(counted, in_shardings=(self.state_shardings, self.batch_sharding, rep),
+        self.jitted = jax.jit(counted, in_shardings=(self.state_shardings, self.batch_shardings, rep),
                               out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
     def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
         with sharding.activate(self.setup.mesh, self.setup.cfg.mesh):
             return self.jitted(state, batch, rng)
 
-    def init_state(self) -> TrainState:
-        return fresh_state(self.setup, self.tx, self.state_shardings)
+    def init_state(self, params=None) -> TrainState:
+        return fresh_state(self.setup, self.tx, self.state_shardings, params)
 
     def place_batch(self, local_batch: dict) -> dict:
         """This process's numpy rows -> global arrays sharded over the batch axes."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+        return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v)
                 for k, v in local_batch.items()}
 
     def place_state(self, state: TrainState) -> TrainState:

@@ -1,6 +1,7 @@
 """Tokenizers: text <-> integer ids, chosen by `config.data.tokenizer`.
 
-    "byte"                  UTF-8 bytes (258 ids); no files, the default (byte.py).
+    "byte"                  UTF-8 bytes (258 ids); no files, the default (byte.py);
+                            "byte:bert" adds [CLS], [SEP], [MASK] (261 ids).
     "sentencepiece:PATH"    a SentencePiece model file, e.g. one trained by
                             `python -m jaxlm.data.tokenizers train` (spm.py).
     "gpt2:DIR"              GPT-2's byte-level BPE (50257 ids) from local vocabulary files:
@@ -35,7 +36,6 @@ def get_tokenizer(spec: str) -> Tokenizer:
     if name not in KINDS:
         raise ConfigError(f"config.data.tokenizer={spec!r}: unknown tokenizer {name!r}; "
                           f"known tokenizers: {sorted(KINDS)}")
-    if (name == "byte") == bool(arg):
-        usage = "'byte'" if name == "byte" else f"'{name}:PATH'"
-        raise ConfigError(f"config.data.tokenizer={spec!r}: expected {usage}")
+    if name != "byte" and not arg:
+        raise ConfigError(f"config.data.tokenizer={spec!r}: expected '{name}:PATH'")
     return KINDS[name](arg) if arg else KINDS[name]()

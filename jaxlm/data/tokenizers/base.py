@@ -19,6 +19,25 @@ class Tokenizer(abc.ABC):
     vocab_size: int  # Size of the model's embedding table, special ids included.
     eos_id: int  # End of document; also used as BOS / document separator.
     pad_id: int  # Fills batches; never a training target (its weight is 0).
+    # BERT's special tokens, {"cls": id, "sep": id, "mask": id}; empty if the tokenizer has
+    # none (a BERT config refuses such a tokenizer).
+    bert_ids: dict[str, int] = {}
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids that are not text: never masked, never a random replacement."""
+        return {self.eos_id, self.pad_id, *self.bert_ids.values()}
+
+    def piece_texts(self) -> list[str]:
+        """The text of every id on its own (specials: ""), computed once; what whole-word
+        masking reads word boundaries from."""
+        if getattr(self, "_pieces", None) is None:
+            special = self.special_ids
+            self._pieces = [("" if i in special else self._piece(i)) for i in range(self.vocab_size)]
+        return self._pieces
+
+    def _piece(self, i: int) -> str:
+        return self.decode([i])
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:

@@ -28,8 +28,8 @@ SPM_BERT_PIECES = ("<cls>", "<sep>", "<mask>")  # ids 3, 4, 5: reserved for BERT
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model file. EOS and PAD are the model's eos/pad pieces (a model
-    without them is refused: the pipeline needs both). `special_ids` maps the BERT pieces
-    (and any other user-defined piece) to ids."""
+    without them is refused: the pipeline needs both). `pieces` maps its control and BERT
+    pieces to ids; `bert_ids` holds <cls>, <sep>, <mask> when the model has them."""
 
     name = "sentencepiece"
 
@@ -46,12 +46,21 @@ class SentencePieceTokenizer(Tokenizer):
             raise ConfigError(f"config.data.tokenizer: {self.path} defines no eos or pad piece "
                               f"(eos_id={self.eos_id}, pad_id={self.pad_id}); train it with "
                               "python -m jaxlm.data.tokenizers train")
-        self.special_ids = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
-                            if self.sp.is_control(i) or self._is_user_defined(i)}
+        self.pieces = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                       if self.sp.is_control(i) or self._is_user_defined(i)}
+        self.bert_ids = {name: self.pieces[piece] for name, piece in zip(
+            ("cls", "sep", "mask"), SPM_BERT_PIECES) if piece in self.pieces}
         self.sha256 = sha256_of(self.path)
 
     def _is_user_defined(self, i: int) -> bool:
         return self.sp.id_to_piece(i) in SPM_BERT_PIECES
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {self.eos_id, self.pad_id, *self.pieces.values()}
+
+    def _piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i).replace("\u2581", " ")  # "▁" marks a space
 
     def encode(self, text: str) -> list[int]:
         self._check_text(text)
@@ -59,7 +68,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = self._checked_ids(ids)
-        specials = set(self.special_ids.values())
+        specials = self.special_ids
         return self.sp.decode([i for i in ids if i not in specials])
 
     def to_dict(self) -> dict[str, Any]:

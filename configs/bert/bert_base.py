@@ -1,0 +1,11 @@
+"""BERT-base (110M parameters): masked-LM pretraining with sequences of 128 tokens.
+Shapes and optimizer: _bert.py.
+
+    python -m jaxlm.train --config=configs/bert/bert_base.py --workdir=runs/bert_base
+"""
+
+from _bert import bert_config
+
+
+def get_config():
+    return bert_config("base")

@@ -1,0 +1,261 @@
+"""Labelled text for sequence classification (fine-tuning), read by global index like the
+language-model sources, so a fine-tuning run resumes exactly on any number of hosts.
+
+Where the examples come from (`config.finetune.train_data` / `validation_data`):
+  PATH.csv | PATH.tsv   a header row, then one example per row (PATH[a:b]: examples a..b-1
+                        of the file, for splitting one file);
+  PATH.jsonl            one JSON object per line;
+                        fields config.finetune.text_field, pair_field (sentence pairs;
+                        "" = single sentences) and label_field. A label is a class number
+                        0..C-1, or one of config.finetune.class_names.
+  tfds:NAME:SPLIT       a prepared TFDS dataset, e.g. tfds:glue/sst2:validation or
+                        tfds:imdb_reviews:train (the same field settings; nothing downloaded).
+  synthetic:facts:SPLIT the built-in check of memorised facts (jaxlm.data.synthetic): "Bako
+                        lives in Tesmor." is true (1) or false (0) in the synthetic world; its
+                        train and validation splits share no (entity, attribute) pair.
+
+Every problem is a DataError naming the file and line (or the dataset and example): a
+missing field, an empty text, a label outside the classes.
+
+Encoding (`Encoder`): BERT reads "[CLS] a [SEP]" or "[CLS] a [SEP] b [SEP]" with token type
+0 up to the first [SEP] and 1 after; GPT reads "EOS a" or "EOS a EOS b" and classifies at
+its last token. A text longer than config.data.seq_len is cut, the longer of the two parts
+first ("longest first", as BERT's reference code does), and counted (`Encoder.truncated`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import pathlib
+import re
+
+import numpy as np
+
+from jaxlm.data import synthetic
+from jaxlm.data.text_files import _utf8
+from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.errors import ConfigError, DataError
+
+_EPOCH_STREAM = 4  # seed-sequence tag of the epoch order (LM sources use 1 and 2)
+
+
+@dataclasses.dataclass
+class Labelled:
+    """Examples: texts, optional second texts, integer labels, and where each one is."""
+    name: str
+    texts: list[str]
+    pairs: list[str] | None
+    labels: np.ndarray
+    where: list[str]     # "file:line" of each example, for messages
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, n: int) -> Labelled:
+        """The first n examples (n = 0: all): "few labels" experiments."""
+        if not n or n >= len(self):
+            return self
+        return Labelled(self.name, self.texts[:n], self.pairs[:n] if self.pairs else None,
+                        self.labels[:n], self.where[:n])
+
+
+def read(spec: str, cfg_ft, num_classes: int, data_dir: str = "") -> Labelled:
+    """The examples `spec` names (see the module docstring), checked."""
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        task, _, split = rest.partition(":")
+        if task != "facts" or split not in ("train", "validation"):
+            raise ConfigError(f"{spec!r}: expected synthetic:facts:train or "
+                              "synthetic:facts:validation")
+        return synthetic_facts(split)
+    if kind == "tfds":
+        name, _, split = rest.rpartition(":")
+        return _read_tfds(name, split, data_dir, cfg_ft, num_classes, spec)
+    piece = re.fullmatch(r"(.*)\[(\d*):(\d*)\]", spec)  # FILE[a:b]: a slice of the examples
+    path = pathlib.Path(piece.group(1) if piece else spec).expanduser()
+    if path.suffix not in (".csv", ".tsv", ".jsonl"):
+        raise ConfigError(f"{spec!r}: expected a .csv, .tsv or .jsonl file, tfds:NAME:SPLIT or "
+                          "synthetic:facts:SPLIT")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _table_rows(path)
+    if piece:
+        start, stop = (int(x) if x else None for x in piece.groups()[1:])
+        rows = itertools.islice(rows, start or 0, stop)
+    return _checked(spec, rows, cfg_ft, num_classes)
+
+
+def _jsonl_rows(path: pathlib.Path):
+    data = path.read_bytes()
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if line.strip():
+            try:
+                record = json.loads(_utf8(line, path, n))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object")
+            yield f"{path}:{n}", record
+
+
+def _table_rows(path: pathlib.Path):
+    text = _utf8(path.read_bytes(), path)
+    reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
+    for n, record in enumerate(reader, 2):  # line 1 is the header
+        yield f"{path}:{n}", record
+
+
+def _label(value, where: str, cfg_ft, num_classes: int) -> int:
+    names = list(cfg_ft.class_names)
+    if isinstance(value, str) and value.strip() in names:
+        return names.index(value.strip())
+    try:
+        label = int(value)
+        ok = str(value).strip() == str(label) and 0 <= label < num_classes
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        allowed = f"0..{num_classes - 1}" + (f" or one of {names}" if names else "")
+        raise DataError(f"{where}: label {value!r} is not a class of config.model.num_classes="
+                        f"{num_classes} ({allowed})")
+    return label
+
+
+def _checked(name: str, rows, cfg_ft, num_classes: int) -> Labelled:
+    texts, pairs, labels, where = [], [], [], []
+    fields = [cfg_ft.text_field, cfg_ft.label_field] + ([cfg_ft.pair_field] if cfg_ft.pair_field else [])
+    for at, record in rows:
+        for f in fields:
+            if f not in record or record[f] is None:
+                raise DataError(f"{at}: no field {f!r} (config.finetune.{_which(cfg_ft, f)}); "
+                                f"the example has {sorted(record)}")
+        for f in fields[:1] + fields[2:]:
+            if not isinstance(record[f], str) or not record[f].strip():
+                raise DataError(f"{at}: field {f!r} is empty")
+        texts.append(record[cfg_ft.text_field])
+        if cfg_ft.pair_field:
+            pairs.append(record[cfg_ft.pair_field])
+        labels.append(_label(record[cfg_ft.label_field], at, cfg_ft, num_classes))
+        where.append(at)
+    if not texts:
+        raise DataError(f"{name}: no examples")
+    return Labelled(name, texts, pairs if cfg_ft.pair_field else None,
+                    np.asarray(labels, np.int32), where)
+
+
+def _which(cfg_ft, field: str) -> str:
+    return next(k for k in ("text_field", "pair_field", "label_field") if cfg_ft[k] == field)
+
+
+def _read_tfds(name: str, split: str, data_dir: str, cfg_ft, num_classes: int,
+               spec: str) -> Labelled:
+    from jaxlm.data.tfds_split import builder_for
+    builder = builder_for(name, data_dir, f"config.finetune data {spec!r}")
+    if split.split("[")[0] not in builder.info.splits:
+        raise ConfigError(f"{spec!r}: {name} has splits {sorted(builder.info.splits)}")
+    source = builder.as_data_source(split=split)
+
+    def rows():
+        for i in range(len(source)):
+            ex = source[i]
+            yield f"{spec} example {i}", {k: (v.decode("utf-8") if isinstance(v, bytes) else
+                                              v.item() if hasattr(v, "item") else v)
+                                          for k, v in ex.items()}
+    return _checked(spec, rows(), cfg_ft, num_classes)
+
+
+def synthetic_facts(split: str, seed: int = 0) -> Labelled:
+    """True and false fact sentences about the synthetic world (balanced): 1 if the
+    world holds it, 0 if the value is another entity's. The (entity, attribute) pairs are
+    split 3:1 into train and validation, so validation asks about facts no label taught."""
+    world = synthetic.World(seed)
+    rng = world.rng("facts_check")
+    pairs = [(e, a) for e in world.entities for a in synthetic.FACT_PHRASINGS]
+    order = rng.permutation(len(pairs))
+    cut = len(pairs) * 3 // 4
+    chosen = order[:cut] if split == "train" else order[cut:]
+    texts, labels = [], []
+    for n, i in enumerate(chosen):
+        entity, attr = pairs[i]
+        prompt, ending = synthetic.fact_prompt(attr, entity.name)
+        truth = n % 2 == 0
+        value = entity.facts[attr]
+        if not truth:
+            others = [v for v in world.attribute_values[attr] if v != value]
+            value = others[int(rng.integers(len(others)))]
+        texts.append(f"{prompt} {value}{ending}")
+        labels.append(int(truth))
+    where = [f"synthetic:facts:{split} example {i}" for i in range(len(texts))]
+    return Labelled(f"synthetic:facts:{split}", texts, None, np.asarray(labels, np.int32), where)
+
+
+class Encoder:
+    """Text (and pair) -> tokens, token types and segments of one length (see the module
+    docstring); counts what it had to cut."""
+
+    def __init__(self, tokenizer: Tokenizer, arch: str, seq_len: int):
+        self.tok, self.arch, self.seq_len = tokenizer, arch, seq_len
+        self.truncated = 0
+        if arch == "bert":
+            if not {"cls", "sep"} <= set(tokenizer.bert_ids):
+                raise ConfigError(f"config.data.tokenizer={tokenizer.name!r} has no [CLS]/[SEP] "
+                                  "tokens, which BERT's classification input needs")
+            self.start, self.sep, self.end = ([tokenizer.bert_ids["cls"]], [tokenizer.bert_ids["sep"]],
+                                              [tokenizer.bert_ids["sep"]])
+        else:
+            self.start, self.sep, self.end = [tokenizer.eos_id], [tokenizer.eos_id], []
+
+    def __call__(self, text: str, pair: str | None = None) -> dict:
+        a = self.tok.encode(text)
+        b = self.tok.encode(pair) if pair is not None else None
+        room = self.seq_len - len(self.start) - len(self.end) - (len(self.sep) if b is not None else 0)
+        if len(a) + len(b or []) > room:
+            self.truncated += 1
+            while len(a) + len(b or []) > room:  # longest first
+                if b is not None and len(b) > len(a):
+                    b = b[:-1]
+                else:
+                    a = a[:-1]
+        first = self.start + a + (self.sep if b is not None else self.end)
+        second = (b + self.end) if b is not None else []
+        n = len(first) + len(second)
+        tokens = np.full(self.seq_len, self.tok.pad_id, np.int32)
+        tokens[:n] = first + second
+        types = np.zeros(self.seq_len, np.int32)
+        types[len(first):n] = 1
+        segments = (np.arange(self.seq_len) < n).astype(np.int32)
+        return {"tokens": tokens, "types": types, "segments": segments}
+
+
+class LabelledSource:
+    """Encoded examples by global index: example i of epoch e = i // N is example
+    perm_e[i mod N], perm_e seeded by (seed, e). `eval_order=True` reads in file order."""
+
+    def __init__(self, data: Labelled, encoder: Encoder, seed: int):
+        self.data, self.encoder, self.seed = data, encoder, seed
+        self.seq_len = encoder.seq_len
+        self.encoded = [dict(encoder(t, data.pairs[i] if data.pairs else None),
+                             label=int(data.labels[i])) for i, t in enumerate(data.texts)]
+        self._perm = {}
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def example(self, index: int) -> dict:
+        epoch, j = divmod(index, len(self))
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng([self.seed, _EPOCH_STREAM, epoch]).permutation(len(self))}
+        return self.encoded[int(self._perm[epoch][j])]
+
+    def stats(self) -> dict:
+        return {"name": self.data.name, "documents": len(self), "sequences_per_epoch": None}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([self.data.name, self.seq_len, self.seed]).encode())
+        for e in self.encoded:
+            h.update(e["tokens"].tobytes() + bytes([e["label"] % 256]))
+        return h.hexdigest()[:16]

@@ -1,0 +1,84 @@
+"""BERT: a bidirectional encoder (Devlin et al. 2019) on the shared layers.
+
+    model = BERT(config.model)      # configs/bert/*.py: post-LN, exact GELU, eps 1e-12
+    logits_BxLxV = model.apply({"params": params}, tokens_BxL, types_BxL=types_BxL)
+    classes_BxC = model.apply({"params": params}, tokens_BxL, output="classes")
+
+One forward pass, top to bottom: embed tokens + learned positions + token types (sentence
+A/B) -> LayerNorm -> dropout -> num_layers x Block(bidirectional, post-LN) -> a head:
+  "logits"   the masked-LM head: Dense(D->D), GELU, LayerNorm, then the token embedding
+             (tied) plus an output bias: [B, L, V];
+  "classes"  the pooler (Dense(D->D), tanh, on the first token, [CLS]) then
+             layers.ClassHead: [B, C] (config.model.num_classes);
+  "hidden"   the encoder's output [B, L, D].
+Padding is segment 0: no position attends to it, so extra padding never changes the
+outputs at real positions; packed documents (segments 1, 2, ...) do not see each other.
+Names follow the layers GPT uses, so the Hugging Face converters map both the same way.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models import layers
+
+Array = jax.Array
+
+SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim",
+                "position", "type_vocab_size", "norm_position", "activation", "num_classes",
+                "param_dtype")
+
+
+class BERT(nn.Module):
+    cfg: layers.Config  # config.model
+
+    @nn.compact
+    def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
+                 segments_BxL: Array | None = None, types_BxL: Array | None = None, *,
+                 deterministic: bool = True, decode: bool = False,
+                 output: str = "logits") -> Array:
+        cfg = self.cfg
+        if decode:
+            raise ValueError("BERT is an encoder: there is no incremental decoding")
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        embed = layers.Embeddings(cfg, name="embed")
+        x_BxLxD = layers.LayerNorm(cfg, name="ln_embed")(embed(tokens_BxL, positions_BxL, types_BxL))
+        x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+
+        block = layers.Block
+        if cfg.remat:
+            block = nn.remat(block, static_argnums=(4, 5))  # (self, x, pos, seg, det, decode)
+        for i in range(cfg.num_layers):
+            x_BxLxD = block(cfg, causal=False, name=layers.block_name(i))(
+                x_BxLxD, positions_BxL, segments_BxL, deterministic, False)
+
+        out = {"hidden": x_BxLxD}
+        init = self.is_initializing()  # init creates every head's parameters
+        if output == "logits" or init:
+            h_BxLxD = layers.dense(cfg, cfg.d_model, ("embed", None), cfg.init_std,
+                                   name="mlm_dense")(x_BxLxD)
+            h_BxLxD = layers.LayerNorm(cfg, name="mlm_ln")(layers.activation(cfg, h_BxLxD))
+            bias_V = self.param("mlm_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), jnp.dtype(cfg.param_dtype))
+            logits_BxLxV = embed.attend(h_BxLxD) + bias_V.astype(h_BxLxD.dtype)
+            logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+            out["logits"] = logits_BxLxV.astype(jnp.float32)
+        if output == "classes" or init:
+            pooled_BxD = jnp.tanh(layers.dense(cfg, cfg.d_model, ("embed", None), cfg.init_std,
+                                               name="pooler")(x_BxLxD[:, 0]))
+            if cfg.num_classes:
+                out["classes"] = layers.ClassHead(cfg, name="classifier")(pooled_BxD, deterministic)
+        return out[output]
+
+
+def flops_per_token(cfg: layers.Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6*N + 12*layers*D*seq_len, N the matmul parameters of the
+    blocks, the MLM transform (D*D) and the tied decoder (D*V); as for GPT (gpt.py), with
+    the attention matmuls over all seq_len keys (bidirectional: no causal halving is
+    claimed for either)."""
+    D, F, Lyr, V = cfg.d_model, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
+    n_matmul = Lyr * (4 * D * D + 2 * D * F) + D * D + D * V
+    return 6.0 * n_matmul + 12.0 * Lyr * D * seq_len
