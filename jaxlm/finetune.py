@@ -129,6 +129,9 @@ class Validation:
     def __init__(self, cfg, workdir: pathlib.Path, source: labelled.LabelledSource):
         self.cfg, self.source, self.metric = cfg, source, cfg.finetune.best_metric
         self.best_dir = pathlib.Path(workdir) / "best"
+        old = self.best_dir.with_name("best.old")
+        if old.is_dir() and not self.best_dir.exists():  # killed between the two renames
+            os.rename(old, self.best_dir)
         self.best = self.best_metrics().get(self.metric)
 
     def best_metrics(self) -> dict:

@@ -107,11 +107,13 @@ def test_masking_statistics_over_many_draws():
         real = 128 - 2
         assert len(pos) == round(0.15 * real)                        # 15% of the real tokens
         assert not set(pos) & {0, 60}                                # never a special one
-        np.testing.assert_array_equal(ex["targets"], w["tokens"])     # targets: the originals
-        np.testing.assert_array_equal(np.delete(ex["inputs"], pos), np.delete(w["tokens"], pos))
+        bert = w["tokens"].copy()        # BERT's format: [CLS] first, EOS -> [SEP]
+        bert[0] = TOK.bert_ids["cls"]
+        np.testing.assert_array_equal(ex["targets"], bert)            # targets: the originals
+        np.testing.assert_array_equal(np.delete(ex["inputs"], pos), np.delete(bert, pos))
         chosen += len(pos)
         masked += int(np.sum(ex["inputs"][pos] == TOK.bert_ids["mask"]))
-        same = ex["inputs"][pos] == w["tokens"][pos]
+        same = ex["inputs"][pos] == bert[pos]
         kept += int(np.sum(same))
         random += int(np.sum(~same & (ex["inputs"][pos] != TOK.bert_ids["mask"])))
     # 80 / 10 / 10 within 3 standard errors (a random replacement equal to the original

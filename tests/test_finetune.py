@@ -246,3 +246,39 @@ def test_sweep_dry_run_lists_every_point_and_the_table_averages_over_seeds(tmp_p
     assert rows[1]["accuracy_std"] == 0.0 and rows[0]["seeds"] == 3
     assert "| 1e-4 | 3 | 0.700 ± 0.100 |" in (tmp_path / "sweep.md").read_text()
     assert (tmp_path / "sweep.csv").read_text().startswith("finetune.learning_rate,seeds,")
+
+
+def test_sigkill_during_finetuning_then_resume_is_bitwise_exact(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_checkpoint import env_with_devices, wait_for_step
+    flags = [f"--config={REPO}/configs/bert/facts.py", "--config.model.num_layers=2",
+             "--config.model.d_model=32", "--config.model.num_heads=4", "--config.model.mlp_dim=64",
+             "--config.model.max_len=64", "--config.data.seq_len=32", "--config.train.log_every=1",
+             "--config.finetune.train_examples=32", "--config.finetune.batch_size=8",
+             "--config.finetune.epochs=6", "--config.evaluate.batch_size=25"]
+    cmd = lambda w: [sys.executable, "-m", "jaxlm.finetune", f"--workdir={w}", *flags]
+    full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True,
+                          env=env_with_devices(2), timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), env=env_with_devices(2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(killed, 9, proc, saved=True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    again = subprocess.run(cmd(killed), capture_output=True, text=True, env=env_with_devices(2),
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    a, b = read_history(tmp_path / "full"), read_history(killed)
+    assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 25))
+    assert [h.get("loss") for h in a] == [h.get("loss") for h in b]
+    assert [h.get("validation_accuracy") for h in a] == [h.get("validation_accuracy") for h in b]
+    assert json.loads((tmp_path / "full" / "results.json").read_text())["validation"] == \
+        json.loads((killed / "results.json").read_text())["validation"]

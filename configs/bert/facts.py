@@ -15,7 +15,7 @@ def get_config():
     c = debug_config()
     c.model.update(num_classes=2, dropout=0.1)
     c.finetune.update(train_data="synthetic:facts:train", validation_data="synthetic:facts:validation",
-                      train_examples=64, epochs=10, learning_rate=1e-4, batch_size=16,
+                      train_examples=64, epochs=40, learning_rate=3e-4, batch_size=16,
                       warmup_ratio=0.1, best_metric="accuracy", class_names=("false", "true"))
     c.data.seq_len = 64
     c.evaluate.batch_size = 64

@@ -13,6 +13,8 @@ Where the examples come from (`config.finetune.train_data` / `validation_data`):
   synthetic:facts:SPLIT the built-in check of memorised facts (jaxlm.data.synthetic): "Bako
                         lives in Tesmor." is true (1) or false (0) in the synthetic world; its
                         train and validation splits share no (entity, attribute) pair.
+  synthetic:rules:SPLIT which of the world's 6 in-context rules a line "kaz -> kAz" applies,
+                        on words the corpus never uses; train and validation words differ.
 
 Every problem is a DataError naming the file and line (or the dataset and example): a
 missing field, an empty text, a label outside the classes.
@@ -68,10 +70,15 @@ def read(spec: str, cfg_ft, num_classes: int, data_dir: str = "") -> Labelled:
     kind, _, rest = spec.partition(":")
     if kind == "synthetic":
         task, _, split = rest.partition(":")
-        if task != "facts" or split not in ("train", "validation"):
-            raise ConfigError(f"{spec!r}: expected synthetic:facts:train or "
-                              "synthetic:facts:validation")
-        return synthetic_facts(split)
+        makers = {"facts": synthetic_facts, "rules": synthetic_rules}
+        if task not in makers or split not in ("train", "validation"):
+            raise ConfigError(f"{spec!r}: expected synthetic:facts:SPLIT or synthetic:rules:SPLIT, "
+                              "SPLIT train or validation")
+        data = makers[task](split)
+        if task == "rules" and num_classes != len(synthetic.DEFAULT_RULES):
+            raise ConfigError(f"{spec!r} has {len(synthetic.DEFAULT_RULES)} classes, and "
+                              f"config.model.num_classes={num_classes}")
+        return data
     if kind == "tfds":
         name, _, split = rest.rpartition(":")
         return _read_tfds(name, split, data_dir, cfg_ft, num_classes, spec)
@@ -191,6 +198,26 @@ def synthetic_facts(split: str, seed: int = 0) -> Labelled:
         labels.append(int(truth))
     where = [f"synthetic:facts:{split} example {i}" for i in range(len(texts))]
     return Labelled(f"synthetic:facts:{split}", texts, None, np.asarray(labels, np.int32), where)
+
+
+def synthetic_rules(split: str, seed: int = 0, count: int = 600) -> Labelled:
+    """Lines "kaz -> kAz" of the synthetic world's in-context rules, labelled by the rule
+    (6 classes, balanced), on held-out words (never in the corpus) for which every rule
+    gives a different output; train and validation words differ."""
+    world = synthetic.World(seed)
+    rng = world.rng(f"rules_check_{split}")
+    taken = set() if split == "train" else set(synthetic_rules("train", seed, count).texts)
+    texts, labels = [], []
+    while len(texts) < count:
+        word = world.random_word(rng, held_out=True)
+        rule = world.rules[len(texts) % len(world.rules)]
+        line = synthetic.rule_line(word, rule)
+        if len({synthetic.RULES[r](word) for r in world.rules}) == len(world.rules) and \
+                not any(line.split(" ->")[0] == t.split(" ->")[0] for t in taken) and line not in texts:
+            texts.append(line)
+            labels.append(world.rules.index(rule))
+    where = [f"synthetic:rules:{split} example {i}" for i in range(len(texts))]
+    return Labelled(f"synthetic:rules:{split}", texts, None, np.asarray(labels, np.int32), where)
 
 
 class Encoder:

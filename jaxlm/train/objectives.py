@@ -18,7 +18,8 @@ Objectives, by `config.train.objective`:
   causal_lm       next-token prediction (GPT): inputs tokens[:L], targets tokens[1:L+1]
                   (the window carries one extra token), weight 1 wherever the input is
                   not padding.
-  masked_lm       masked-token prediction (BERT): 15% of the real tokens, never a special
+  masked_lm       masked-token prediction (BERT): the window in BERT's format ([CLS] first,
+                  [SEP] between documents), then 15% of the real tokens, never a special
                   or padding one, are chosen (whole words with `whole_word`); of those 80%
                   become [MASK], 10% a random token and 10% stay; the loss and accuracy
                   count the chosen positions only.
@@ -106,6 +107,8 @@ class MaskedLM:
         self.seq_len, self.packed, self.seed = seq_len, packed, seed
         self.mask_prob, self.whole_word = mask_prob, whole_word
         self.mask_id = tokenizer.bert_ids["mask"]
+        self.cls_id, self.sep_id, self.eos_id = (tokenizer.bert_ids["cls"],
+                                                 tokenizer.bert_ids["sep"], tokenizer.eos_id)
         self.special = np.asarray(sorted(tokenizer.special_ids), np.int64)
         self.replacements = np.setdiff1d(np.arange(tokenizer.vocab_size), self.special)
         if whole_word:  # a token starts a word after whitespace or a special token
@@ -124,7 +127,11 @@ class MaskedLM:
         return np.cumsum(start)
 
     def example(self, window: dict, index: int = 0) -> dict:
-        L, tokens = self.seq_len, np.asarray(window["tokens"][:self.seq_len])
+        # BERT's input format: [CLS] first, [SEP] where the stream separates documents
+        # (EOS), so that pretraining sees what fine-tuning inputs look like.
+        L, tokens = self.seq_len, np.array(window["tokens"][:self.seq_len])
+        tokens[tokens == self.eos_id] = self.sep_id
+        tokens[0] = self.cls_id
         segments = window.get("segments")
         real = ~np.isin(tokens, self.special)
         if segments is not None:
