@@ -282,3 +282,33 @@ def test_sigkill_during_finetuning_then_resume_is_bitwise_exact(tmp_path):
     assert [h.get("validation_accuracy") for h in a] == [h.get("validation_accuracy") for h in b]
     assert json.loads((tmp_path / "full" / "results.json").read_text())["validation"] == \
         json.loads((killed / "results.json").read_text())["validation"]
+
+
+def test_a_prepared_tfds_dataset_with_labels_reads(tmp_path):
+    """tfds:NAME:SPLIT (e.g. glue/sst2, imdb_reviews when prepared): here a dataset of the
+    same features (text, ClassLabel) prepared from memory, then read back by name."""
+    from data_helpers import require_tensorflow
+    require_tensorflow()
+    import tensorflow_datasets as tfds
+
+    class Sentiment(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"sentence": tfds.features.Text(), "label": tfds.features.ClassLabel(num_classes=2)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (text, label) in enumerate([("good film", 1), ("dull", 0), ("fine", 1)]):
+                yield i, {"sentence": text, "label": label}
+
+    Sentiment(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    data = labelled.read("tfds:sentiment:train", ft_config().finetune, 2, str(tmp_path))
+    assert sorted(zip(data.texts, data.labels.tolist())) == [("dull", 0), ("fine", 1), ("good film", 1)]
+    with pytest.raises(ConfigError, match=r"sentiment has splits \['train'\]"):
+        labelled.read("tfds:sentiment:test", ft_config().finetune, 2, str(tmp_path))

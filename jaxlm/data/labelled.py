@@ -38,7 +38,7 @@ import re
 import numpy as np
 
 from jaxlm.data import synthetic
-from jaxlm.data.text_files import _utf8
+from jaxlm.data.text_files import decode_utf8
 from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.errors import ConfigError, DataError
 
@@ -72,11 +72,11 @@ def read(spec: str, cfg_ft, num_classes: int, data_dir: str = "") -> Labelled:
         task, _, split = rest.partition(":")
         makers = {"facts": synthetic_facts, "rules": synthetic_rules}
         if task not in makers or split not in ("train", "validation"):
-            raise ConfigError(f"{spec!r}: expected synthetic:facts:SPLIT or synthetic:rules:SPLIT, "
-                              "SPLIT train or validation")
+            raise ConfigError("expected synthetic:facts:SPLIT or synthetic:rules:SPLIT, SPLIT "
+                              "train or validation")
         data = makers[task](split)
         if task == "rules" and num_classes != len(synthetic.DEFAULT_RULES):
-            raise ConfigError(f"{spec!r} has {len(synthetic.DEFAULT_RULES)} classes, and "
+            raise ConfigError(f"the rules task has {len(synthetic.DEFAULT_RULES)} classes, and "
                               f"config.model.num_classes={num_classes}")
         return data
     if kind == "tfds":
@@ -85,8 +85,8 @@ def read(spec: str, cfg_ft, num_classes: int, data_dir: str = "") -> Labelled:
     piece = re.fullmatch(r"(.*)\[(\d*):(\d*)\]", spec)  # FILE[a:b]: a slice of the examples
     path = pathlib.Path(piece.group(1) if piece else spec).expanduser()
     if path.suffix not in (".csv", ".tsv", ".jsonl"):
-        raise ConfigError(f"{spec!r}: expected a .csv, .tsv or .jsonl file, tfds:NAME:SPLIT or "
-                          "synthetic:facts:SPLIT")
+        raise ConfigError("expected a .csv, .tsv or .jsonl file, tfds:NAME:SPLIT or "
+                          "synthetic:TASK:SPLIT")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _table_rows(path)
@@ -101,7 +101,7 @@ def _jsonl_rows(path: pathlib.Path):
     for n, line in enumerate(data.split(b"\n"), 1):
         if line.strip():
             try:
-                record = json.loads(_utf8(line, path, n))
+                record = json.loads(decode_utf8(line, path, n))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
@@ -110,7 +110,7 @@ def _jsonl_rows(path: pathlib.Path):
 
 
 def _table_rows(path: pathlib.Path):
-    text = _utf8(path.read_bytes(), path)
+    text = decode_utf8(path.read_bytes(), path)
     reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
     for n, record in enumerate(reader, 2):  # line 1 is the header
         yield f"{path}:{n}", record
@@ -161,9 +161,9 @@ def _which(cfg_ft, field: str) -> str:
 def _read_tfds(name: str, split: str, data_dir: str, cfg_ft, num_classes: int,
                spec: str) -> Labelled:
     from jaxlm.data.tfds_split import builder_for
-    builder = builder_for(name, data_dir, f"config.finetune data {spec!r}")
+    builder = builder_for(name, data_dir, "the TFDS dataset")
     if split.split("[")[0] not in builder.info.splits:
-        raise ConfigError(f"{spec!r}: {name} has splits {sorted(builder.info.splits)}")
+        raise ConfigError(f"{name} has splits {sorted(builder.info.splits)}")
     source = builder.as_data_source(split=split)
 
     def rows():

@@ -30,7 +30,7 @@ def read_text_file(path: str | pathlib.Path, unit: str = "file",
     if path.suffix == ".jsonl":
         return [_jsonl_text(line, text_key, path, n)
                 for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
-    text = _utf8(data, path)
+    text = decode_utf8(data, path)
     if unit == "file":
         return [text]
     if unit == "line":
@@ -47,7 +47,7 @@ def read_text_file(path: str | pathlib.Path, unit: str = "file",
     return paragraphs
 
 
-def _utf8(data: bytes, path: pathlib.Path, line: int | None = None) -> str:
+def decode_utf8(data: bytes, path: pathlib.Path, line: int | None = None) -> str:
     """Strict UTF-8 decoding; the error names the file and the line of the first bad byte."""
     try:
         return data.decode("utf-8")
@@ -59,7 +59,7 @@ def _utf8(data: bytes, path: pathlib.Path, line: int | None = None) -> str:
 
 def _jsonl_text(line: bytes, text_key: str, path: pathlib.Path, n: int) -> str:
     try:
-        record = json.loads(_utf8(line, path, n))
+        record = json.loads(decode_utf8(line, path, n))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
