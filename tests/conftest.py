@@ -15,14 +15,19 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def tiny_config(**model_overrides):
-    c = base_config()
+def _tiny(c, **model_overrides):
+    """Shrinks a config to the tiny test shapes and run lengths."""
     c.model.update(num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
     c.model.update(**model_overrides)
     c.data.seq_len = 32
     c.train.update(steps=20, batch_size=8, log_every=5)
     c.checkpoint.update(every=10, heartbeat_seconds=30.0, timeout_seconds=300.0)
     c.optimizer.update(learning_rate=3e-3, warmup_steps=5)
+    return c
+
+
+def tiny_config(**model_overrides):
+    c = _tiny(base_config(), **model_overrides)
     c.evaluate.update(num_examples=8, shots=(0, 1), batch_size=8, num_samples=1,
                       sample_len=16, max_new_tokens=8)
     return c
@@ -31,14 +36,7 @@ def tiny_config(**model_overrides):
 def tiny_bert_config(**model_overrides):
     """configs/bert/debug.py at the tiny shapes of `tiny_config` (masked LM, byte:bert)."""
     from jaxlm.config import load_config
-    c = load_config(REPO / "configs/bert/debug.py")
-    c.model.update(num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
-    c.model.update(**model_overrides)
-    c.data.seq_len = 32
-    c.train.update(steps=20, batch_size=8, log_every=5)
-    c.checkpoint.update(every=10, heartbeat_seconds=30.0, timeout_seconds=300.0)
-    c.optimizer.update(learning_rate=3e-3, warmup_steps=5)
-    return c
+    return _tiny(load_config(REPO / "configs/bert/debug.py"), **model_overrides)
 
 
 @pytest.fixture

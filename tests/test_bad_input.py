@@ -292,12 +292,18 @@ def _wait_for_step(path, step, proc, timeout=300):
     raise TimeoutError(step)
 
 
-def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
-    path = tmp_path / "run"
+def _long_run_at_step_3(path):
+    """A training run that would go on for ever, once it has logged step 3."""
     proc = subprocess.Popen(_train_cmd(path, "--config.train.steps=100000", "--config.train.log_every=1",
                                        "--config.checkpoint.every=1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(path, 3, proc)
+    return proc
+
+
+def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
+    path = tmp_path / "run"
+    proc = _long_run_at_step_3(path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     saved = checkpoint.Checkpointer(path, read_only=True).steps()
@@ -355,11 +361,7 @@ def test_a_disk_without_room_for_the_next_checkpoint_stops_before_writing(run_di
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
-    path = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(path, "--config.train.steps=100000", "--config.train.log_every=1",
-                                       "--config.checkpoint.every=1000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(path, 3, proc)
+    proc = _long_run_at_step_3(tmp_path / "run")
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -48,12 +48,8 @@ class BERT(nn.Module):
         x_BxLxD = layers.LayerNorm(cfg, name="ln_embed")(embed(tokens_BxL, positions_BxL, types_BxL))
         x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
-        block = layers.Block
-        if cfg.remat:
-            block = nn.remat(block, static_argnums=(4, 5))  # (self, x, pos, seg, det, decode)
-        for i in range(cfg.num_layers):
-            x_BxLxD = block(cfg, causal=False, name=layers.block_name(i))(
-                x_BxLxD, positions_BxL, segments_BxL, deterministic, False)
+        x_BxLxD = layers.apply_blocks(cfg, False, x_BxLxD, positions_BxL, segments_BxL,
+                                      deterministic)
 
         out = {"hidden": x_BxLxD}
         init = self.is_initializing()  # init creates every head's parameters

@@ -48,12 +48,8 @@ class GPT(nn.Module):
         x_BxLxD = embed(tokens_BxL, positions_BxL)
         x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
-        block = layers.Block
-        if cfg.remat:
-            block = nn.remat(block, static_argnums=(4, 5))  # (self, x, pos, seg, det, decode)
-        for i in range(cfg.num_layers):
-            x_BxLxD = block(cfg, causal=True, name=layers.block_name(i))(
-                x_BxLxD, positions_BxL, segments_BxL, deterministic, decode)
+        x_BxLxD = layers.apply_blocks(cfg, True, x_BxLxD, positions_BxL, segments_BxL,
+                                      deterministic, decode)
         x_BxLxD = layers.LayerNorm(cfg, name="ln_final")(x_BxLxD)
 
         out = {"hidden": x_BxLxD}

@@ -231,6 +231,20 @@ def block_name(i: int) -> str:
     return f"block_{i}"
 
 
+def apply_blocks(cfg: Config, causal: bool, x_BxLxD: Array, positions_BxL: Array,
+                 segments_BxL: Array | None, deterministic: bool, decode: bool = False) -> Array:
+    """config.model.num_layers blocks, each rematerialised in the backward pass when
+    config.model.remat; call it from a model's compact __call__ (the blocks become that
+    model's submodules block_0, block_1, ...)."""
+    block = Block
+    if cfg.remat:
+        block = nn.remat(block, static_argnums=(4, 5))  # (self, x, pos, seg, det, decode)
+    for i in range(cfg.num_layers):
+        x_BxLxD = block(cfg, causal=causal, name=block_name(i))(
+            x_BxLxD, positions_BxL, segments_BxL, deterministic, decode)
+    return x_BxLxD
+
+
 def activation(cfg: Config, x: Array) -> Array:
     """config.model.activation: GELU's tanh approximation (GPT-2) or the exact, erf-based
     GELU (BERT)."""

@@ -59,6 +59,13 @@ def _apply(model, params, batch: dict, rng, deterministic: bool, output: str):
                        rngs={"dropout": rng}, output=output)
 
 
+def _token_loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+    """(summed cross-entropy of the weighted token targets, (their weight, {accuracy}))."""
+    logits = _apply(model, params, batch, rng, deterministic, "logits")
+    total, weight = cross_entropy(logits, batch["targets"], batch["weights"])
+    return total, (weight, {"accuracy": _correct(logits, batch["targets"], batch["weights"])})
+
+
 class CausalLM:
     """Next-token prediction (GPT). Packed windows keep their segments and positions, so
     attention stays inside each document; unpacked batches carry neither (the model
@@ -82,10 +89,7 @@ class CausalLM:
                            else (segments != 0).astype(np.float32))}
         return _with_packing(out, window, self.packed, L)
 
-    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
-        logits = _apply(model, params, batch, rng, deterministic, "logits")
-        total, weight = cross_entropy(logits, batch["targets"], batch["weights"])
-        return total, (weight, {"accuracy": _correct(logits, batch["targets"], batch["weights"])})
+    loss = _token_loss
 
 
 class MaskedLM:
@@ -164,10 +168,7 @@ class MaskedLM:
                "weights": weights}
         return _with_packing(out, window, self.packed, L)
 
-    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
-        logits = _apply(model, params, batch, rng, deterministic, "logits")
-        total, weight = cross_entropy(logits, batch["targets"], batch["weights"])
-        return total, (weight, {"accuracy": _correct(logits, batch["targets"], batch["weights"])})
+    loss = _token_loss
 
 
 class Classification:
