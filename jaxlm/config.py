@@ -137,6 +137,12 @@ SCHEMA = {
         "mask_prob": Field(0.15, Range(0, 1, lo_open=True, hi_open=True),
                            "masked_lm: share of the real tokens chosen in each sequence"),
         "whole_word_masking": Field(False, None, "masked_lm: choose whole words, not tokens"),
+        "sentence_pairs": Field(False, None, "masked_lm: each window becomes [CLS] A [SEP] B "
+                                "[SEP] (random cut) with token types 0/1 (needs "
+                                "data.packing=false)"),
+        "next_sentence": Field(False, None, "masked_lm with sentence_pairs: half the B's come "
+                               "from another example, and the [CLS] output learns which "
+                               "(next-sentence prediction)"),
         "steps": Field(1000, POSITIVE, "optimizer steps"),
         "batch_size": Field(32, POSITIVE, "global batch, in sequences, per optimizer step"),
         "microbatches": Field(1, POSITIVE, "gradient accumulation: the batch is split into this many"),

@@ -58,6 +58,10 @@ def random_batch(cfg, seed: int = 0) -> dict:
     objective = make_objective(cfg, get_tokenizer(cfg.data.tokenizer))
     rng = np.random.default_rng(seed)
     length = cfg.data.seq_len + objective.extra_tokens
-    rows = [objective.example({"tokens": rng.integers(0, 256, length).astype(np.int32)}, i)
+
+    def read(i):  # any other example, e.g. next-sentence prediction's random B
+        return {"tokens": np.random.default_rng([seed, i]).integers(0, 256, length).astype(np.int32)}
+
+    rows = [objective.example({"tokens": rng.integers(0, 256, length).astype(np.int32)}, i, read)
             for i in range(cfg.train.batch_size)]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -143,6 +143,59 @@ def test_whole_word_masking_takes_whole_words():
             assert not hit or hit == {j for j in range(a, b) if t[j] not in (TOK.eos_id, TOK.bert_ids["sep"])}
 
 
+def test_sentence_pairs_and_next_sentence_labels():
+    """[CLS] A [SEP] B [SEP] cut at a random point, types 0 then 1; B is the window's own
+    continuation (label 0) or the same stretch of another example (label 1), about half
+    the time each; masking never touches the added [SEP]s; all a function of (seed, index)."""
+    L, windows = 128, _windows(300)
+    read_calls = []
+
+    def read(j):
+        read_calls.append(j)
+        return windows[j % len(windows)]
+
+    mlm = MaskedLM(L, False, TOK, seed=0, sentence_pairs=True, next_sentence=True)
+    cls, sep = TOK.bert_ids["cls"], TOK.bert_ids["sep"]
+    labels, cuts = [], set()
+    for i, w in enumerate(windows):
+        read_calls.clear()
+        ex = mlm.example(w, i, read)
+        types, t = ex["types"], ex["targets"]
+        cut = int(np.argmax(types)) - 2                    # A = body[:cut]
+        cuts.add(cut)
+        assert types[0] == 0 and np.all(types[cut + 2:] == 1) and np.all(types[:cut + 2] == 0)
+        assert t[0] == cls and t[cut + 1] == sep and t[-1] == sep
+        body = w["tokens"][1:L - 2].copy()
+        body[body == TOK.eos_id] = sep
+        np.testing.assert_array_equal(t[1:cut + 1], body[:cut])
+        label = int(ex["next_sentence"])
+        if label == 0:
+            assert read_calls == []
+            np.testing.assert_array_equal(t[cut + 2:L - 1], body[cut:])
+        else:
+            assert len(read_calls) == 1 and 0 < read_calls[0] - i <= 1024
+            other = windows[read_calls[0] % len(windows)]["tokens"][1:L - 2].copy()
+            other[other == TOK.eos_id] = sep
+            np.testing.assert_array_equal(t[cut + 2:L - 1], other[cut:])
+        assert not set(np.flatnonzero(ex["weights"])) & {0, cut + 1, L - 1}
+        labels.append(label)
+        again = mlm.example(w, i, read)
+        for k in ex:
+            np.testing.assert_array_equal(ex[k], again[k])
+    assert abs(np.mean(labels) - 0.5) < 3 * (0.25 / len(labels)) ** 0.5
+    assert len(cuts) > 50                                    # cut points spread over the window
+    pairs_only = MaskedLM(L, False, TOK, seed=0, sentence_pairs=True)
+    assert "next_sentence" not in pairs_only.example(windows[0], 0)
+    assert set(pairs_only.batch_spec(4)) == {"inputs", "targets", "weights", "types"}
+
+
+def test_sentence_pair_settings_are_checked():
+    with pytest.raises(ConfigError, match="next_sentence=True needs config.train.sentence_pairs"):
+        MaskedLM(128, False, TOK, 0, next_sentence=True)
+    with pytest.raises(ConfigError, match="sentence_pairs=True needs config.data.packing=False"):
+        MaskedLM(128, True, TOK, 0, sentence_pairs=True)
+
+
 def test_a_tokenizer_without_bert_ids_is_refused():
     cfg = tiny_bert()
     cfg.data.tokenizer = "byte"

@@ -30,9 +30,16 @@ from jaxlm.watchdog import HUNG_EXIT_CODE
 needs_8 = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (fake) devices")
 
 
-def train_cmd(workdir, *extra):
-    return [sys.executable, "-m", "jaxlm.train", f"--config={REPO}/configs/gpt/debug.py",
+def train_cmd(workdir, *extra, config="gpt/debug.py"):
+    return [sys.executable, "-m", "jaxlm.train", f"--config={REPO}/configs/{config}",
             f"--workdir={workdir}", *TINY, *extra]
+
+
+# GPT, and BERT's masked-LM pretraining with sentence pairs and next-sentence prediction
+# (masks, cuts and random B's are drawn from the seed and the example index).
+PRETRAINING = {"gpt": ("gpt/debug.py", ()),
+               "bert": ("bert/debug.py", ("--config.train.sentence_pairs=true",
+                                          "--config.train.next_sentence=true"))}
 
 
 def env_with_devices(n: int) -> dict:
@@ -78,16 +85,19 @@ def assert_trees_equal(a, b):
 
 
 @needs_8
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
-    steps = ("--config.train.steps=40", "--config.train.log_every=1", "--config.checkpoint.every=8")
-    full = subprocess.run(train_cmd(tmp_path / "full", *steps), capture_output=True, text=True,
-                          env=env_with_devices(8), timeout=600)
+@pytest.mark.parametrize("arch", list(PRETRAINING))
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, arch):
+    config, extra = PRETRAINING[arch]
+    steps = ("--config.train.steps=40", "--config.train.log_every=1", "--config.checkpoint.every=8",
+             *extra)
+    full = subprocess.run(train_cmd(tmp_path / "full", *steps, config=config),
+                          capture_output=True, text=True, env=env_with_devices(8), timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
 
     kill_at = random.Random().randint(10, 30)
     print(f"SIGKILL after step {kill_at}")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, *steps), env=env_with_devices(8),
+    proc = subprocess.Popen(train_cmd(killed, *steps, config=config), env=env_with_devices(8),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(killed, kill_at, proc, saved=True)
@@ -96,8 +106,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
         proc.wait()
     latest = checkpoint.Checkpointer(killed).latest_step()
     assert latest is not None and latest < 40, "the kill must land before the end"
-    again = subprocess.run(train_cmd(killed, *steps), capture_output=True, text=True,
-                           env=env_with_devices(8), timeout=600)
+    again = subprocess.run(train_cmd(killed, *steps, config=config), capture_output=True,
+                           text=True, env=env_with_devices(8), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {killed / 'checkpoints'} at step {latest}" in again.stderr
 

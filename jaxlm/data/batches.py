@@ -2,9 +2,9 @@
 
 Process p of P reads rows [p*B/P, (p+1)*B/P) of global batch s, i.e. examples
 s*B + p*B/P + r of the source, so together the processes read each example exactly once.
-Each example window goes through `make_example(window, global index)` (the objective:
-inputs, targets, weights)
-and the rows are stacked into numpy arrays [B/P, L], which `place` turns into device arrays
+Each example window goes through `make_example(window, global index, read)` (the
+objective: inputs, targets, weights; `read` is the source's `example`, for objectives that
+combine two examples, such as next-sentence prediction) and the rows are stacked into numpy arrays [B/P, L], which `place` turns into device arrays
 (a global sharded jax.Array for jit, per-device slices for pmap).
 """
 
@@ -21,7 +21,7 @@ from jaxlm.errors import ConfigError
 
 
 def local_batch(source, step: int, global_batch: int, vocab_size: int,
-                make_example: Callable[[dict, int], dict], process_index: int = 0,
+                make_example: Callable[..., dict], process_index: int = 0,
                 process_count: int = 1, spec: dict | None = None) -> dict:
     """This process's rows of global batch `step`, as numpy arrays [B/P, ...]; checked
     against `spec` (the objective's batch_spec of the global batch) when given."""
@@ -32,7 +32,7 @@ def local_batch(source, step: int, global_batch: int, vocab_size: int,
     if top >= vocab_size:
         raise ConfigError(f"token id {top} in batch {step} is beyond "
                           f"config.model.vocab_size={vocab_size}")
-    rows = [make_example(w, first + r) for r, w in enumerate(windows)]
+    rows = [make_example(w, first + r, source.example) for r, w in enumerate(windows)]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     if spec is not None:
         got = {k: ((v.shape[0] * process_count,) + v.shape[1:], v.dtype) for k, v in batch.items()}
@@ -48,7 +48,7 @@ class Batches:
     thread (`prefetch` batches) so that the Python data work overlaps the step."""
 
     def __init__(self, source, start_step: int, global_batch: int, vocab_size: int,
-                 make_example: Callable[[dict, int], dict], place: Callable[[dict], dict],
+                 make_example: Callable[..., dict], place: Callable[[dict], dict],
                  prefetch: int = 2, spec: dict | None = None):
         self.step = start_step
         self._args = (source, global_batch, vocab_size, make_example, spec)

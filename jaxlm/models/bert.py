@@ -10,7 +10,10 @@ A/B) -> LayerNorm -> dropout -> num_layers x Block(bidirectional, post-LN) -> a 
              (tied) plus an output bias: [B, L, V];
   "classes"  the pooler (Dense(D->D), tanh, on the first token, [CLS]) then
              layers.ClassHead: [B, C] (config.model.num_classes);
+  "next_sentence"  the pooler then Dense(D->2): next-sentence prediction logits [B, 2]
+             (0: B follows A, 1: B is random, as in the original BERT);
   "hidden"   the encoder's output [B, L, D].
+`output` may name several heads, e.g. ("logits", "next_sentence"): one pass, a tuple.
 Padding is segment 0: no position attends to it, so extra padding never changes the
 outputs at real positions; packed documents (segments 1, 2, ...) do not see each other.
 Names follow the layers GPT uses, so the Hugging Face converters map both the same way.
@@ -38,7 +41,7 @@ class BERT(nn.Module):
     def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
                  segments_BxL: Array | None = None, types_BxL: Array | None = None, *,
                  deterministic: bool = True, decode: bool = False,
-                 output: str = "logits") -> Array:
+                 output: str | tuple[str, ...] = "logits") -> Array | tuple[Array, ...]:
         cfg = self.cfg
         if decode:
             raise ValueError("BERT is an encoder: there is no incremental decoding")
@@ -52,8 +55,9 @@ class BERT(nn.Module):
                                       deterministic)
 
         out = {"hidden": x_BxLxD}
+        wanted = {output} if isinstance(output, str) else set(output)
         init = self.is_initializing()  # init creates every head's parameters
-        if output == "logits" or init:
+        if "logits" in wanted or init:
             h_BxLxD = layers.dense(cfg, cfg.d_model, ("embed", None), cfg.init_std,
                                    name="mlm_dense")(x_BxLxD)
             h_BxLxD = layers.LayerNorm(cfg, name="mlm_ln")(layers.activation(cfg, h_BxLxD))
@@ -62,12 +66,17 @@ class BERT(nn.Module):
             logits_BxLxV = embed.attend(h_BxLxD) + bias_V.astype(h_BxLxD.dtype)
             logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
             out["logits"] = logits_BxLxV.astype(jnp.float32)
-        if output == "classes" or init:
+        if wanted & {"classes", "next_sentence"} or init:
             pooled_BxD = jnp.tanh(layers.dense(cfg, cfg.d_model, ("embed", None), cfg.init_std,
                                                name="pooler")(x_BxLxD[:, 0]))
-            if cfg.num_classes:
+            if cfg.num_classes and ("classes" in wanted or init):
                 out["classes"] = layers.ClassHead(cfg, name="classifier")(pooled_BxD, deterministic)
-        return out[output]
+            if "next_sentence" in wanted or init:
+                out["next_sentence"] = layers.dense(cfg, 2, ("embed", None), cfg.init_std,
+                                                    name="next_sentence")(pooled_BxD).astype(jnp.float32)
+        if isinstance(output, str):
+            return out[output]
+        return tuple(out[o] for o in output)
 
 
 def flops_per_token(cfg: layers.Config, seq_len: int) -> float:

@@ -22,7 +22,11 @@ Objectives, by `config.train.objective`:
                   [SEP] between documents), then 15% of the real tokens, never a special
                   or padding one, are chosen (whole words with `whole_word`); of those 80%
                   become [MASK], 10% a random token and 10% stay; the loss and accuracy
-                  count the chosen positions only.
+                  count the chosen positions only. With `sentence_pairs` the window is
+                  [CLS] A [SEP] B [SEP], cut at a random point, with token types 0 on
+                  [CLS] A [SEP] and 1 on B [SEP]; with `next_sentence` as well, half the
+                  B's are replaced by the same stretch of another example and the pooled
+                  [CLS] learns to tell (next-sentence prediction, BERT's second task).
   classification  a label per sequence (fine-tuning): examples carry `tokens`, `types`,
                   `segments` and `label`; the loss is the cross-entropy of the class logits.
 """
@@ -36,8 +40,14 @@ import numpy as np
 from jaxlm import models
 from jaxlm.errors import ConfigError
 
-# Seed-sequence tag of the masking draws (data streams use 1 and 2, jaxlm.data.sources).
-_MASK_STREAM = 3
+# Seed-sequence tags of the masking and sentence-pair draws (data streams use 1 and 2,
+# jaxlm.data.sources).
+_MASK_STREAM, _PAIR_STREAM = 3, 4
+
+# Next-sentence prediction draws B from an example at most this far ahead of A's: source
+# windows that near in the (permuted) order are random windows of the corpus, and the
+# source's cached epoch permutation or mixture block still holds them.
+_PARTNER_RANGE = 1024
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
@@ -53,7 +63,7 @@ def _correct(logits, targets, weights) -> jax.Array:
     return jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
 
 
-def _apply(model, params, batch: dict, rng, deterministic: bool, output: str):
+def _apply(model, params, batch: dict, rng, deterministic: bool, output):
     return model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                        batch.get("segments"), batch.get("types"), deterministic=deterministic,
                        rngs={"dropout": rng}, output=output)
@@ -81,7 +91,7 @@ class CausalLM:
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return _token_spec(batch_size, self.seq_len, self.packed)
 
-    def example(self, window: dict, index: int = 0) -> dict:
+    def example(self, window: dict, index: int = 0, read=None) -> dict:
         L, tokens = self.seq_len, window["tokens"]
         segments = window.get("segments")
         out = {"inputs": tokens[:L], "targets": tokens[1:L + 1],
@@ -94,22 +104,36 @@ class CausalLM:
 
 class MaskedLM:
     """Masked-token prediction (BERT), with dynamic masking: example i of the run is masked
-    the same way whenever and wherever it is read (seed, i), and differently in every epoch."""
+    (and, with sentence pairs, cut and paired) the same way whenever and wherever it is read
+    (seed, i), and differently in every epoch."""
 
     name = "masked_lm"
     extra_tokens = 0
-    metrics = ("accuracy",)
 
     def __init__(self, seq_len: int, packed: bool, tokenizer, seed: int,
-                 mask_prob: float = 0.15, whole_word: bool = False):
+                 mask_prob: float = 0.15, whole_word: bool = False,
+                 sentence_pairs: bool = False, next_sentence: bool = False):
         missing = {"cls", "sep", "mask"} - set(tokenizer.bert_ids)
         if missing:
             raise ConfigError(f"config.data.tokenizer={tokenizer.name!r} has no "
                               f"{', '.join(sorted(missing))} token: BERT needs [CLS], [SEP] and "
                               "[MASK] (use 'byte:bert', or a SentencePiece model trained by "
                               "python -m jaxlm.data.tokenizers train)")
+        if next_sentence and not sentence_pairs:
+            raise ConfigError("config.train.next_sentence=True needs "
+                              "config.train.sentence_pairs=True (the task is about pairs)")
+        if sentence_pairs and packed:
+            raise ConfigError("config.train.sentence_pairs=True needs config.data.packing=False: "
+                              "a pair is cut from one window of the token stream, and packing "
+                              "keeps the documents of a window from attending to each other")
+        if sentence_pairs and seq_len < 8:
+            raise ConfigError(f"config.data.seq_len={seq_len}: sentence pairs need at least 8 "
+                              "tokens ([CLS] A [SEP] B [SEP])")
         self.seq_len, self.packed, self.seed = seq_len, packed, seed
         self.mask_prob, self.whole_word = mask_prob, whole_word
+        self.sentence_pairs, self.next_sentence = sentence_pairs, next_sentence
+        self.metrics = ("accuracy",) + (("next_sentence_loss", "next_sentence_accuracy")
+                                        if next_sentence else ())
         self.mask_id = tokenizer.bert_ids["mask"]
         self.cls_id, self.sep_id, self.eos_id = (tokenizer.bert_ids["cls"],
                                                  tokenizer.bert_ids["sep"], tokenizer.eos_id)
@@ -121,7 +145,12 @@ class MaskedLM:
             self.ends_with_space = np.asarray([p == "" or p[-1:].isspace() for p in pieces])
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        return _token_spec(batch_size, self.seq_len, self.packed)
+        spec = _token_spec(batch_size, self.seq_len, self.packed)
+        if self.sentence_pairs:
+            spec["types"] = jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)
+        if self.next_sentence:
+            spec["next_sentence"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        return spec
 
     def _words(self, tokens: np.ndarray) -> np.ndarray:
         """Word number of every token (whole-word masking)."""
@@ -130,12 +159,40 @@ class MaskedLM:
         start[0] = True
         return np.cumsum(start)
 
-    def example(self, window: dict, index: int = 0) -> dict:
+    def _pair(self, tokens: np.ndarray, index: int, read) -> tuple[np.ndarray, np.ndarray, int]:
+        """[CLS] A [SEP] B [SEP] from the window's body (tokens 1..L-3), token types, and the
+        next-sentence label (0: B follows A in the stream, 1: B is from another example)."""
+        L = self.seq_len
+        rng = np.random.default_rng([self.seed, _PAIR_STREAM, index])
+        partner = index + 1 + int(rng.integers(_PARTNER_RANGE))
+        body = tokens[1:L - 2]
+        cut = int(rng.integers(1, L - 3))  # A = body[:cut], B = body[cut:], both non-empty
+        label = int(self.next_sentence and rng.random() < 0.5)
+        b = body[cut:]
+        if label:
+            if read is None:
+                raise ValueError("next-sentence prediction reads a second example: pass the "
+                                 "source's example function as `read`")
+            other = np.array(read(partner)["tokens"][:L])
+            other[other == self.eos_id] = self.sep_id
+            b = other[1:L - 2][cut:]
+        out = np.concatenate([[self.cls_id], body[:cut], [self.sep_id], b, [self.sep_id]])
+        types = np.zeros(L, np.int32)
+        types[cut + 2:] = 1
+        return out.astype(tokens.dtype), types, label
+
+    def example(self, window: dict, index: int = 0, read=None) -> dict:
+        """`read(i)`: the source's example i (next-sentence prediction takes B from one)."""
         # BERT's input format: [CLS] first, [SEP] where the stream separates documents
         # (EOS), so that pretraining sees what fine-tuning inputs look like.
         L, tokens = self.seq_len, np.array(window["tokens"][:self.seq_len])
         tokens[tokens == self.eos_id] = self.sep_id
         tokens[0] = self.cls_id
+        extra = {}
+        if self.sentence_pairs:
+            tokens, extra["types"], label = self._pair(tokens, index, read)
+            if self.next_sentence:
+                extra["next_sentence"] = np.int32(label)
         segments = window.get("segments")
         real = ~np.isin(tokens, self.special)
         if segments is not None:
@@ -165,10 +222,25 @@ class MaskedLM:
         weights = np.zeros(L, np.float32)
         weights[chosen] = 1.0
         out = {"inputs": inputs.astype(np.int32), "targets": tokens.astype(np.int32),
-               "weights": weights}
+               "weights": weights, **extra}
         return _with_packing(out, window, self.packed, L)
 
-    loss = _token_loss
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+        """Masked-LM sums; with next-sentence prediction, plus each example's NSP loss
+        weighted by its number of masked tokens, so that after the step divides by the
+        masked-token total the loss is mean MLM + (weighted) mean NSP, exactly additive
+        over microbatches and devices."""
+        if not self.next_sentence:
+            return _token_loss(self, model, params, batch, rng, deterministic=deterministic)
+        logits, nsp_Bx2 = _apply(model, params, batch, rng, deterministic,
+                                 ("logits", "next_sentence"))
+        total, weight = cross_entropy(logits, batch["targets"], batch["weights"])
+        per_example_B = jnp.sum(batch["weights"], axis=-1)
+        nsp_total, _ = cross_entropy(nsp_Bx2, batch["next_sentence"], per_example_B)
+        return total + nsp_total, (weight, {
+            "accuracy": _correct(logits, batch["targets"], batch["weights"]),
+            "next_sentence_loss": nsp_total,
+            "next_sentence_accuracy": _correct(nsp_Bx2, batch["next_sentence"], per_example_B)})
 
 
 class Classification:
@@ -193,7 +265,7 @@ class Classification:
                 "labels": jax.ShapeDtypeStruct(one, jnp.int32),
                 "weights": jax.ShapeDtypeStruct(one, jnp.float32)}
 
-    def example(self, record: dict, index: int = 0) -> dict:
+    def example(self, record: dict, index: int = 0, read=None) -> dict:
         return {"inputs": record["tokens"].astype(np.int32),
                 "types": record["types"].astype(np.int32),
                 "segments": record["segments"].astype(np.int32),
@@ -236,5 +308,6 @@ def make_objective(cfg, tokenizer):
         return CausalLM(cfg.data.seq_len, cfg.data.packing)
     if name == "masked_lm":
         return MaskedLM(cfg.data.seq_len, cfg.data.packing, tokenizer, cfg.train.seed,
-                        cfg.train.mask_prob, cfg.train.whole_word_masking)
+                        cfg.train.mask_prob, cfg.train.whole_word_masking,
+                        cfg.train.sentence_pairs, cfg.train.next_sentence)
     return Classification(cfg.data.seq_len, cfg.model.num_classes)
