@@ -84,6 +84,8 @@ SCHEMA = {
         "arch": Field("gpt", None, "model family (jaxlm.models registry): gpt, bert"),
         "vocab_size": Field(258, POSITIVE, "V; at least the tokenizer's ids (byte tokenizer: 258)"),
         "max_len": Field(256, POSITIVE, "longest sequence the model accepts (learned position rows)"),
+        "cache_len": Field(0, NONNEGATIVE, "decoding: KV-cache slots per sequence, bounding "
+                           "prompt + new tokens (0: max_len); smaller saves memory"),
         "num_layers": Field(4, POSITIVE, "transformer blocks"),
         "d_model": Field(128, POSITIVE, "D, the residual width"),
         "num_heads": Field(4, POSITIVE, "H; head dim K = D / H"),
@@ -194,14 +196,38 @@ SCHEMA = {
         "params": Field("", None, "empty: the workdir's checkpoint (checkpoint.step); else a "
                         "params-only export (python -m jaxlm.export)"),
         "tasks": Field(("rule_mc", "rule_exact", "facts_mc", "arithmetic_mc"), None,
-                       "few-shot tasks (jaxlm.evaluate.tasks)"),
+                       "few-shot tasks (jaxlm.evaluate.tasks): synthetic (rule_mc, rule_exact, "
+                       "facts_mc, arithmetic_mc) and standard (hellaswag, piqa, arc_easy, "
+                       "arc_challenge, winogrande, lambada_openai, copa, boolq, sst2)"),
         "shots": Field((0, 1, 4, 8), NONNEGATIVE, "numbers of demonstrations k", each=True),
-        "num_examples": Field(200, POSITIVE, "per task (fewer if the task has fewer)"),
+        "num_examples": Field(200, POSITIVE, "the first N documents of each task (fewer if "
+                              "the task has fewer; lm-eval's --limit)"),
+        "data_dir": Field("", None, "standard tasks: folder of <task>/validation.jsonl (test."
+                          "jsonl for lambada_openai; train.jsonl, when present, gives the "
+                          "demonstrations); relative to the repository; empty: "
+                          "../shared/data/fewshot"),
+        "world_seed": Field(0, NONNEGATIVE, "synthetic tasks: the synthetic world they ask "
+                            "about (a model pretrained on it: its config.data.seed)"),
+        "prefix": Field("auto", ("auto", "eos", "none"), "token before every request: eos "
+                        "(jaxlm-trained documents start with EOS), none (GPT-2 weights as "
+                        "lm-eval runs them); auto: none for the gpt2 tokenizer, else eos"),
         "batch_size": Field(32, POSITIVE, "sequences scored per forward pass"),
-        "seed": Field(0, NONNEGATIVE, "which demonstrations are drawn for each example"),
+        "seed": Field(0, NONNEGATIVE, "synthetic tasks' demonstrations, and the samples"),
+        "fewshot_seed": Field(1234, NONNEGATIVE, "standard tasks: seed of lm-eval's "
+                              "demonstration sampler (1234 is lm-eval's default)"),
+        "log_samples": Field(False, None, "also write every request and its scores to "
+                             "WORKDIR/samples/<task>_<k>shot.jsonl"),
+        "every": Field(0, NONNEGATIVE, "during training, every N steps (and at the end): "
+                       "score every_tasks at every_shots on the training mesh and log them "
+                       "beside the loss (metrics.jsonl, TensorBoard); 0: off"),
+        "every_tasks": Field((), None, "tasks scored during training; empty: config.evaluate.tasks"),
+        "every_shots": Field((0,), NONNEGATIVE, "k scored during training", each=True),
         "max_new_tokens": Field(16, POSITIVE, "for exact-match tasks"),
         "num_samples": Field(3, NONNEGATIVE, "generated samples printed after training"),
         "sample_len": Field(96, POSITIVE, "tokens per sample"),
+        "top_k": Field(0, NONNEGATIVE, "samples: only the k most likely tokens (0: all)"),
+        "top_p": Field(1.0, Range(0, 1, lo_open=True), "samples: the smallest set of tokens "
+                       "with this much probability (1: all)"),
         "temperature": Field(0.8, NONNEGATIVE, "sampling temperature of the samples (0: greedy)"),
     },
     "finetune": {
@@ -412,10 +438,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          f"config.train.batch_size={t.batch_size} is not divisible by "
          f"config.train.microbatches={t.microbatches}")
     e = cfg.evaluate
+    slots = min(m.cache_len or m.max_len, m.max_len)
+    where = (f"config.model.cache_len={m.cache_len}" if 0 < m.cache_len < m.max_len
+             else f"config.model.max_len={m.max_len}")
     for f, used in (("max_new_tokens", e.tasks), ("sample_len", e.num_samples)):
-        need(not used or e[f] < m.max_len,  # generation needs room for a prompt
-             f"config.evaluate.{f}={e[f]} leaves no room for a prompt within "
-             f"config.model.max_len={m.max_len}")
+        need(not used or e[f] < slots,  # generation needs room for a prompt
+             f"config.evaluate.{f}={e[f]} leaves no room for a prompt within {where}")
     need(cfg.optimizer.warmup_steps <= t.steps,
          f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be in [0, train.steps]")
 

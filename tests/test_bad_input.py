@@ -191,8 +191,8 @@ def test_export_into_a_missing_folder(run_dir, tmp_path):
     ("main", ["--config.mesh.strategy=zero3"], "config.mesh.strategy='zero3': expected one of"),
     ("main", ["--config.model.arch=llama"], "config.model.arch='llama': expected one of"),
     ("main", ["--config.train.objective=masked"], "config.train.objective='masked': expected one of"),
-    ("main", ["--config.evaluate.tasks=rule_mc,hellaswag"],
-     "config.evaluate.tasks: unknown task(s) ['hellaswag']"),
+    ("main", ["--config.evaluate.tasks=rule_mc,hellaswagg"],
+     "config.evaluate.tasks: unknown task(s) ['hellaswagg']"),
     ("train", ["--config.data.name=no_such_dataset", "--config.data.data_dir={tmp}"],
      "config.data.name='no_such_dataset': no TFDS dataset of that name"),
 ])

@@ -15,7 +15,7 @@ from conftest import REPO
 from jaxlm import checkpoint, cli
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError
-from jaxlm.evaluate.tasks import TASK_NAMES
+from jaxlm.evaluate.tasks.synthetic import NAMES as TASK_NAMES
 from jaxlm.setup import build_train
 from jaxlm.train.metrics import read_history
 
@@ -54,9 +54,9 @@ def test_main_job_writes_results_plots_and_resumes(tmp_path):
     assert set(results["tasks"]) == set(TASK_NAMES)
     for name, task in results["tasks"].items():
         assert set(task["shots"]) == {"0", "1", "4", "8"}
+        assert 0.0 < task["chance"] < 1.0 and task["num_examples"] == 6
         for r in task["shots"].values():
-            assert 0.0 <= r["accuracy"] <= 1.0
-            assert 0.0 < r["chance"] < 1.0 and r["num_examples"] == 6
+            assert 0.0 <= r[task["metric"]] <= 1.0 and r["num_examples"] == 6
     assert len(results["samples"]) == 2
     for png in ("loss.png", "fewshot.png"):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

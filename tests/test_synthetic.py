@@ -1,14 +1,17 @@
 """The synthetic world, corpus and few-shot tasks: determinism, correctness, fairness."""
 
 import collections
-import dataclasses
 import functools
 
 import pytest
 
+from jaxlm.config import base_config
 from jaxlm.data import synthetic
 from jaxlm.data.synthetic import RULES, SyntheticCorpus, World
+from jaxlm.errors import ConfigError
 from jaxlm.evaluate import tasks as T
+from jaxlm.evaluate.tasks.base import Task, contexts
+from jaxlm.evaluate.tasks.synthetic import group_shots, synthetic_tasks
 
 
 @functools.cache
@@ -17,8 +20,12 @@ def world(seed: int = 0) -> World:
 
 
 @functools.cache
-def tasks(seed: int = 0) -> dict[str, T.Task]:
-    return T.synthetic_tasks(world(seed), num_examples=120)
+def tasks(seed: int = 0, shot_seed: int = 0) -> dict[str, Task]:
+    return synthetic_tasks(world(seed), num_examples=120, seed=shot_seed)
+
+
+def answer(doc: dict) -> str:
+    return " " + doc["choices"][doc["label"]]
 
 
 def docs(seed: int = 0, n: int = 600) -> list[str]:
@@ -99,43 +106,43 @@ def test_documents_are_ascii_lines_of_one_kind():
 # ----------------------------------------------------------------------------- tasks
 
 def test_tasks_are_deterministic():
-    assert T.synthetic_tasks(World(0), num_examples=120) == tasks(0)
-    assert tasks(0)["rule_mc"].examples != tasks(1)["rule_mc"].examples
+    assert synthetic_tasks(World(0), num_examples=120)["rule_mc"].docs == tasks(0)["rule_mc"].docs
+    assert tasks(0)["rule_mc"].docs != tasks(1)["rule_mc"].docs
 
 
 def test_shots_disjoint_from_examples():
     for task in tasks().values():
-        assert not {e.prompt for e in task.shots} & {e.prompt for e in task.examples}, task.name
+        assert not {e["prompt"] for e in task.fewshot_docs} & {e["prompt"] for e in task.docs}, task.name
 
 
 def test_rule_task_gold_is_the_demonstrated_rule_on_a_held_out_word():
     w, task = world(), tasks()["rule_mc"]
-    for e in task.examples + task.shots:
-        word = e.prompt.removesuffix(synthetic.RULE_ARROW)
+    for e in task.docs + task.fewshot_docs:
+        word = e["prompt"].removesuffix(synthetic.RULE_ARROW)
         assert w.is_held_out(word)
-        assert e.answer == " " + RULES[e.group](word)
-    for e in task.examples:
-        assert sorted(e.choices) == sorted(" " + RULES[r](e.prompt[:-3]) for r in w.rules)
-        assert len(set(e.choices)) == len(e.choices)  # every rule distinguishable
-        assert len({len(c) for c in e.choices}) == 1
-    groups = collections.Counter(e.group for e in task.examples)
+        assert answer(e) == " " + RULES[e["group"]](word)
+    for e in task.docs:
+        assert sorted(e["choices"]) == sorted(RULES[r](e["prompt"][:-3]) for r in w.rules)
+        assert len(set(e["choices"])) == len(e["choices"])  # every rule distinguishable
+        assert len({len(c) for c in e["choices"]}) == 1
+    groups = collections.Counter(e["group"] for e in task.docs)
     assert set(groups) == set(w.rules) and max(groups.values()) - min(groups.values()) <= 1
     exact = tasks()["rule_exact"]
-    assert [e.answer for e in exact.examples] == [e.answer for e in task.examples]
+    assert [exact.target(e) for e in exact.docs] == [e["choices"][e["label"]] for e in task.docs]
 
 
 def test_facts_and_arithmetic_gold_answers():
     by_name = {e.name: e for e in world().entities}
-    for e in tasks()["facts_mc"].examples:
-        attr = e.group
-        name = e.prompt.split()[0]
-        assert e.answer == f" {by_name[name].facts[attr]}."
-        assert e.prompt == synthetic.fact_prompt(attr, name)[0]
-        assert len(set(e.choices)) == len(e.choices) == 4
-    for e in tasks()["arithmetic_mc"].examples:
-        a, b = (int(x) for x in e.prompt.rstrip(" =").split(" + "))
-        assert e.answer == f" {a + b}"
-        assert len(set(e.choices)) == 4 and len({len(c) for c in e.choices}) == 1
+    for e in tasks()["facts_mc"].docs:
+        attr = e["group"]
+        name = e["prompt"].split()[0]
+        assert answer(e) == f" {by_name[name].facts[attr]}."
+        assert e["prompt"] == synthetic.fact_prompt(attr, name)[0]
+        assert len(set(e["choices"])) == len(e["choices"]) == 4
+    for e in tasks()["arithmetic_mc"].docs:
+        a, b = (int(x) for x in e["prompt"].rstrip(" =").split(" + "))
+        assert answer(e) == f" {a + b}"
+        assert len(set(e["choices"])) == 4 and len({len(c) for c in e["choices"]}) == 1
 
 
 def test_chance_levels():
@@ -144,58 +151,58 @@ def test_chance_levels():
     assert t["rule_exact"].chance == pytest.approx(1 / len(world().rules))
     assert t["facts_mc"].chance == pytest.approx(0.25)
     assert t["arithmetic_mc"].chance == pytest.approx(0.25)
-    # Exact match without a baseline: the always-answer-the-most-frequent strategy.
-    ex = [T.Example("a", (" x",), 0), T.Example("b", (" x",), 0), T.Example("c", (" y",), 0)]
-    assert T.Task("t", "exact_match", tuple(ex), ()).chance == pytest.approx(2 / 3)
 
 
 def test_k_shot_prompts_are_prefix_consistent_and_same_rule():
-    task = tasks()["rule_mc"]
-    for e in task.examples[:30]:
-        assert T.format_prompt(task, e, 0) == e.prompt
-        demos8 = T.demonstrations(task, e, 8, rng_seed=7)
+    task = tasks(0, 7)["rule_mc"]
+    by_k = {k: contexts(task, k, 0, 30) for k in (0, 1, 4, 8)}
+    for i, e in enumerate(task.docs[:30]):
+        assert by_k[0][i] == e["prompt"]
+        demos8 = group_shots(task, i, 8, seed=7)
         for k in (1, 4):
-            assert T.demonstrations(task, e, k, rng_seed=7) == demos8[:k]
-        assert {d.group for d in demos8} == {e.group}
-        prompt = T.format_prompt(task, e, 8, rng_seed=7)
-        lines = prompt.split("\n")
-        assert len(lines) == 9 and lines[-1] == e.prompt
-        assert lines[:8] == [d.prompt + d.answer for d in demos8]
-        assert prompt == T.format_prompt(task, e, 8, rng_seed=7)
+            assert group_shots(task, i, k, seed=7) == demos8[:k]
+        assert {d["group"] for d in demos8} == {e["group"]}
+        lines = by_k[8][i].split("\n")
+        assert len(lines) == 9 and lines[-1] == e["prompt"]
+        assert lines[:8] == [d["prompt"] + answer(d) for d in demos8]
     # A different seed draws different demonstrations.
-    e = task.examples[0]
-    assert T.demonstrations(task, e, 8, 0) != T.demonstrations(task, e, 8, 1)
+    assert group_shots(task, 0, 8, seed=0) != group_shots(task, 0, 8, seed=1)
 
 
 def test_eight_shot_rule_prompt_fits_128_tokens():
     task = tasks()["rule_mc"]
-    longest = max(len(T.format_prompt(task, e, 8)) + len(e.answer) for e in task.examples)
-    assert longest + 1 <= 128  # + 1 for the leading EOS/BOS
+    longest = max(len(c) + len(answer(e)) for c, e in zip(contexts(task, 8, 0), task.docs))
+    assert longest + 1 <= 128  # + 1 for the leading EOS
 
 
 def test_too_many_shots_raises():
     task = tasks()["rule_mc"]
-    with pytest.raises(ValueError, match="shots"):
-        T.format_prompt(task, task.examples[0], len(task.shots) + 1)
+    with pytest.raises(ValueError, match="demonstrations available"):
+        contexts(task, len(task.fewshot_docs) + 1, 0, 1)
 
 
 def test_shot_with_the_example_prompt_is_never_shown():
-    ex = T.Example("q ->", (" a",), 0)
-    task = T.Task("t", "exact_match", (ex,), (ex, T.Example("r ->", (" b",), 0)))
-    assert T.format_prompt(task, ex, 1) == "r -> b\nq ->"
+    q, r = ({"prompt": p, "choices": [a], "label": 0, "group": ""} for p, a in (("q ->", "a"), ("r ->", "b")))
+    base = tasks()["rule_exact"]
+    task = Task(**{**{f: getattr(base, f) for f in base.__dataclass_fields__},
+                   "docs": (q,), "fewshot_docs": (q, r)})
+    assert contexts(task, 1, 0) == ["r -> b\nq ->"]
 
 
 def test_get_tasks():
-    got = T.get_tasks(["facts_mc", "rule_mc"], world(), num_examples=20)
+    cfg = base_config().evaluate
+    cfg.num_examples = 20
+    got = T.get_tasks(cfg, ["facts_mc", "rule_mc"])
     assert list(got) == ["facts_mc", "rule_mc"]
-    assert len(got["rule_mc"].examples) == 20
-    with pytest.raises(ValueError, match="rule_mc"):
-        T.get_tasks(["hellaswag"], world())
+    assert len(got["rule_mc"].docs) == 20
+    with pytest.raises(ConfigError, match="unknown task.*known tasks: rule_mc"):
+        T.get_tasks(cfg, ["hellaswagg"])
 
 
-def test_invalid_task_and_example():
-    with pytest.raises(ValueError):
-        T.Task("t", "ranking", (), ())
-    with pytest.raises(ValueError):
-        T.Example("p", (" a",), 1)
-    assert dataclasses.is_dataclass(T.Example)
+def test_invalid_task():
+    base = tasks()["rule_mc"]
+    fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
+    with pytest.raises(ValueError, match="kind"):
+        Task(**{**fields, "kind": "ranking"})
+    with pytest.raises(ValueError, match="metrics"):
+        Task(**{**fields, "metrics": ("bleu",)})

@@ -1,13 +1,29 @@
-"""Few-shot evaluation: every task at every k, scored by log-likelihood or exact match.
+"""Few-shot evaluation: every task at every k, scored as lm-evaluation-harness scores it.
 
 `python -m jaxlm.evaluate --config=FILE --workdir=DIR` evaluates the latest checkpoint in
-DIR and writes DIR/results.json and DIR/plots/*.png.
+DIR (or config.evaluate.params, an export), prints a table and writes DIR/results.json,
+DIR/plots/*.png and, with config.evaluate.log_samples, DIR/samples/<task>_<k>shot.jsonl.
+
+Metrics per task and k (names as lm-eval's):
+  acc           multiple choice: the choice of highest summed log-likelihood is the gold
+                one (ties: the first); loglikelihood tasks (LAMBADA): greedy decoding gives
+                exactly the target
+  acc_norm      the same after dividing each log-likelihood by its choice's length in
+                characters
+  perplexity    exp(-mean log-likelihood of the target) (LAMBADA)
+  exact_match   generate_until tasks: the generated text, cut at the task's stop
+                sequences, equals the target delimiter + target
+and `<metric>_stderr`: the standard error of the mean with the sample standard deviation,
+as lm-eval; for perplexity lm-eval bootstraps, jaxlm reports the delta-method estimate
+perplexity x stderr(log-likelihood), which the bootstrap approximates.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import pathlib
 
 import jax
@@ -16,102 +32,170 @@ import numpy as np
 
 from jaxlm import checkpoint
 from jaxlm import workdir as workdir_lib
-from jaxlm.data import synthetic
-from jaxlm.errors import ConfigError
-from jaxlm.evaluate import plots
-from jaxlm.evaluate.scoring import Scorer
-from jaxlm.evaluate.tasks import Task, format_prompt, get_tasks
+from jaxlm.errors import ConfigError, DataError
+from jaxlm.evaluate import plots, tasks as tasks_lib
+from jaxlm.evaluate.scoring import Scorer, make_scorer
+from jaxlm.evaluate.tasks.base import Task, contexts, mean_stderr, requests
 from jaxlm.setup import build
 
 log = logging.getLogger("jaxlm")
 
 
-def evaluate_task(scorer: Scorer, task: Task, k: int, seed: int, max_new_tokens: int) -> dict:
-    """Accuracy of one task at k shots.
-
-    multiple_choice: `accuracy` picks the choice with the highest summed log-likelihood;
-    `accuracy_norm` divides it by the choice's length in bytes first (lm-eval's acc_norm).
-    exact_match: greedy continuation up to the first newline must equal the gold answer.
-    """
-    prompts = [format_prompt(task, ex, k, seed) for ex in task.examples]
-    result = {"num_examples": len(task.examples), "chance": task.chance, "k": k}
+def score_task(scorer: Scorer, task: Task, k: int, cfg_evaluate) -> tuple[dict, list[dict]]:
+    """(metrics of `task` at k shots, one record per document for log_samples)."""
+    e = cfg_evaluate
+    docs = task.docs[:e.num_examples]
+    try:
+        ctxs = contexts(task, k, e.fewshot_seed, len(docs))
+    except ValueError as err:
+        raise ConfigError(f"config.evaluate.shots: {err}") from None
     truncated_before = scorer.truncated
-    if task.kind == "multiple_choice":
-        requests = [(p, c) for p, ex in zip(prompts, task.examples) for c in ex.choices]
-        scores = iter(scorer.loglikelihood(requests))
-        correct, correct_norm = [], []
-        for ex in task.examples:
-            ll = np.array([next(scores)[0] for _ in ex.choices])
-            lengths = np.array([len(c.encode()) for c in ex.choices])
-            correct.append(int(np.argmax(ll)) == ex.label)
-            correct_norm.append(int(np.argmax(ll / lengths)) == ex.label)
-        result.update(accuracy=float(np.mean(correct)), accuracy_norm=float(np.mean(correct_norm)))
+    values: dict[str, list[float]] = {m: [] for m in task.metrics}
+    records = []
+    if task.kind == "generate_until":
+        outputs = scorer.generate(ctxs, e.max_new_tokens, stop=task.until)
+        for i, (doc, out) in enumerate(zip(docs, outputs)):
+            target = task.target_delimiter + task.target(doc)
+            values["exact_match"].append(float(out == target))
+            records.append({"doc_id": i, "prompt": ctxs[i], "target": target, "output": out,
+                            "exact_match": float(out == target)})
     else:
-        outputs = scorer.generate(prompts, max_new_tokens, stop="\n")
-        correct = [out == ex.answer for out, ex in zip(outputs, task.examples)]
-        result.update(accuracy=float(np.mean(correct)))
-    # Requests whose prompt was cut on the left to fit model.max_len: they saw fewer shots.
+        per_doc = [requests(task, doc, ctx) for doc, ctx in zip(docs, ctxs)]
+        scores = iter(scorer.loglikelihood([r for reqs in per_doc for r in reqs]))
+        for i, (doc, reqs) in enumerate(zip(docs, per_doc)):
+            results = [next(scores) for _ in reqs]
+            lls = np.array([ll for ll, _ in results])
+            record = {"doc_id": i, "arguments": reqs, "loglikelihoods": lls.tolist()}
+            if task.kind == "loglikelihood":
+                record.update(acc=float(results[0][1]), loglikelihood=float(lls[0]))
+                values["acc"].append(record["acc"])
+                values["perplexity"].append(float(lls[0]))
+            else:
+                gold = task.gold(doc)
+                record.update(gold=gold, acc=float(int(np.argmax(lls)) == gold))
+                values["acc"].append(record["acc"])
+                if "acc_norm" in task.metrics:
+                    lengths = np.array([float(len(c)) for c in task.choices(doc)])
+                    record["acc_norm"] = float(int(np.argmax(lls / lengths)) == gold)
+                    values["acc_norm"].append(record["acc_norm"])
+            records.append(record)
+    result = {"k": k, "num_examples": len(docs),
+              "fewshot_seed": e.seed if task.sampler else e.fewshot_seed}
+    for metric, v in values.items():
+        if metric == "perplexity":
+            mean_ll = float(np.mean(v))
+            result["perplexity"] = math.exp(-mean_ll)
+            result["perplexity_stderr"] = result["perplexity"] * mean_stderr(v)
+        else:
+            result[metric], result[f"{metric}_stderr"] = float(np.mean(v)), mean_stderr(v)
+    # Requests whose context was cut on the left to fit model.max_len: fewer shots seen.
     result["truncated_requests"] = scorer.truncated - truncated_before
     if result["truncated_requests"]:
         log.warning("eval %s k=%d: %d requests did not fit model.max_len=%d and were cut on the "
                     "left, so they saw fewer than %d shots (results.json: truncated_requests)",
                     task.name, k, result["truncated_requests"], scorer.max_len, k)
-    return result
+    return result, records
 
 
-def run_fewshot(scorer: Scorer, tasks: dict[str, Task], shots, seed: int,
-                max_new_tokens: int) -> dict:
-    """{task: {"description", "kind", "chance", "num_examples", "shots": {k: result}}}."""
+def run_fewshot(scorer: Scorer, tasks: dict[str, Task], cfg_evaluate,
+                samples_dir: pathlib.Path | None = None) -> dict:
+    """{task: {description, kind, metric, chance, num_examples, source, shots: {k: result}}};
+    with `samples_dir`, every document's requests and scores go to <task>_<k>shot.jsonl."""
     results = {}
     for name, task in tasks.items():
+        headline = task.metrics[0]
         per_k = {}
-        for k in shots:
-            per_k[str(k)] = evaluate_task(scorer, task, k, seed, max_new_tokens)
-            log.info("eval %-16s k=%d  accuracy %.3f  (chance %.3f, n=%d)", name, k,
-                     per_k[str(k)]["accuracy"], task.chance, len(task.examples))
-        results[name] = {"description": task.description, "kind": task.kind,
-                         "chance": task.chance, "num_examples": len(task.examples),
-                         "shots": per_k}
+        for k in cfg_evaluate.shots:
+            per_k[str(k)], records = score_task(scorer, task, k, cfg_evaluate)
+            r = per_k[str(k)]
+            log.info("eval %-16s k=%d  %s %.4f ± %.4f  (chance %.3f, n=%d)", name, k, headline,
+                     r[headline], r[f"{headline}_stderr"], task.chance, r["num_examples"])
+            if samples_dir is not None and jax.process_index() == 0:
+                samples_dir.mkdir(parents=True, exist_ok=True)
+                workdir_lib.write_text(samples_dir / f"{name}_{k}shot.jsonl",
+                                       "".join(json.dumps(x) + "\n" for x in records))
+        results[name] = {"description": task.description, "kind": task.kind, "metric": headline,
+                         "chance": task.chance, "num_examples": len(task.docs[:cfg_evaluate.num_examples]),
+                         "source": task.source, "shots": per_k}
     return results
 
 
 def format_table(results: dict, shots) -> str:
-    head = f"{'task':<16} {'kind':<16} {'chance':>7} " + " ".join(f"{f'k={k}':>7}" for k in shots)
+    head = (f"{'task':<16} {'metric':<12} {'chance':>7} "
+            + " ".join(f"{f'k={k}':>16}" for k in shots))
     lines = [head, "-" * len(head)]
     for name, r in results.items():
-        accs = " ".join(f"{r['shots'][str(k)]['accuracy']:>7.3f}" for k in shots)
-        lines.append(f"{name:<16} {r['kind']:<16} {r['chance']:>7.3f} {accs}")
+        m = r["metric"]
+        cells = " ".join(f"{r['shots'][str(k)][m]:>7.4f} ± {r['shots'][str(k)][m + '_stderr']:<6.4f}"
+                         for k in shots)
+        lines.append(f"{name:<16} {m:<12} {r['chance']:>7.3f} {cells}")
     return "\n".join(lines)
 
 
 def make_tasks(cfg: ml_collections.ConfigDict) -> dict[str, Task]:
+    """The configured tasks, read and checked (before any training or compiling)."""
     if not cfg.evaluate.tasks:  # e.g. a real corpus: samples only
         return {}
-    if cfg.data.name != "synthetic":
-        raise ConfigError(f"config.evaluate.tasks: no few-shot tasks for data {cfg.data.name!r} yet")
-    world = synthetic.World(cfg.data.seed)
     try:
-        return get_tasks(list(cfg.evaluate.tasks), world, num_examples=cfg.evaluate.num_examples)
-    except ValueError as e:
-        raise ConfigError(f"config.evaluate.tasks: {e}") from None
+        tasks = tasks_lib.get_tasks(cfg.evaluate)
+    except DataError as e:
+        raise DataError(f"config.evaluate.tasks: {e}") from None
+    for task in tasks.values():  # every k must be drawable before anything runs
+        if task.kind == "generate_until" and cfg.model.arch == "bert":
+            raise ConfigError(f"config.evaluate.tasks: {task.name} generates text, which a "
+                              "masked LM (config.model.arch='bert') does not do")
+        for k in cfg.evaluate.shots:
+            try:
+                contexts(task, k, cfg.evaluate.fewshot_seed, min(2, len(task.docs)))
+            except ValueError as err:
+                raise ConfigError(f"config.evaluate.shots: {err}") from None
+    return tasks
+
+
+def during_training(cfg: ml_collections.ConfigDict):
+    """The training loop's evaluate hook for config.evaluate.every: (setup, params, step) ->
+    {"fewshot_<task>_k<k>_<metric>": value} for every_tasks at every_shots. The tasks are
+    read now (bad ones stop the run before it starts); the scorer is made once, on the
+    training mesh, and gets the current params at each call (no recompilation)."""
+    run_cfg = copy.deepcopy(cfg)
+    e = run_cfg.evaluate
+    e.update(tasks=tuple(e.every_tasks or e.tasks), shots=tuple(e.every_shots))
+    tasks = make_tasks(run_cfg)
+    if not tasks:
+        raise ConfigError("config.evaluate.every is set, but there are no tasks to score "
+                          "(config.evaluate.every_tasks and config.evaluate.tasks are empty)")
+    scorer = None
+
+    def hook(setup, params, step) -> dict:
+        nonlocal scorer
+        if scorer is None:
+            scorer = make_scorer(setup, params, e)
+        scorer.params = scorer.generator.params = params
+        results = run_fewshot(scorer, tasks, e)
+        return {f"fewshot_{name}_k{k}_{m}": r["shots"][str(k)][m]
+                for name, r in results.items() for k in e.shots
+                for m in tasks[name].metrics}
+
+    return hook
 
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Restores the parameters (see load_params), prints samples, runs the few-shot suite,
     and writes results.json and plots into `workdir`. Returns the results dict."""
     workdir = workdir_lib.check(workdir, must_exist=not cfg.evaluate.params)
+    tasks = make_tasks(cfg)
     setup = build(cfg)
     params, step = checkpoint.load_params(cfg, setup, workdir)
-    tasks = make_tasks(cfg)
 
     e = cfg.evaluate
-    scorer = Scorer(setup.model, params, setup.tokenizer, setup.mesh, cfg.mesh, e.batch_size)
-    samples = scorer.generate([""] * e.num_samples, e.sample_len, temperature=e.temperature,
-                              seed=e.seed)
+    scorer = make_scorer(setup, params, e)
+    samples = [] if setup.family.name == "bert" else scorer.generate(  # an encoder: no text
+        [""] * e.num_samples, e.sample_len, temperature=e.temperature, top_k=e.top_k,
+        top_p=e.top_p, seed=e.seed)
     for i, s in enumerate(samples):
         log.info("sample %d:\n%s", i, s)
 
-    results = run_fewshot(scorer, tasks, list(e.shots), e.seed, e.max_new_tokens)
+    results = run_fewshot(scorer, tasks, e, workdir / "samples" if e.log_samples else None)
     table = format_table(results, list(e.shots))
     out = {"step": step, "tasks": results, "samples": samples,
            "truncated_requests": scorer.truncated}

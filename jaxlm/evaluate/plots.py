@@ -33,10 +33,10 @@ def write_plots(workdir: pathlib.Path, results: dict, shots) -> list[pathlib.Pat
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, r) in enumerate(results.items()):
         color = f"C{i}"
-        ax.plot(shots, [r["shots"][str(k)]["accuracy"] for k in shots], "o-", color=color,
+        ax.plot(shots, [r["shots"][str(k)][r["metric"]] for k in shots], "o-", color=color,
                 label=name)
         ax.axhline(r["chance"], color=color, ls=":", lw=1)
-    ax.set(xlabel="shots (k)", ylabel="accuracy", title="Few-shot accuracy (dotted: chance)",
+    ax.set(xlabel="shots (k)", ylabel="acc (exact_match)", title="Few-shot accuracy (dotted: chance)",
            ylim=(0, 1.02))
     ax.set_xticks(list(shots))
     ax.legend(fontsize=8)

@@ -1,9 +1,19 @@
-"""Batched log-likelihood of continuations, and greedy/sampled generation with a KV cache.
+"""Log-likelihoods of text under a decoder model, computed as lm-evaluation-harness computes
+them, batched so that the numbers do not depend on the batching.
 
-Both compile once per padded shape: requests are padded to a multiple of `LENGTH_BUCKET`
-tokens and a fixed batch size, so an evaluation of thousands of prompts compiles a handful
-of programs. Every sequence starts with the EOS token, which the training data puts
-before each document.
+Encoding (`encode_pair`, lm-eval's rule): spaces at the end of the context move to the
+start of the continuation; `context + continuation` is encoded once and split after the
+tokens of the context alone, so a token spanning the boundary belongs to the
+continuation. Every sequence starts with the prefix token (config.evaluate.prefix: EOS,
+or nothing); an empty context is the EOS token alone. Sequences longer than
+model.max_len + 1 keep their end (the continuation and the nearest context; counted in
+`truncated`).
+
+Scoring: requests are sorted longest first, padded on the right to a multiple of
+`LENGTH_BUCKET` tokens and to `batch_size` rows. Padding sits after the last real token,
+and a causal model's outputs at real positions never see it, so a request's score is the
+same in any batch and with any padding (tests/test_fewshot.py checks it against one
+request at a time). One compiled program per padded length.
 """
 
 from __future__ import annotations
@@ -17,40 +27,50 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import sharding
+from jaxlm.inference.generate import Generator, Sampling, bucket, run_replicated
 
-LENGTH_BUCKET = 32
+LENGTH_BUCKET = 32  # the same as generation's
 
 
-def _bucket(n: int, limit: int) -> int:
-    return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
+def uses_prefix(setting: str, tokenizer) -> bool:
+    """config.evaluate.prefix -> whether requests start with EOS."""
+    if setting == "auto":
+        return tokenizer.name != "gpt2"
+    return setting == "eos"
 
 
 class Scorer:
-    """Runs a trained GPT for evaluation: `loglikelihood` and `generate`."""
+    """`loglikelihood`, `loglikelihood_rolling` and `generate` for a trained GPT."""
 
-    def __init__(self, model: nn.Module, params, tokenizer, mesh, cfg_mesh, batch_size: int):
+    def __init__(self, model: nn.Module, params, tokenizer, mesh, cfg_mesh, batch_size: int,
+                 prefix_eos: bool = True):
         self.model, self.params, self.tok = model, params, tokenizer
-        self.mesh, self.cfg_mesh = mesh, cfg_mesh
-        self.batch_size = batch_size
+        self.mesh, self.cfg_mesh, self.batch_size = mesh, cfg_mesh, batch_size
+        self.prefix = [tokenizer.eos_id] if prefix_eos else []
         self.max_len = model.cfg.max_len
-        self.truncated = 0  # requests whose context was cut on the left to fit max_len
-        # Traces per jitted function: one per padded shape, or something recompiles.
-        self.traces: collections.Counter = collections.Counter()
+        self.generator = Generator(model, params, tokenizer, mesh, cfg_mesh, batch_size, prefix_eos)
+        self._truncated = 0  # scoring requests cut on the left to fit max_len
+        self.traces: collections.Counter = collections.Counter()  # one per compiled shape
 
-    def _run(self, fn, *args):
-        """Calls a jitted scoring function on host inputs; returns numpy outputs.
+    @property
+    def truncated(self) -> int:
+        """Requests (scored or generated) whose context was cut on the left to fit."""
+        return self._truncated + self.generator.truncated
 
-        Inputs go in as global arrays replicated over the mesh and outputs come back
-        replicated, so with several processes each one passes the same requests and reads
-        the answers from its own devices.
-        """
-        rep = sharding.replicated(self.mesh)
-        args = [jax.make_array_from_process_local_data(rep, np.asarray(a))
-                if isinstance(a, (np.ndarray, jax.Array)) else a for a in args]
-        with sharding.activate(self.mesh, self.cfg_mesh):
-            out = fn(self.params, *args)
-        return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), out)
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, text: str) -> list[int]:
+        return self.prefix + self.tok.encode(text)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens), as lm-eval splits them."""
+        if context == "":
+            cont = self.tok.encode(continuation)
+            return [self.tok.eos_id], cont
+        stripped = context.rstrip()
+        context, continuation = stripped, context[len(stripped):] + continuation
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return ctx, whole[len(ctx):]
 
     # ------------------------------------------------------------------ log-likelihood
 
@@ -58,33 +78,31 @@ class Scorer:
     def _score(self, params, inputs_BxL, targets_BxL, weights_BxL):
         self.traces["score"] += 1
         logits_BxLxV = self.model.apply({"params": params}, inputs_BxL)
-        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
         logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
         greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
         total_B = jnp.sum(logp_BxL * weights_BxL, axis=-1)
         all_greedy_B = jnp.all(greedy_BxL | (weights_BxL == 0), axis=-1)
         return jax.lax.with_sharding_constraint((total_B, all_greedy_B), P())
 
-    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """For each (context, continuation): (sum of log p(continuation | context), whether
-        greedy decoding would produce exactly the continuation)."""
+    def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """For each (context tokens, continuation tokens): the summed log-probability of the
+        continuation, and whether greedy decoding produces exactly it."""
         encoded = []
-        for context, continuation in requests:
-            ctx = [self.tok.eos_id] + self.tok.encode(context)
-            cont = self.tok.encode(continuation)
+        for ctx, cont in pairs:
             if not cont:
-                raise ValueError(f"empty continuation for context {context[-40:]!r}")
-            seq = ctx + cont
-            if len(seq) > self.max_len + 1:  # keep the end: the continuation and nearest context
+                raise ValueError(f"a request with an empty continuation (context ends "
+                                 f"{self.tok.decode(ctx[-20:])!r})")
+            seq = list(ctx) + list(cont)
+            if len(seq) > self.max_len + 1:  # keep the end: continuation and nearest context
                 seq = seq[-(self.max_len + 1):]
-                self.truncated += 1
+                self._truncated += 1
             encoded.append((seq, len(cont)))
         out: list[tuple[float, bool]] = [None] * len(encoded)
-        # Longest first so each batch pads to a similar length.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
         for b in range(0, len(order), self.batch_size):
             idx = order[b:b + self.batch_size]
-            L = _bucket(max(len(encoded[i][0]) - 1 for i in idx), self.max_len)
+            L = bucket(max(len(encoded[i][0]) - 1 for i in idx), self.max_len)
             inputs = np.zeros((self.batch_size, L), np.int32)
             targets = np.zeros((self.batch_size, L), np.int32)
             weights = np.zeros((self.batch_size, L), np.float32)
@@ -92,75 +110,130 @@ class Scorer:
                 seq, n_cont = encoded[i]
                 n = len(seq) - 1
                 inputs[row, :n], targets[row, :n] = seq[:-1], seq[1:]
-                weights[row, n - n_cont:n] = 1.0
-            total, greedy = self._run(self._score, inputs, targets, weights)
+                weights[row, n - min(n_cont, n):n] = 1.0
+            total, greedy = run_replicated(self.mesh, self.cfg_mesh, self._score, self.params,
+                                           inputs, targets, weights)
             for row, i in enumerate(idx):
                 out[i] = (float(total[row]), bool(greedy[row]))
         return out
 
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """For each (context, continuation): (log p(continuation | context), is greedy)."""
+        return self.score_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def rolling_windows(self, tokens: list[int]) -> list[tuple[list[int], list[int]]]:
+        """A document's tokens as disjoint scoring windows of at most max_len predictions
+        each (lm-eval's loglikelihood_rolling): the first window predicts the first tokens
+        from the EOS token; each later one predicts the next tokens from as much preceding
+        text as fits."""
+        windows, done, L = [], 0, self.max_len
+        while done < len(tokens):
+            n = min(L, len(tokens) - done)
+            targets = tokens[done:done + n]
+            context = tokens[:done][-(L + 1 - n):] if done else [self.tok.eos_id]
+            windows.append((context, targets))
+            done += n
+        return windows
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
+        """The log-likelihood of each whole text (document perplexity), from sliding
+        windows of the model's context; no prefix is scored."""
+        pairs, owner = [], []
+        for i, text in enumerate(texts):
+            for w in self.rolling_windows(self.tok.encode(text)):
+                pairs.append(w)
+                owner.append(i)
+        totals = [0.0] * len(texts)
+        for i, (ll, _) in zip(owner, self.score_tokens(pairs)):
+            totals[i] += ll
+        return totals
+
     # ------------------------------------------------------------------ generation
 
-    @functools.partial(jax.jit, static_argnums=(0, 5))
-    def _generate(self, params, prompt_BxP, valid_BxP, rng, max_new: int, temperature):
-        """Prefills the KV cache with left-padded prompts, then decodes max_new tokens."""
-        self.traces["generate"] += 1
-        positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
-        logits_BxPxV, variables = self.model.apply(
-            {"params": params}, prompt_BxP, positions_BxP, valid_BxP.astype(jnp.int32),
-            decode=True, mutable=["cache"])
-
-        def pick(logits_BxV, key):
-            sampled = jax.random.categorical(key, logits_BxV / jnp.maximum(temperature, 1e-6))
-            return jnp.where(temperature > 0, sampled, jnp.argmax(logits_BxV, axis=-1))
-
-        def body(carry, key):
-            cache, token_B, pos_B = carry
-            logits_Bx1xV, new_vars = self.model.apply(
-                {"params": params, "cache": cache}, token_B[:, None], pos_B[:, None],
-                jnp.ones_like(token_B)[:, None], decode=True, mutable=["cache"])
-            nxt = pick(logits_Bx1xV[:, -1], key)
-            return (new_vars["cache"], nxt, pos_B + 1), token_B
-
-        keys = jax.random.split(rng, max_new)
-        first_B = pick(logits_BxPxV[:, -1], keys[0])
-        # Step i feeds token i and emits it; the carry ends holding the last token.
-        (_, last_B, _), tokens_NxB = jax.lax.scan(
-            body, (variables["cache"], first_B, positions_BxP[:, -1] + 1), keys[1:])
-        return jax.lax.with_sharding_constraint(
-            jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1), P())
-
     def generate(self, prompts: list[str], max_new_tokens: int, *, temperature: float = 0.0,
-                 seed: int = 0, stop: str | None = None) -> list[str]:
-        """Continuations of each prompt (greedy when temperature == 0), cut at `stop`."""
-        limit = self.max_len - max_new_tokens
-        if limit < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt "
-                             f"within model.max_len={self.max_len}")
-        results = []
-        for b in range(0, len(prompts), self.batch_size):
-            chunk = prompts[b:b + self.batch_size]
-            encoded = []
-            for p in chunk:
-                ids = [self.tok.eos_id] + self.tok.encode(p)
-                if len(ids) > limit:
-                    ids = ids[-limit:]
-                    self.truncated += 1
-                encoded.append(ids)
-            P = _bucket(max(map(len, encoded)), limit)
-            prompt = np.full((self.batch_size, P), self.tok.pad_id, np.int32)
-            valid = np.zeros((self.batch_size, P), np.int32)
-            for row, ids in enumerate(encoded):
-                prompt[row, P - len(ids):], valid[row, P - len(ids):] = ids, 1
-            valid[len(encoded):, -1] = 1  # filler rows: one valid token keeps softmax finite
-            rng = jax.random.PRNGKey(seed + b)
-            tokens = self._run(self._generate, prompt, valid, rng, max_new_tokens,
-                               np.float32(temperature))
-            for row in range(len(chunk)):
-                ids = tokens[row].tolist()
-                if self.tok.eos_id in ids:  # a document ends at EOS
-                    ids = ids[:ids.index(self.tok.eos_id)]
-                text = self.tok.decode([t for t in ids if t < self.tok.vocab_size])
-                if stop is not None and stop in text:
-                    text = text[:text.index(stop)]
-                results.append(text)
-        return results
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop=()) -> list[str]:
+        """Continuations of each prompt (jaxlm.inference.generate), cut at the stops."""
+        return self.generator.generate(prompts, max_new_tokens,
+                                       Sampling(temperature, top_k, top_p), seed, stop)
+
+
+class PseudoLikelihoodScorer(Scorer):
+    """`loglikelihood` for a masked LM (BERT): the pseudo-log-likelihood of the continuation
+    (Salazar et al. 2020), the sum over its tokens of log p(token | the sequence with that
+    token alone replaced by [MASK]). A request is `[CLS] context continuation [SEP]` (the
+    split as lm-eval's, so both families score the same tokens); each continuation token
+    is one row, and rows of many requests share a forward pass (padding is segment 0,
+    which no position attends to). "Greedy" means every masked token is the model's top
+    prediction. Long requests keep their end."""
+
+    def __init__(self, model, params, tokenizer, mesh, cfg_mesh, batch_size: int):
+        super().__init__(model, params, tokenizer, mesh, cfg_mesh, batch_size, prefix_eos=False)
+        ids = tokenizer.bert_ids
+        self.cls_id, self.sep_id, self.mask_id = ids["cls"], ids["sep"], ids["mask"]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            return [], self.tok.encode(continuation)
+        return super().encode_pair(context, continuation)
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def _score_masked(self, params, inputs_BxL, segments_BxL, targets_BxL, weights_BxL):
+        self.traces["score"] += 1
+        logits_BxLxV = self.model.apply({"params": params}, inputs_BxL, None, segments_BxL)
+        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+        logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+        greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+        total_B = jnp.sum(logp_BxL * weights_BxL, axis=-1)
+        all_greedy_B = jnp.all(greedy_BxL | (weights_BxL == 0), axis=-1)
+        return jax.lax.with_sharding_constraint((total_B, all_greedy_B), P())
+
+    def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        rows = []  # (request, sequence, masked position)
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError("a request with an empty continuation")
+            body = list(ctx) + list(cont)
+            if len(body) > self.max_len - 2:  # keep the end: continuation and nearest context
+                body = body[-(self.max_len - 2):]
+                self._truncated += 1
+            seq = [self.cls_id] + body + [self.sep_id]
+            first = len(seq) - 1 - min(len(cont), len(body))
+            rows += [(i, seq, p) for p in range(first, len(seq) - 1)]
+        totals, greedy = [0.0] * len(pairs), [True] * len(pairs)
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            L = bucket(max(len(rows[r][1]) for r in idx), self.max_len)
+            inputs = np.zeros((self.batch_size, L), np.int32)
+            segments = np.zeros((self.batch_size, L), np.int32)
+            targets = np.zeros((self.batch_size, L), np.int32)
+            weights = np.zeros((self.batch_size, L), np.float32)
+            segments[:, 0] = 1  # filler rows: one real token keeps attention finite
+            for row, r in enumerate(idx):
+                _, seq, p = rows[r]
+                inputs[row, :len(seq)], segments[row, :len(seq)] = seq, 1
+                inputs[row, p], targets[row, p], weights[row, p] = self.mask_id, seq[p], 1.0
+            total, ok = run_replicated(self.mesh, self.cfg_mesh, self._score_masked, self.params,
+                                       inputs, segments, targets, weights)
+            for row, r in enumerate(idx):
+                i = rows[r][0]
+                totals[i] += float(total[row])
+                greedy[i] &= bool(ok[row])
+        return list(zip(totals, greedy))
+
+    def loglikelihood_rolling(self, texts):
+        raise NotImplementedError("document perplexity is not defined for a masked LM")
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError("a masked LM does not generate text")
+
+
+def make_scorer(setup, params, cfg_evaluate) -> Scorer:
+    """The scorer of the model family: causal log-likelihoods for GPT, pseudo-log-
+    likelihoods for BERT."""
+    e, mesh = cfg_evaluate, setup.cfg.mesh
+    if setup.family.name == "bert":
+        return PseudoLikelihoodScorer(setup.model, params, setup.tokenizer, setup.mesh, mesh,
+                                      e.batch_size)
+    return Scorer(setup.model, params, setup.tokenizer, setup.mesh, mesh, e.batch_size,
+                  uses_prefix(e.prefix, setup.tokenizer))

@@ -153,7 +153,8 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
 class Attention(nn.Module):
     """Multi-head self-attention with an optional KV cache for incremental decoding.
 
-    decode=True keeps keys/values in the "cache" collection (sized to model.max_len): the
+    decode=True keeps keys/values in the "cache" collection (model.cache_len slots, or
+    model.max_len when that is 0): the
     first call may pass a whole prompt, later calls one token each; positions are
     absolute and the cache index advances by the number of tokens passed.
     """
@@ -205,7 +206,7 @@ class Attention(nn.Module):
         Unwritten slots keep segment 0, so the mask ignores them like padding.
         """
         B, L, H, K = k_BxLxHxK.shape
-        S = self.cfg.max_len
+        S = self.cfg.get("cache_len") or self.cfg.max_len
         zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
         ck = self.variable("cache", "cached_key", zeros, (B, S, H, K), k_BxLxHxK.dtype)
         cv = self.variable("cache", "cached_value", zeros, (B, S, H, K), v_BxLxHxK.dtype)

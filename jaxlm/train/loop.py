@@ -127,6 +127,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None,
     non-finite loss, and how often the step was compiled (1 unless something is wrong).
     """
     workdir = workdir_lib.check(workdir, must_exist=False)
+    if hooks is None and cfg.evaluate.every:  # few-shot scores beside the loss
+        from jaxlm.evaluate import fewshot  # (evaluation is a client of training, not a part)
+        hooks = Hooks(evaluate=fewshot.during_training(cfg), evaluate_every=cfg.evaluate.every)
     claim = _claim(workdir)
     try:
         return _train(cfg, workdir, devices, claim, hooks or Hooks())

@@ -47,6 +47,10 @@ def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int,
     return flops_per_token * tokens_per_second / (peak * num_devices)
 
 
+# Metric-name prefixes of evaluation records (fine-tuning validation, in-training few-shot).
+EVALUATION_GROUPS = ("validation", "fewshot")
+
+
 class MetricSink:
     """Writes step metrics to WORKDIR/metrics.jsonl, TensorBoard (WORKDIR/tb) and the console.
 
@@ -85,8 +89,9 @@ class MetricSink:
             raise OSError(e.errno, e.strerror, self.jsonl.name) from None
         for k, v in clean.items():
             if v is not None and math.isfinite(v):
-                self.tb.add_scalar(k.replace("validation_", "validation/") if
-                                   k.startswith("validation_") else f"train/{k}", v, step)
+                group, _, rest = k.partition("_")  # evaluations get their own TB section
+                self.tb.add_scalar(f"{group}/{rest}" if group in EVALUATION_GROUPS
+                                   else f"train/{k}", v, step)
         if "loss" not in clean:  # an evaluation's record, e.g. validation_accuracy
             prefix = os.path.commonprefix(list(clean)).rpartition("_")[0]
             log.info("step %d/%d  %s: %s", step, self.total_steps, prefix or "evaluation",

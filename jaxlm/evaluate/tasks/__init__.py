@@ -1,0 +1,52 @@
+"""The task registry: `config.evaluate.tasks` names tasks from here.
+
+Standard benchmarks read local JSONL files in their original field names from
+`config.evaluate.data_dir`/<task>/ (one module per family, each documenting lm-eval's
+prompt, delimiters, metrics and where demonstrations come from); the synthetic tasks are
+built from the synthetic world of `config.evaluate.world_seed`. Tasks do not depend on the
+training data.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from jaxlm.data import synthetic as synthetic_data
+from jaxlm.errors import ConfigError
+from jaxlm.evaluate.tasks import arc, glue, hellaswag, lambada, piqa, superglue, synthetic, winogrande
+from jaxlm.evaluate.tasks.base import Task
+
+# name -> loader(folder, name) of the standard tasks
+STANDARD = {
+    "hellaswag": hellaswag.load, "piqa": piqa.load, "arc_easy": arc.load,
+    "arc_challenge": arc.load, "winogrande": winogrande.load, "lambada_openai": lambada.load,
+    "copa": superglue.load_copa, "boolq": superglue.load_boolq, "sst2": glue.load,
+}
+NAMES = tuple(synthetic.NAMES) + tuple(STANDARD)
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+
+
+def data_dir(cfg_evaluate) -> pathlib.Path:
+    """config.evaluate.data_dir, relative paths from the repository; empty: the shared
+    development slices next to the repository (../shared/data/fewshot)."""
+    path = pathlib.Path(cfg_evaluate.data_dir or "../shared/data/fewshot").expanduser()
+    return path if path.is_absolute() else (REPO / path).resolve()
+
+
+def get_tasks(cfg_evaluate, names=None) -> dict[str, Task]:
+    """The named tasks (default: config.evaluate.tasks), in the order given."""
+    names = list(cfg_evaluate.tasks if names is None else names)
+    if unknown := [n for n in names if n not in NAMES]:
+        raise ConfigError(f"config.evaluate.tasks: unknown task(s) {unknown}; known tasks: "
+                          f"{', '.join(NAMES)}")
+    tasks: dict[str, Task] = {}
+    if wanted := [n for n in names if n in synthetic.NAMES]:
+        built = synthetic.synthetic_tasks(synthetic_data.World(cfg_evaluate.world_seed),
+                                          cfg_evaluate.num_examples, cfg_evaluate.seed)
+        tasks.update({n: built[n] for n in wanted})
+    root = data_dir(cfg_evaluate)
+    for name in names:
+        if name in STANDARD:
+            tasks[name] = STANDARD[name](root / name, name)
+    return {n: tasks[n] for n in names}

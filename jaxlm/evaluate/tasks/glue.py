@@ -1,0 +1,17 @@
+"""SST-2 (Socher et al. 2013), as lm-eval's GLUE task `sst2` prompts it:
+"{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:", choices
+["negative", "positive"], gold `label`; acc. Files: FOLDER/validation.jsonl (sentence,
+label); demonstrations from FOLDER/train.jsonl when present (lm-eval: the train split).
+"""
+
+from jaxlm.evaluate.tasks.base import local_task
+
+
+def load(folder, name="sst2"):
+    return local_task(
+        name, folder, "validation", ("sentence", "label"),
+        check=lambda d: None if d["label"] in (0, 1) else f"label {d['label']!r} must be 0 or 1",
+        kind="multiple_choice",
+        text=lambda d: f"{d['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+        choices=lambda d: ["negative", "positive"], target=lambda d: int(d["label"]),
+        description="sentiment of a movie-review sentence")

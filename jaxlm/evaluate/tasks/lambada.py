@@ -1,0 +1,23 @@
+"""LAMBADA, OpenAI's version (Paperno et al. 2016; Radford et al. 2019): predict the last
+word of a passage.
+
+lm-eval task `lambada_openai`: context = the text up to its last space, continuation =
+" " + the last word; one log-likelihood request per passage. acc: greedy decoding gives
+exactly the last word's tokens; perplexity: exp(-mean log-likelihood of the last word).
+Demonstrations (rarely used) repeat the passage with the target after a " " delimiter,
+as lm-eval writes them. Files: FOLDER/test.jsonl (text); lm-eval has no other split.
+"""
+
+from jaxlm.evaluate.tasks.base import local_task
+
+
+def _check(doc):
+    return None if " " in doc["text"].strip() else "a passage needs at least two words"
+
+
+def load(folder, name="lambada_openai"):
+    return local_task(
+        name, folder, "test", ("text",), check=_check, kind="loglikelihood",
+        text=lambda d: d["text"].rsplit(" ", 1)[0], choices=None,
+        target=lambda d: " " + d["text"].rsplit(" ", 1)[1], metrics=("acc", "perplexity"),
+        description="last word of a passage")

@@ -1,0 +1,18 @@
+"""PIQA (Bisk et al. 2020): physical commonsense, two solutions to a goal.
+
+lm-eval task `piqa`: "Question: {goal}\\nAnswer:", choices [sol1, sol2], gold `label`;
+target delimiter " ", demonstrations separated by "\\n\\n"; acc and acc_norm. Files:
+FOLDER/validation.jsonl in the original fields (goal, sol1, sol2, label); lm-eval draws
+demonstrations from the train split, here from FOLDER/train.jsonl when present.
+"""
+
+from jaxlm.evaluate.tasks.base import choice_problems, local_task
+
+
+def load(folder, name="piqa"):
+    return local_task(
+        name, folder, "validation", ("goal", "sol1", "sol2", "label"),
+        check=lambda d: choice_problems([d["sol1"], d["sol2"]], int(d["label"])),
+        kind="multiple_choice", text=lambda d: f"Question: {d['goal']}\nAnswer:",
+        choices=lambda d: [d["sol1"], d["sol2"]], target=lambda d: int(d["label"]),
+        metrics=("acc", "acc_norm"), description="physical commonsense, 2 solutions")
