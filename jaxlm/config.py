@@ -206,6 +206,11 @@ SCHEMA = {
                           "jsonl for lambada_openai; train.jsonl, when present, gives the "
                           "demonstrations); relative to the repository; empty: "
                           "../shared/data/fewshot"),
+        "source": Field("files", ("files", "tfds"), "standard tasks: JSONL files under "
+                        "data_dir, or prepared TFDS datasets (piqa, ai2_arc, super_glue/copa "
+                        "and boolq, glue/sst2; nothing is downloaded)"),
+        "tfds_data_dir": Field("", None, "source=tfds: where the datasets are prepared "
+                               "(empty: TFDS's default, ~/tensorflow_datasets)"),
         "world_seed": Field(0, NONNEGATIVE, "synthetic tasks: the synthetic world they ask "
                             "about (a model pretrained on it: its config.data.seed)"),
         "prefix": Field("auto", ("auto", "eos", "none"), "token before every request: eos "

@@ -393,8 +393,16 @@ def test_diverging_run_never_checkpoints_a_nonfinite_state(tmp_path, policy):
 
 
 @needs_8
-def test_resume_on_fewer_devices_sees_the_same_samples(tmp_path):
-    cfg = tiny_config()
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_resume_on_fewer_devices_sees_the_same_samples(tmp_path, arch):
+    """Elastic resume; for BERT with sentence pairs and next-sentence prediction, whose
+    masks, cuts and random B's follow the global sample index."""
+    if arch == "gpt":
+        cfg = tiny_config()
+    else:
+        from conftest import tiny_bert_config
+        cfg = tiny_bert_config()
+        cfg.train.update(sentence_pairs=True, next_sentence=True)
     cfg.train.update(steps=6, log_every=1)
     cfg.checkpoint.every = 3
     loop.train(cfg, tmp_path / "full")

@@ -298,3 +298,51 @@ def test_bert_pseudo_log_likelihood_equals_one_mask_at_a_time():
     cfg.evaluate.tasks = ("rule_exact",)
     with pytest.raises(ConfigError, match="rule_exact generates text, which a masked LM"):
         fewshot.make_tasks(cfg)
+
+
+@needs_data
+def test_tasks_read_from_a_prepared_tfds_dataset(tmp_path):
+    """config.evaluate.source=tfds: a dataset with TFDS ai2_arc's features (question text,
+    choices{text, label}, class-id labels), prepared from the first shared ARC documents,
+    gives the requests the JSONL files give."""
+    from data_helpers import require_tensorflow
+    require_tensorflow()
+    import tensorflow_datasets as tfds
+    from jaxlm.evaluate.tasks import arc
+    from jaxlm.evaluate.tasks.base import JsonlFolder, TfdsDataset
+    files = arc.load(JsonlFolder(FEWSHOT / "arc_easy"), "arc_easy")
+    originals = [d for d in files.docs if d["answerKey"] in "ABCDE"][:5]
+    letters = ["A", "B", "C", "D", "E"]
+
+    class ArcLike(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "id": tfds.features.Text(), "question": tfds.features.Text(),
+                "choices": tfds.features.Sequence({"text": tfds.features.Text(),
+                                                   "label": tfds.features.ClassLabel(names=letters)}),
+                "answerKey": tfds.features.ClassLabel(names=letters)}))
+
+        def _split_generators(self, dl_manager):
+            return {"validation": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, d in enumerate(originals):
+                q = d["question"]
+                yield i, {"id": d["id"], "question": q["stem"], "answerKey": d["answerKey"],
+                          "choices": {"text": [c["text"] for c in q["choices"]],
+                                      "label": [c["label"] for c in q["choices"]]}}
+
+    ArcLike(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    task = arc.load(TfdsDataset("arc_like", str(tmp_path), arc.from_tfds), "arc_easy")
+    assert task.source == "tfds:arc_like:validation" and task.fewshot_from_docs
+    by_id = {d["id"]: d for d in task.docs}          # array_record keeps no insertion order
+    assert sorted(by_id) == sorted(d["id"] for d in originals)
+    for d in originals:
+        assert by_id[d["id"]] == d
+    cfg = eval_config(tmp_path, ["arc_easy", "hellaswag"]).evaluate
+    cfg.source = "tfds"
+    with pytest.raises(ConfigError, match="source='tfds': hellaswag has no TFDS copy"):
+        tasks_lib.get_tasks(cfg)

@@ -120,15 +120,22 @@ def run_fewshot(scorer: Scorer, tasks: dict[str, Task], cfg_evaluate,
     return results
 
 
+def _num(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.3g}"
+
+
 def format_table(results: dict, shots) -> str:
+    """One row per task and metric: value ± standard error at each k."""
     head = (f"{'task':<16} {'metric':<12} {'chance':>7} "
             + " ".join(f"{f'k={k}':>16}" for k in shots))
     lines = [head, "-" * len(head)]
     for name, r in results.items():
-        m = r["metric"]
-        cells = " ".join(f"{r['shots'][str(k)][m]:>7.4f} ± {r['shots'][str(k)][m + '_stderr']:<6.4f}"
-                         for k in shots)
-        lines.append(f"{name:<16} {m:<12} {r['chance']:>7.3f} {cells}")
+        metrics = [m for m in r["shots"][str(shots[0])] if f"{m}_stderr" in r["shots"][str(shots[0])]]
+        for i, m in enumerate(sorted(metrics, key=lambda m: m != r["metric"])):
+            cells = " ".join(f"{_num(r['shots'][str(k)][m]):>7} ± {_num(r['shots'][str(k)][m + '_stderr']):<6}"
+                             for k in shots)
+            chance = f"{r['chance']:>7.3f}" if m in ("acc", "acc_norm", "exact_match") else " " * 7
+            lines.append(f"{name if i == 0 else '':<16} {m:<12} {chance} {cells}")
     return "\n".join(lines)
 
 

@@ -32,6 +32,17 @@ from jaxlm.inference.generate import Generator, Sampling, bucket, run_replicated
 LENGTH_BUCKET = 32  # the same as generation's
 
 
+def _weighted_scores(logits_BxLxV, targets_BxL, weights_BxL):
+    """Per row: the summed log-probability of the targets where the weight is 1, and
+    whether every one of them is the most likely token; replicated over the mesh."""
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+    total_B = jnp.sum(logp_BxL * weights_BxL, axis=-1)
+    all_greedy_B = jnp.all(greedy_BxL | (weights_BxL == 0), axis=-1)
+    return jax.lax.with_sharding_constraint((total_B, all_greedy_B), P())
+
+
 def uses_prefix(setting: str, tokenizer) -> bool:
     """config.evaluate.prefix -> whether requests start with EOS."""
     if setting == "auto":
@@ -77,13 +88,8 @@ class Scorer:
     @functools.partial(jax.jit, static_argnums=(0,))
     def _score(self, params, inputs_BxL, targets_BxL, weights_BxL):
         self.traces["score"] += 1
-        logits_BxLxV = self.model.apply({"params": params}, inputs_BxL)
-        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-        logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-        greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
-        total_B = jnp.sum(logp_BxL * weights_BxL, axis=-1)
-        all_greedy_B = jnp.all(greedy_BxL | (weights_BxL == 0), axis=-1)
-        return jax.lax.with_sharding_constraint((total_B, all_greedy_B), P())
+        return _weighted_scores(self.model.apply({"params": params}, inputs_BxL),
+                                targets_BxL, weights_BxL)
 
     def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """For each (context tokens, continuation tokens): the summed log-probability of the
@@ -179,13 +185,8 @@ class PseudoLikelihoodScorer(Scorer):
     @functools.partial(jax.jit, static_argnums=(0,))
     def _score_masked(self, params, inputs_BxL, segments_BxL, targets_BxL, weights_BxL):
         self.traces["score"] += 1
-        logits_BxLxV = self.model.apply({"params": params}, inputs_BxL, None, segments_BxL)
-        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-        logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-        greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
-        total_B = jnp.sum(logp_BxL * weights_BxL, axis=-1)
-        all_greedy_B = jnp.all(greedy_BxL | (weights_BxL == 0), axis=-1)
-        return jax.lax.with_sharding_constraint((total_B, all_greedy_B), P())
+        return _weighted_scores(self.model.apply({"params": params}, inputs_BxL, None, segments_BxL),
+                                targets_BxL, weights_BxL)
 
     def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         rows = []  # (request, sequence, masked position)

@@ -5,10 +5,27 @@ answer texts, gold the position of `answerKey` among the choice labels; target d
 " ", demonstrations separated by "\\n\\n"; acc and acc_norm. Files: FOLDER/validation.jsonl
 in AllenAI's original layout (id, question{stem, choices[{text, label}]}, answerKey;
 lm-eval's copy flattens it to question, choices{text, label}); demonstrations from
-FOLDER/train.jsonl when present (lm-eval: the train split).
+FOLDER/train.jsonl when present (lm-eval: the train split). TFDS
+(config.evaluate.source=tfds): `ai2_arc/ARC-Easy`, `ai2_arc/ARC-Challenge`, converted by
+`from_tfds`.
 """
 
 from jaxlm.evaluate.tasks.base import choice_problems, local_task
+
+
+def from_tfds(example: dict, features) -> dict:
+    """TFDS's ai2_arc example (question text, choices{text, label}, labels as class ids)
+    in AllenAI's original layout."""
+    name = features["answerKey"].int2str
+    choice_name = features["choices"]["label"].int2str
+    return {"id": example["id"], "answerKey": name(example["answerKey"]),
+            "question": {"stem": example["question"],
+                         "choices": [{"text": t, "label": choice_name(l)} for t, l in
+                                     zip(example["choices"]["text"], example["choices"]["label"])]}}
+
+
+# TFDS copies (config.evaluate.source=tfds): task -> (dataset, convert)
+TFDS = {"arc_easy": ("ai2_arc/ARC-Easy", from_tfds), "arc_challenge": ("ai2_arc/ARC-Challenge", from_tfds)}
 
 
 def _check(doc):
@@ -21,10 +38,10 @@ def _check(doc):
     return choice_problems([c.get("text", "") for c in q["choices"]], labels.index(doc["answerKey"]))
 
 
-def load(folder, name="arc_easy"):
+def load(reader, name="arc_easy"):
     level = "Challenge" if "challenge" in name else "Easy"
     return local_task(
-        name, folder, "validation", ("question", "answerKey"), check=_check,
+        name, reader, "validation", ("question", "answerKey"), check=_check,
         kind="multiple_choice", text=lambda d: f"Question: {d['question']['stem']}\nAnswer:",
         choices=lambda d: [c["text"] for c in d["question"]["choices"]],
         target=lambda d: [c["label"] for c in d["question"]["choices"]].index(d["answerKey"]),

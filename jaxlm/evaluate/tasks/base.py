@@ -149,6 +149,16 @@ def mean_stderr(values: Sequence[float]) -> float:
 
 # ----------------------------------------------------------------------------- files
 
+def _checked(doc, fields: Sequence[str], check, where: str) -> dict:
+    if not isinstance(doc, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    if missing := [k for k in fields if k not in doc]:
+        raise DataError(f"{where}: missing field(s) {missing}")
+    if check is not None and (problem := check(doc)):
+        raise DataError(f"{where}: {problem}")
+    return doc
+
+
 def read_jsonl(path: pathlib.Path, fields: Sequence[str],
                check: Callable[[dict], str | None] | None = None) -> list[dict]:
     """The documents of a JSONL file. A line that is not a JSON object with `fields`, or
@@ -164,30 +174,87 @@ def read_jsonl(path: pathlib.Path, fields: Sequence[str],
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(doc, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            if missing := [k for k in fields if k not in doc]:
-                raise DataError(f"{path}:{n}: missing field(s) {missing}")
-            if check is not None and (problem := check(doc)):
-                raise DataError(f"{path}:{n}: {problem}")
-            docs.append(doc)
+            docs.append(_checked(doc, fields, check, f"{path}:{n}"))
     if not docs:
         raise DataError(f"{path}: no documents")
     return docs
 
 
-def local_task(name: str, folder: pathlib.Path, split: str, fields: Sequence[str],
+class JsonlFolder:
+    """A task's documents as FOLDER/<split>.jsonl, in the dataset's original fields."""
+
+    def __init__(self, folder):
+        self.folder = pathlib.Path(folder)
+
+    def where(self, split: str) -> str:
+        return str(self.folder / f"{split}.jsonl")
+
+    def has(self, split: str) -> bool:
+        return (self.folder / f"{split}.jsonl").is_file()
+
+    def read(self, split: str, fields, check=None) -> list[dict]:
+        return read_jsonl(self.folder / f"{split}.jsonl", fields, check)
+
+
+class TfdsDataset:
+    """A task's documents from a prepared TFDS dataset (nothing is downloaded), turned into
+    the original fields by `convert(example, features)`."""
+
+    def __init__(self, name: str, data_dir: str, convert: Callable | None = None):
+        self.name, self.data_dir = name, data_dir
+        self.convert = convert or (lambda example, features: example)
+        self._builder = None
+
+    @property
+    def builder(self):
+        if self._builder is None:
+            from jaxlm.data.tfds_split import builder_for
+            self._builder = builder_for(self.name, self.data_dir, "config.evaluate.source='tfds'")
+        return self._builder
+
+    def where(self, split: str) -> str:
+        return f"tfds:{self.name}:{split}"
+
+    def has(self, split: str) -> bool:
+        return split in self.builder.info.splits
+
+    def read(self, split: str, fields, check=None) -> list[dict]:
+        if not self.has(split):
+            raise DataError(f"{self.name} has splits {sorted(self.builder.info.splits)}, not {split!r}")
+        source, features = self.builder.as_data_source(split=split), self.builder.info.features
+        docs = []
+        for i in range(len(source)):
+            example = {k: _plain(v) for k, v in source[i].items()}
+            docs.append(_checked(self.convert(example, features), fields, check,
+                                 f"{self.where(split)} example {i}"))
+        if not docs:
+            raise DataError(f"{self.where(split)}: no documents")
+        return docs
+
+
+def _plain(value):
+    """A TFDS value as JSON would hold it: str for bytes, lists for arrays, dicts inside."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist()) if getattr(value, "ndim", 0) else value.item()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def local_task(name: str, reader, split: str, fields: Sequence[str],
                check: Callable[[dict], str | None] | None = None, **task) -> Task:
-    """A task read from FOLDER/SPLIT.jsonl. Demonstrations come from FOLDER/train.jsonl
-    when there is one (lm-eval's default: the training split), else from the evaluated
-    split itself (never a document's own)."""
-    path = folder / f"{split}.jsonl"
-    docs = tuple(read_jsonl(path, fields, check))
-    train = folder / "train.jsonl"
-    own = not train.is_file() or split == "train"
-    pool = docs if own else tuple(read_jsonl(train, fields, check))
+    """A task whose documents `reader` (JsonlFolder or TfdsDataset) reads from `split`.
+    Demonstrations come from its train split when there is one (lm-eval's default), else
+    from the evaluated split itself (never a document's own)."""
+    docs = tuple(reader.read(split, fields, check))
+    own = split == "train" or not reader.has("train")
+    pool = docs if own else tuple(reader.read("train", fields, check))
     return Task(name=name, docs=docs, fewshot_docs=pool, fewshot_from_docs=own,
-                source=str(path), **task)
+                source=reader.where(split), **task)
 
 
 def choice_problems(choices: Sequence[str], gold: int) -> str | None:

@@ -2,14 +2,18 @@
 "{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:", choices
 ["negative", "positive"], gold `label`; acc. Files: FOLDER/validation.jsonl (sentence,
 label); demonstrations from FOLDER/train.jsonl when present (lm-eval: the train split).
+TFDS (config.evaluate.source=tfds): `glue/sst2`.
 """
 
 from jaxlm.evaluate.tasks.base import local_task
 
+# TFDS copy in the original fields (config.evaluate.source=tfds): task -> (dataset, convert)
+TFDS = {"sst2": ("glue/sst2", None)}
 
-def load(folder, name="sst2"):
+
+def load(reader, name="sst2"):
     return local_task(
-        name, folder, "validation", ("sentence", "label"),
+        name, reader, "validation", ("sentence", "label"),
         check=lambda d: None if d["label"] in (0, 1) else f"label {d['label']!r} must be 0 or 1",
         kind="multiple_choice",
         text=lambda d: f"{d['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",

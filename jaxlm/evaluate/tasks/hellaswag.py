@@ -23,10 +23,10 @@ def query(doc) -> str:
     return clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
 
 
-def load(folder, name="hellaswag"):
+def load(reader, name="hellaswag"):
     fields = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
     return local_task(
-        name, folder, "validation", fields,
+        name, reader, "validation", fields,
         check=lambda d: choice_problems([clean(e) for e in d["endings"]], int(d["label"])),
         kind="multiple_choice", text=query, choices=lambda d: [clean(e) for e in d["endings"]],
         target=lambda d: int(d["label"]), metrics=("acc", "acc_norm"),

@@ -15,9 +15,9 @@ def _check(doc):
     return None if " " in doc["text"].strip() else "a passage needs at least two words"
 
 
-def load(folder, name="lambada_openai"):
+def load(reader, name="lambada_openai"):
     return local_task(
-        name, folder, "test", ("text",), check=_check, kind="loglikelihood",
+        name, reader, "test", ("text",), check=_check, kind="loglikelihood",
         text=lambda d: d["text"].rsplit(" ", 1)[0], choices=None,
         target=lambda d: " " + d["text"].rsplit(" ", 1)[1], metrics=("acc", "perplexity"),
         description="last word of a passage")

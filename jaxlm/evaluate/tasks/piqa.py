@@ -4,14 +4,18 @@ lm-eval task `piqa`: "Question: {goal}\\nAnswer:", choices [sol1, sol2], gold `l
 target delimiter " ", demonstrations separated by "\\n\\n"; acc and acc_norm. Files:
 FOLDER/validation.jsonl in the original fields (goal, sol1, sol2, label); lm-eval draws
 demonstrations from the train split, here from FOLDER/train.jsonl when present.
+TFDS (config.evaluate.source=tfds): `piqa`, the same fields.
 """
 
 from jaxlm.evaluate.tasks.base import choice_problems, local_task
 
+# TFDS copy in the original fields (config.evaluate.source=tfds): task -> (dataset, convert)
+TFDS = {"piqa": ("piqa", None)}
 
-def load(folder, name="piqa"):
+
+def load(reader, name="piqa"):
     return local_task(
-        name, folder, "validation", ("goal", "sol1", "sol2", "label"),
+        name, reader, "validation", ("goal", "sol1", "sol2", "label"),
         check=lambda d: choice_problems([d["sol1"], d["sol2"]], int(d["label"])),
         kind="multiple_choice", text=lambda d: f"Question: {d['goal']}\nAnswer:",
         choices=lambda d: [d["sol1"], d["sol2"]], target=lambda d: int(d["label"]),

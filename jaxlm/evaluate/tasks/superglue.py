@@ -11,9 +11,13 @@ boolq (Clark et al. 2019): "{passage}\\nQuestion: {question}?\\nAnswer:", choice
 passage, answer: a JSON boolean, or label 0/1).
 
 Demonstrations come from FOLDER/train.jsonl when present (lm-eval: the train split).
+TFDS (config.evaluate.source=tfds): `super_glue/copa`, `super_glue/boolq`.
 """
 
 from jaxlm.evaluate.tasks.base import local_task
+
+# TFDS copies in the original fields (config.evaluate.source=tfds; BoolQ's gold is `label`)
+TFDS = {"copa": ("super_glue/copa", None), "boolq": ("super_glue/boolq", None)}
 
 
 def _lower_first(text: str) -> str:
@@ -34,10 +38,10 @@ def _copa_choices(doc):
     return [" " + _lower_first(doc["choice1"]), " " + _lower_first(doc["choice2"])]
 
 
-def load_copa(folder, name="copa"):
+def load_copa(reader, name="copa"):
     connector = {"cause": "because", "effect": "therefore"}
     return local_task(
-        name, folder, "validation", ("premise", "choice1", "choice2", "question", "label"),
+        name, reader, "validation", ("premise", "choice1", "choice2", "question", "label"),
         check=_copa_check, kind="multiple_choice",
         text=lambda d: d["premise"].strip()[:-1] + " " + connector[d["question"]],
         choices=_copa_choices, target=lambda d: _copa_choices(d)[int(d["label"])],
@@ -57,9 +61,9 @@ def _boolq_check(doc):
     return None
 
 
-def load_boolq(folder, name="boolq"):
+def load_boolq(reader, name="boolq"):
     return local_task(
-        name, folder, "validation", ("question", "passage"), check=_boolq_check,
+        name, reader, "validation", ("question", "passage"), check=_boolq_check,
         kind="multiple_choice",
         text=lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
         choices=lambda d: ["no", "yes"], target=_boolq_label,

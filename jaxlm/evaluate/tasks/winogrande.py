@@ -27,9 +27,9 @@ def _options(doc):
     return [doc["sentence"][:cut] + doc["option1"], doc["sentence"][:cut] + doc["option2"]]
 
 
-def load(folder, name="winogrande"):
+def load(reader, name="winogrande"):
     return local_task(
-        name, folder, "validation", ("sentence", "option1", "option2", "answer"), check=_check,
+        name, reader, "validation", ("sentence", "option1", "option2", "answer"), check=_check,
         kind="multiple_choice", partial=True, text=lambda d: int(d["answer"]) - 1,
         choices=_options,
         target=lambda d: d["sentence"][d["sentence"].index("_") + 1:].strip(),
