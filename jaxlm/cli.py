@@ -150,7 +150,10 @@ def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool = True,
     for n, f in known.items():
         if f.default is None and not f.repeat and not values[n].strip():
             raise ConfigError(f"--{n}= is empty; expected {f.form()}")
-    config_path, workdir_value = values.pop("config", None), values.pop("workdir", None)
+    # --config/--workdir are the common flags when the command takes them; otherwise a
+    # command's own flag of that name stays among its flags.
+    config_path = values.pop("config", None) if config else None
+    workdir_value = values.pop("workdir", None) if workdir else None
     cfg = None
     if config:
         cfg = config_lib.load_config(config_path)

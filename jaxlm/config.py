@@ -75,7 +75,7 @@ class Field:
 # The schema. Names (model families, objectives, tokenizers, datasets, tasks, mesh
 # strategies and rules) are parsed by the code that uses them (valid=None here) and checked
 # when a command builds its run, before it writes anything.
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64 needs jax_enable_x64
 SCHEMA = {
     "parallelism": Field("jit", ("jit", "pmap"),
                          "jit: one program over the whole mesh (every strategy); pmap: classic "

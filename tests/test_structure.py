@@ -12,7 +12,7 @@ from conftest import REPO
 PACKAGE = REPO / "jaxlm"
 # python -m <command>: the entry points, each a leaf that parses flags and calls one function.
 COMMANDS = ["jaxlm.main", "jaxlm.train", "jaxlm.evaluate", "jaxlm.export", "jaxlm.plan",
-            "jaxlm.finetune", "jaxlm.data.prepare", "jaxlm.data.tokenizers"]
+            "jaxlm.finetune", "jaxlm.data.prepare", "jaxlm.data.tokenizers", "jaxlm.interop"]
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -87,7 +87,7 @@ def test_every_command_has_help_without_a_config_file():
         assert proc.returncode == 0, f"{command}: {err[-2000:]}"
         assert out.startswith(f"usage: python -m {command}"), out[:200]
         assert "flags" in out
-        if command.startswith("jaxlm.data"):
+        if command.startswith("jaxlm.data") or command == "jaxlm.interop":  # no --config
             assert "config fields" not in out
         else:  # the schema: every field with its default, valid values and meaning
             assert "--config=FILE" in out and "config fields (declared in jaxlm/config.py" in out

@@ -4,9 +4,10 @@ parameters), large 24 x 1024 (340M); a 30,522-token WordPiece vocabulary, 512 po
 Pretraining as in the paper's phase 1: sequences of 128 tokens, batch 256, Adam with
 learning rate 1e-4, beta2 0.999, epsilon 1e-6, weight decay 0.01, 10,000 warmup steps.
 
-Until WordPiece arrives with the Hugging Face interop, the tokenizer is "byte:bert"
-(bytes plus [CLS], [SEP], [MASK]); the model keeps BERT's vocabulary size, so parameter
-counts and converted weights line up."""
+The tokenizer is "byte:bert" (bytes plus [CLS], [SEP], [MASK]: nothing to download); with
+a published vocab.txt on disk use --config.data.tokenizer=wordpiece:DIR (hf_bert_base.py
+does). The model keeps BERT's vocabulary size either way, so parameter counts and
+converted weights line up."""
 
 from jaxlm.config import base_config
 

@@ -65,7 +65,7 @@ class BERT(nn.Module):
                 nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), jnp.dtype(cfg.param_dtype))
             logits_BxLxV = embed.attend(h_BxLxD) + bias_V.astype(h_BxLxD.dtype)
             logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
-            out["logits"] = logits_BxLxV.astype(jnp.float32)
+            out["logits"] = logits_BxLxV.astype(layers.wide(logits_BxLxV.dtype))
         if wanted & {"classes", "next_sentence"} or init:
             pooled_BxD = jnp.tanh(layers.dense(cfg, cfg.d_model, ("embed", None), cfg.init_std,
                                                name="pooler")(x_BxLxD[:, 0]))
@@ -73,7 +73,8 @@ class BERT(nn.Module):
                 out["classes"] = layers.ClassHead(cfg, name="classifier")(pooled_BxD, deterministic)
             if "next_sentence" in wanted or init:
                 out["next_sentence"] = layers.dense(cfg, 2, ("embed", None), cfg.init_std,
-                                                    name="next_sentence")(pooled_BxD).astype(jnp.float32)
+                                                    name="next_sentence")(pooled_BxD)
+                out["next_sentence"] = out["next_sentence"].astype(layers.wide(pooled_BxD.dtype))
         if isinstance(output, str):
             return out[output]
         return tuple(out[o] for o in output)

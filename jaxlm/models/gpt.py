@@ -62,7 +62,7 @@ class GPT(nn.Module):
                                         kernel_init=layers.init(cfg.init_std, ("embed", "vocab")),
                                         **layers.dtypes(cfg))(x_BxLxD)
             logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
-            out["logits"] = logits_BxLxV.astype(jnp.float32)
+            out["logits"] = logits_BxLxV.astype(layers.wide(logits_BxLxV.dtype))
         if cfg.num_classes and (output == "classes" or init):
             last_BxD = layers.last_token(x_BxLxD, segments_BxL)
             out["classes"] = layers.ClassHead(cfg, name="classifier")(last_BxD, deterministic)

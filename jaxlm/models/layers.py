@@ -21,6 +21,12 @@ Array = jax.Array
 Config = ml_collections.ConfigDict
 
 
+def wide(dtype) -> jnp.dtype:
+    """The dtype of softmax statistics and logits: at least fp32 (fp64 stays fp64, for
+    parity tests under jax_enable_x64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def dtypes(cfg: Config) -> dict:
     """Compute and parameter dtypes, for `dtype=`/`param_dtype=` of flax layers."""
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
@@ -64,11 +70,11 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, base: float) -> Array:
 
     Computed in fp32 (the angles lose precision in bf16 at long positions).
     """
-    K = x_BxLxHxK.shape[-1]
-    freq_K2 = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-    angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
+    K, acc = x_BxLxHxK.shape[-1], wide(x_BxLxHxK.dtype)
+    freq_K2 = base ** (-jnp.arange(0, K, 2, dtype=acc) / K)
+    angle_BxLxK2 = positions_BxL[..., None].astype(acc) * freq_K2
     sin, cos = jnp.sin(angle_BxLxK2)[:, :, None], jnp.cos(angle_BxLxK2)[:, :, None]
-    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x_BxLxHxK.astype(acc), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxLxHxK.dtype)
 
@@ -139,10 +145,10 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
     Logits and softmax run in fp32 whatever the compute dtype: bf16 has too few mantissa
     bits for the exp/sum of a softmax over long rows.
     """
-    K = q_BxLxHxK.shape[-1]
+    K, acc = q_BxLxHxK.shape[-1], wide(q_BxLxHxK.dtype)
     logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
-    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+                                preferred_element_type=acc) / jnp.sqrt(K).astype(acc)
+    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(acc).min)
     probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxLxS.shape)
@@ -216,10 +222,11 @@ class Attention(nn.Module):
         if segments_BxL is None:
             segments_BxL = jnp.ones((B, L), jnp.int32)
         i = index.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxLxHxK, (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxLxHxK, (0, i, 0, 0))
-        cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BxL.astype(jnp.int32), (0, i))
-        cseg.value = jax.lax.dynamic_update_slice(cseg.value, segments_BxL.astype(jnp.int32), (0, i))
+        o = jnp.zeros_like(i)  # every index of one integer type, 32- or 64-bit (x64 mode)
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxLxHxK, (o, i, o, o))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxLxHxK, (o, i, o, o))
+        cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BxL.astype(jnp.int32), (o, i))
+        cseg.value = jax.lax.dynamic_update_slice(cseg.value, segments_BxL.astype(jnp.int32), (o, i))
         index.value = i + L
         return ck.value, cv.value, cpos.value, cseg.value
 
@@ -315,4 +322,4 @@ class ClassHead(nn.Module):
         cfg = self.cfg
         x_BxD = nn.Dropout(cfg.dropout)(x_BxD, deterministic=deterministic)
         logits_BxC = dense(cfg, cfg.num_classes, ("embed", None), cfg.init_std, name="out")(x_BxD)
-        return logits_BxC.astype(jnp.float32)
+        return logits_BxC.astype(wide(logits_BxC.dtype))

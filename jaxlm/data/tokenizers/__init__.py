@@ -8,6 +8,8 @@
                             DIR holds encoder.json + vocab.bpe (OpenAI's names) or
                             vocab.json + merges.txt (Hugging Face's); nothing is downloaded
                             (gpt2.py).
+    "wordpiece:DIR"         BERT's WordPiece from DIR/vocab.txt (lower-casing as DIR/
+                            tokenizer_config.json says; wordpiece.py).
 
 The trainer, the evaluator and the checkpoint code talk to the `Tokenizer` interface only.
 `to_dict()` identifies a tokenizer exactly (file tokenizers include the sha256 of their
@@ -20,13 +22,15 @@ from jaxlm.data.tokenizers.base import Tokenizer, sha256_of
 from jaxlm.data.tokenizers.byte import ByteTokenizer
 from jaxlm.data.tokenizers.gpt2 import GPT2Tokenizer
 from jaxlm.data.tokenizers.spm import SentencePieceTokenizer
+from jaxlm.data.tokenizers.wordpiece import WordPieceTokenizer
 from jaxlm.errors import ConfigError
 
 __all__ = ["Tokenizer", "ByteTokenizer", "SentencePieceTokenizer", "GPT2Tokenizer",
-           "get_tokenizer", "sha256_of"]
+           "WordPieceTokenizer", "get_tokenizer", "sha256_of"]
 
 # Name -> class; the class takes the text after "name:" in the spec (or nothing).
-KINDS = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer, "gpt2": GPT2Tokenizer}
+KINDS = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer, "gpt2": GPT2Tokenizer,
+         "wordpiece": WordPieceTokenizer}
 
 
 def get_tokenizer(spec: str) -> Tokenizer:
