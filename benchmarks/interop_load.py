@@ -24,18 +24,32 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _IMPORT = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 import jax
+
+peak_anon = [0]
+def sample():  # anonymous resident memory (what the process holds, not file pages it maps)
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak_anon[0] = max(peak_anon[0], int(line.split()[1]) * 1024)
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
 from jaxlm.config import base_config
 from jaxlm.interop import hf
 cfg = base_config()
 cfg.mesh.update(strategy="fsdp", data=1, fsdp=jax.device_count())
+jax.block_until_ready(jax.numpy.ones(8) + 1)  # the runtime is up: its memory is the baseline
+time.sleep(0.05)
+base, base_anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_anon[0]
 start = time.perf_counter()
 _, setup, params = hf.read(sys.argv[1], cfg)
 jax.block_until_ready(params)
 seconds = time.perf_counter() - start
 n = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-print(json.dumps({"seconds": seconds, "param_bytes": n,
+time.sleep(0.05)
+print(json.dumps({"seconds": seconds, "param_bytes": n, "baseline_rss_bytes": base,
+                  "baseline_anon_bytes": base_anon, "peak_anon_bytes": peak_anon[0],
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -73,8 +87,12 @@ def main():
     gb = 1e9
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; gpt2_{args.size}, "
           f"{args.devices} fake devices (FSDP); files {files}; export {written:.1f} s")
-    print(f"import: {r['seconds']:.1f} s, params {r['param_bytes'] / gb:.2f} GB, peak RSS "
-          f"{r['peak_rss_bytes'] / gb:.2f} GB = {r['peak_rss_bytes'] / r['param_bytes']:.2f}x the params")
+    grew = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+    anon = r["peak_anon_bytes"] - r["baseline_anon_bytes"]
+    print(f"import: {r['seconds']:.1f} s, params {r['param_bytes'] / gb:.2f} GB; resident memory "
+          f"grew {grew / gb:.2f} GB ({grew / r['param_bytes']:.2f}x the params; includes the "
+          f"file's pages mapped by safetensors, which the kernel can drop); anonymous memory "
+          f"grew {anon / gb:.2f} GB ({anon / r['param_bytes']:.2f}x the params)")
 
 
 if __name__ == "__main__":

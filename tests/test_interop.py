@@ -118,6 +118,27 @@ def test_gpt2_variants_of_real_uploads_import_the_same(tmp_path):
     np.testing.assert_array_equal(back["lm_head"]["kernel"], 2 * np.asarray(params["embed"]["tokens"]["embedding"]).T)
 
 
+def test_sharded_checkpoints_with_an_index(tmp_path):
+    """model-0000X-of-0000Y.safetensors + model.safetensors.index.json, as large uploads
+    come: the index maps every tensor of the single-file export to its shard, and jaxlm
+    reads the shards back. (transformers' Flax classes cannot open sharded safetensors.)"""
+    cfg = tiny_config(num_heads=2, vocab_size=301)
+    setup, params = random_params(cfg)
+    hf.export_folder(cfg, params, "byte", tmp_path / "hf", shard_bytes=20_000)
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    hf.export_folder(cfg, params, "byte", tmp_path / "one")
+    from safetensors.numpy import load_file
+    single = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert sorted(index) == sorted(single) and set(index.values()) == set(shards)
+    for name, shard in index.items():
+        np.testing.assert_array_equal(load_file(str(tmp_path / "hf" / shard))[name], single[name])
+    gpt2_vocab(tmp_path / "hf")
+    _, _, back = hf.read(tmp_path / "hf", base_config(), jax.devices()[:1])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
 def test_imported_gpt2_decodes_with_the_cache_as_the_reference(tmp_path):
     """KV-cache decoding of an imported GPT-2 gives the reference's logits at every step
     (transformers' own cache)."""

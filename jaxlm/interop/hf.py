@@ -147,9 +147,9 @@ def _config_file(values: dict, src) -> str:
 
 
 def export_folder(cfg: ml_collections.ConfigDict, params, tokenizer_spec_: str, out,
-                  dtype=np.float32) -> None:
+                  dtype=np.float32, shard_bytes: int = 2 << 30) -> None:
     """Writes OUT, a Hugging Face folder of `params` (config.model `cfg.model`), tensors
-    in `dtype`."""
+    in `dtype`, in safetensors files of at most `shard_bytes` (more: shards and an index)."""
     import json
     m = cfg.model
     if m.arch not in FAMILIES:
@@ -162,7 +162,7 @@ def export_folder(cfg: ml_collections.ConfigDict, params, tokenizer_spec_: str, 
             m, heads=bert.HEADS if m.num_classes else bert.HEADS[:3])
         tensors = export_tensors(params, rules, dtype)
         if jax.process_index() == 0:
-            write_folder(tmp, tensors)
+            write_folder(tmp, tensors, shard_bytes)
             (tmp / "config.json").write_text(json.dumps(fam.hf_config(m), indent=2))
             _copy_tokenizer(tokenizer_spec_, tmp)
             os.rename(tmp, out)
