@@ -9,20 +9,14 @@ hf/bert-base-uncased is the downloaded model folder (model.safetensors, config.j
 vocab.txt); --config.data.tokenizer=wordpiece:DIR names another.
 """
 
-import pathlib
-
 from _bert import bert_config
-
-SST2 = pathlib.Path(__file__).resolve().parents[3] / "shared/data/fewshot/sst2/validation.jsonl"
+from sst2 import sst2_data
 
 
 def get_config():
     c = bert_config("base")
     c.data.tokenizer = "wordpiece:hf/bert-base-uncased"
-    c.model.update(num_classes=2)
-    c.finetune.update(train_data=f"{SST2}[:400]", validation_data=f"{SST2}[400:]",
-                      text_field="sentence", label_field="label", epochs=3,
-                      learning_rate=2e-5, batch_size=16, warmup_ratio=0.1,
-                      best_metric="accuracy", class_names=("negative", "positive"))
+    sst2_data(c)
+    c.finetune.update(epochs=3, learning_rate=2e-5, batch_size=16, warmup_ratio=0.1)
     c.evaluate.batch_size = 32
     return c

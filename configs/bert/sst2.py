@@ -17,12 +17,19 @@ from debug import get_config as debug_config
 SST2 = pathlib.Path(__file__).resolve().parents[3] / "shared/data/fewshot/sst2/validation.jsonl"
 
 
+def sst2_data(c) -> None:
+    """Fine-tuning data: the slice's first 400 sentences for training, the last 100 for
+    validation; two classes."""
+    c.model.num_classes = 2
+    c.finetune.update(train_data=f"{SST2}[:400]", validation_data=f"{SST2}[400:]",
+                      text_field="sentence", label_field="label", best_metric="accuracy",
+                      class_names=("negative", "positive"))
+
+
 def get_config():
     c = debug_config()
-    c.model.update(num_classes=2, dropout=0.1)
-    c.finetune.update(train_data=f"{SST2}[:400]", validation_data=f"{SST2}[400:]",
-                      text_field="sentence", label_field="label", epochs=5,
-                      learning_rate=1e-4, batch_size=16, warmup_ratio=0.1,
-                      best_metric="accuracy", class_names=("negative", "positive"))
+    sst2_data(c)
+    c.model.dropout = 0.1
+    c.finetune.update(epochs=5, learning_rate=1e-4, batch_size=16, warmup_ratio=0.1)
     c.evaluate.batch_size = 50
     return c
