@@ -136,6 +136,9 @@ SCHEMA = {
     "train": {
         "objective": Field("causal_lm", None, "what is learned from the token windows "
                            "(jaxlm.train.objectives): causal_lm, masked_lm, classification"),
+        "loss_chunk": Field(0, NONNEGATIVE, "causal_lm: cross-entropy over this many positions "
+                            "at a time, recomputed in the backward pass, so the [batch, "
+                            "seq_len, vocab] logits are never held whole (0: all at once)"),
         "mask_prob": Field(0.15, Range(0, 1, lo_open=True, hi_open=True),
                            "masked_lm: share of the real tokens chosen in each sequence"),
         "whole_word_masking": Field(False, None, "masked_lm: choose whole words, not tokens"),

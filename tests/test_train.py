@@ -144,3 +144,37 @@ def test_golden_packed_losses():
         losses.append(float(m["loss"]))
     np.testing.assert_allclose(losses, GOLDEN_PACKED_LOSSES, rtol=2e-6)
     assert run.traces == 1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(tied):
+    """config.train.loss_chunk: the cross-entropy over chunks of positions (logits
+    recomputed in the backward pass) gives the plain loss, accuracy and gradients."""
+    from jaxlm.data.tokenizers import get_tokenizer
+    from jaxlm.setup import build
+    from jaxlm.train.objectives import ConfigError, make_objective
+    cfg = tiny_config(tie_embeddings=tied)
+    setup = build(cfg, jax.devices()[:1])
+    params = jax.jit(setup.init_params)(jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in random_batch(cfg).items()}
+    batch["weights"] = batch["weights"].at[:, -5:].set(0.0)  # padding-like zero weights
+    tok = get_tokenizer(cfg.data.tokenizer)
+
+    def run(chunk):
+        cfg.train.loss_chunk = chunk
+        objective = make_objective(cfg, tok)
+        loss = lambda p: objective.loss(setup.model, p, batch, jax.random.PRNGKey(0),  # noqa: E731
+                                        deterministic=True)
+        (total, (weight, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return total / weight, metrics["accuracy"], grads
+
+    plain, acc, grads = run(0)
+    for chunk in (8, 16):
+        value, acc_c, grads_c = run(chunk)
+        np.testing.assert_allclose(value, plain, rtol=1e-6)
+        assert float(acc_c) == float(acc)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                               grads_c, grads)
+    cfg.train.loss_chunk = 7
+    with pytest.raises(ConfigError, match="config.train.loss_chunk=7 does not divide config.data.seq_len=32"):
+        make_objective(cfg, tok)

@@ -76,17 +76,46 @@ def _token_loss(self, model, params, batch: dict, rng: jax.Array, *, determinist
     return total, (weight, {"accuracy": _correct(logits, batch["targets"], batch["weights"])})
 
 
+def chunked_token_loss(hidden_BxLxD, head_VxD, targets_BxL, weights_BxL, chunk: int):
+    """`_token_loss`'s sums with logits made `chunk` positions at a time: each chunk's
+    [B, chunk, V] logits are recomputed in the backward pass (jax.checkpoint) instead of
+    stored, so peak memory holds one chunk's logits, not the whole batch's."""
+    B, L, D = hidden_BxLxD.shape
+    n = L // chunk
+    split = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+
+    @jax.checkpoint
+    def sums(h_BxCxD, t_BxC, w_BxC):
+        logits_BxCxV = jnp.einsum("bcd,vd->bcv", h_BxCxD, head_VxD.astype(h_BxCxD.dtype))
+        logits_BxCxV = logits_BxCxV.astype(jnp.promote_types(logits_BxCxV.dtype, jnp.float32))
+        total, weight = cross_entropy(logits_BxCxV, t_BxC, w_BxC)
+        return total, weight, _correct(logits_BxCxV, t_BxC, w_BxC)
+
+    def body(carry, chunk_args):
+        return jax.tree_util.tree_map(jnp.add, carry, sums(*chunk_args)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (total, weight, correct), _ = jax.lax.scan(
+        body, (zero, zero, zero), (split(hidden_BxLxD), split(targets_BxL), split(weights_BxL)))
+    return total, weight, correct
+
+
 class CausalLM:
     """Next-token prediction (GPT). Packed windows keep their segments and positions, so
     attention stays inside each document; unpacked batches carry neither (the model
-    attends causally over the whole window from position 0)."""
+    attends causally over the whole window from position 0). With `loss_chunk` the
+    cross-entropy is computed that many positions at a time (chunked_token_loss)."""
 
     name = "causal_lm"
     extra_tokens = 1  # the last target
     metrics = ("accuracy",)
 
-    def __init__(self, seq_len: int, packed: bool):
+    def __init__(self, seq_len: int, packed: bool, loss_chunk: int = 0):
+        if loss_chunk and seq_len % loss_chunk:
+            raise ConfigError(f"config.train.loss_chunk={loss_chunk} does not divide "
+                              f"config.data.seq_len={seq_len}")
         self.seq_len, self.packed = seq_len, packed
+        self.loss_chunk = loss_chunk if loss_chunk and loss_chunk < seq_len else 0
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return _token_spec(batch_size, self.seq_len, self.packed)
@@ -99,7 +128,16 @@ class CausalLM:
                            else (segments != 0).astype(np.float32))}
         return _with_packing(out, window, self.packed, L)
 
-    loss = _token_loss
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+        if not self.loss_chunk:
+            return _token_loss(self, model, params, batch, rng, deterministic=deterministic)
+        hidden = _apply(model, params, batch, rng, deterministic, "hidden")
+        # the output projection: the tied token embedding [V, D], or lm_head's kernel [D, V]
+        head = (params["embed"]["tokens"]["embedding"] if "lm_head" not in params
+                else params["lm_head"]["kernel"].T)
+        total, weight, correct = chunked_token_loss(hidden, head, batch["targets"],
+                                                    batch["weights"], self.loss_chunk)
+        return total, (weight, {"accuracy": correct})
 
 
 class MaskedLM:
@@ -305,7 +343,7 @@ def make_objective(cfg, tokenizer):
         raise ConfigError(f"config.train.objective={name!r} does not fit config.model.arch="
                           f"{arch!r}, which trains with {', '.join(supported)}")
     if name == "causal_lm":
-        return CausalLM(cfg.data.seq_len, cfg.data.packing)
+        return CausalLM(cfg.data.seq_len, cfg.data.packing, cfg.train.loss_chunk)
     if name == "masked_lm":
         return MaskedLM(cfg.data.seq_len, cfg.data.packing, tokenizer, cfg.train.seed,
                         cfg.train.mask_prob, cfg.train.whole_word_masking,
