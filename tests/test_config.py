@@ -150,7 +150,7 @@ def test_cli_flag_forms(tmp_path):
     ("evaluate.shots", "(0, -2)", "config.evaluate.shots=-2 must be >= 0"),
     ("mesh.data", "0", "config.mesh.data=0 must be -1 or >= 1"),
     ("checkpoint.step", "-2", "config.checkpoint.step=-2 must be -1 or >= 0"),
-    ("model.dtype", "int8", "config.model.dtype='int8': expected 'float32', 'bfloat16' or 'float16'"),
+    ("model.dtype", "int8", "config.model.dtype='int8': expected 'float32', 'bfloat16', 'float16' or 'float64'"),
     ("optimizer.eps", float("nan"), "config.optimizer.eps=nan must be positive"),  # a config file's
 ])
 def test_every_value_is_checked_against_its_declared_range(cfg, field, value, message):
