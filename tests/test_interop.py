@@ -149,7 +149,7 @@ def test_imported_gpt2_decodes_with_the_cache_as_the_reference(tmp_path):
     _, setup_in, imported = hf.read(tmp_path / "hf", base_config(), jax.devices()[:1])
     ref = transformers.FlaxGPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), from_pt=True)
     tokens, _ = tokens_and_types(cfg.model.vocab_size)
-    prompt, steps = 5, 8
+    prompt, steps = 5, 4
     past = ref.init_cache(2, cfg.model.max_len)
     mask = np.ones((2, cfg.model.max_len), np.int32)
     out = ref(tokens[:, :prompt], attention_mask=mask, past_key_values=past,

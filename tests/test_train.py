@@ -169,7 +169,7 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(tied):
         return total / weight, metrics["accuracy"], grads
 
     plain, acc, grads = run(0)
-    for chunk in (8, 16):
+    for chunk in (8,):
         value, acc_c, grads_c = run(chunk)
         np.testing.assert_allclose(value, plain, rtol=1e-6)
         assert float(acc_c) == float(acc)
