@@ -1,8 +1,11 @@
-"""AdamW with linear warmup, cosine decay, global-norm clipping and a weight-decay mask."""
+"""AdamW with linear warmup, cosine decay and a weight-decay mask; global-norm clipping
+(applied by the train step with the norm it computes anyway)."""
 
 from __future__ import annotations
 
 import flax
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -27,12 +30,30 @@ def decay_mask(params, no_decay: tuple[str, ...]):
     return flax.traverse_util.unflatten_dict(mask)
 
 
+def adamw(cfg_opt, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with the schedule and the weight-decay mask."""
+    return optax.adamw(learning_rate_schedule(cfg_opt, total_steps), b1=cfg_opt.b1,
+                       b2=cfg_opt.b2, eps=cfg_opt.eps, weight_decay=cfg_opt.weight_decay,
+                       mask=lambda params: decay_mask(params, tuple(cfg_opt.no_decay)))
+
+
 def make_optimizer(cfg_opt, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(cfg_opt, total_steps)
-    adamw = optax.adamw(schedule, b1=cfg_opt.b1, b2=cfg_opt.b2, eps=cfg_opt.eps,
-                        weight_decay=cfg_opt.weight_decay,
-                        mask=lambda params: decay_mask(params, tuple(cfg_opt.no_decay)))
+    """What the train step applies after clipping. Global-norm clipping
+    (cfg_opt.grad_clip_norm) is done by the step itself (`clip_factor`), which has the
+    gradient norm already (for its metrics and the non-finite check) and scales the
+    gradients in the same pass that averages them; computing the norm again in an optax
+    clip cost a second pass over every gradient (measured: 100 more reductions per step for
+    a 6-layer GPT). The chain keeps a stateless first element where the clip was, so the
+    optimizer state has the layout checkpoints were written with."""
     if cfg_opt.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg_opt.grad_clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.identity(), adamw(cfg_opt, total_steps))
+    return adamw(cfg_opt, total_steps)
+
+
+def clip_factor(grad_norm: jax.Array, max_norm: float) -> jax.Array:
+    """The factor optax.clip_by_global_norm scales by: 1 below max_norm (0 = no clipping),
+    max_norm / grad_norm above."""
+    if max_norm <= 0:
+        return jnp.ones_like(grad_norm)
+    return jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
 

@@ -27,14 +27,15 @@ AXIS = "devices"
 
 def pmap_train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    microbatches: int, metrics: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
+                    microbatches: int, metrics: tuple[str, ...] = (),
+                    clip_norm: float = 0.0) -> tuple[TrainState, dict]:
     """One step on one device's rows, run under `jax.pmap(axis_name=AXIS)`."""
     device = jax.lax.axis_index(AXIS)
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
     sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn,
                                 microbatches=microbatches, metrics=metrics)
     sums = jax.lax.psum(sums, axis_name=AXIS)
-    return apply_gradients(state, *sums, tx=tx, schedule=schedule)
+    return apply_gradients(state, *sums, tx=tx, schedule=schedule, clip_norm=clip_norm)
 
 
 class PmapTrainStep:
@@ -54,7 +55,7 @@ class PmapTrainStep:
         bound = functools.partial(
             pmap_train_step, loss_fn=functools.partial(objective.loss, setup.model), tx=tx,
             schedule=schedule, microbatches=setup.cfg.train.microbatches,
-            metrics=objective.metrics)
+            metrics=objective.metrics, clip_norm=setup.cfg.optimizer.grad_clip_norm)
 
         def counted(state, batch, rng):
             self.traces += 1

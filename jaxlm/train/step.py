@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import sharding
+from jaxlm.train import optimizer
 
 
 @flax.struct.dataclass
@@ -64,10 +65,10 @@ def accumulate_gradients(params, batch: dict, rng: jax.Array, *, loss_fn: Callab
 
 
 def apply_gradients(state: TrainState, grads, loss, weight, sums=None, *,
-                    tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> tuple[TrainState, dict]:
-    """Normalises the summed gradients (and the loss and metric sums) by the total weight
-    and takes the step.
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    clip_norm: float = 0.0) -> tuple[TrainState, dict]:
+    """Normalises the summed gradients (and the loss and metric sums) by the total weight,
+    clips them to global norm `clip_norm` (0: no clipping) and takes the step.
 
     Dividing once, after summing, makes M microbatches (or N pmap devices) equal to one
     M-times larger batch up to float summation order.
@@ -77,27 +78,34 @@ def apply_gradients(state: TrainState, grads, loss, weight, sums=None, *,
     metrics["nonfinite"] says so. The loop then stops or skips (config.train.nonfinite).
     """
     denom = jnp.maximum(weight, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-    loss, grad_norm = loss / denom, optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    loss, grad_norm = loss / denom, optax.tree.norm(grads) / denom  # of the mean gradient
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_bad = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+    scale = optimizer.clip_factor(grad_norm, clip_norm) / denom
+
+    def update(params, opt_state):  # the scaling fuses into the optimizer's pass
+        scaled = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
+        updates, opt_state = tx.update(scaled, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A branch, not jnp.where(finite, new, old) on every leaf: the select kept the old
+    # params and moments alive beside the new ones, and XLA copied all of them each step.
+    params, opt_state = jax.lax.cond(finite, update, lambda *old: old,
+                                     state.params, state.opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "tokens": weight, "nonfinite": ~finite,
                **{k: v / denom for k, v in (sums or {}).items()}}
-    return TrainState(step=state.step + 1, params=keep_if_bad(params, state.params),
-                      opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int, metrics: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
+               microbatches: int, metrics: tuple[str, ...] = (),
+               clip_norm: float = 0.0) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch (jit path: XLA inserts the collectives)."""
     rng = jax.random.fold_in(rng, state.step)
     sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn,
                                 microbatches=microbatches, metrics=metrics)
-    return apply_gradients(state, *sums, tx=tx, schedule=schedule)
+    return apply_gradients(state, *sums, tx=tx, schedule=schedule, clip_norm=clip_norm)
 
 
 def boxed_state(boxed_params, tx):
@@ -137,7 +145,8 @@ class JitTrainStep:
         self.traces = 0  # how often the step was traced: more than once means it recompiled
         bound = functools.partial(train_step, loss_fn=functools.partial(objective.loss, setup.model),
                                   tx=tx, schedule=schedule, microbatches=cfg.train.microbatches,
-                                  metrics=objective.metrics)
+                                  metrics=objective.metrics,
+                                  clip_norm=cfg.optimizer.grad_clip_norm)
 
         def counted(state, batch, rng):
             self.traces += 1

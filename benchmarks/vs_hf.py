@@ -1,0 +1,150 @@
+"""One training step of jaxlm's GPT and of Hugging Face's FlaxGPT2LMHeadModel, side by side
+in one process: same shapes, batch, fp32, optimizer (jaxlm's AdamW + clipping for both) and
+loss (mean next-token cross-entropy), no dropout. Passes interleave the two (A B A B ...)
+so that machine noise hits both; medians are reported, with the FLOPs XLA counts for each
+compiled step and the fraction of this machine's measured fp32 matmul peak they reach.
+
+    pip install -e ".[test]"     # transformers 4.x (Flax classes); not in requirements.txt
+    python benchmarks/vs_hf.py --layers=6 --d-model=384 --seq=256 --batch=8 --passes=3
+
+Extra `--config.FIELD=VALUE` arguments go to jaxlm's side only (e.g. attention_impl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm.config import apply_override, base_config, validate
+from jaxlm.setup import build_train
+from jaxlm.train.optimizer import adamw
+
+
+def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 FLOP/s of an n x n matmul on the first device (median of `repeats`)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def jaxlm_step(args):
+    cfg = base_config()
+    cfg.model.update(num_layers=args.layers, d_model=args.d_model, num_heads=args.heads,
+                     mlp_dim=4 * args.d_model, max_len=args.seq, vocab_size=args.vocab)
+    cfg.data.update(seq_len=args.seq, packing=False)
+    cfg.train.update(batch_size=args.batch, steps=1000)
+    for o in args.overrides:
+        field, value = o.removeprefix("--").removeprefix("config.").split("=", 1)
+        apply_override(cfg, field, value)
+    validate(cfg)
+    run = build_train(cfg)
+    state = run.place_state(run.init_state())
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
+    rows = [run.objective.example({"tokens": t}, i) for i, t in enumerate(tokens)]
+    batch = run.place_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    key = jax.random.PRNGKey(0)
+    compiled = run.jitted.lower(state, batch, key).compile()
+
+    def step(state):
+        state, metrics = run(state, batch, key)
+        return state, metrics["loss"]
+    return step, state, compiled, cfg
+
+
+def hf_step(args, cfg):
+    from transformers import GPT2Config, FlaxGPT2LMHeadModel
+
+    hf_cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.d_model,
+                        n_layer=args.layers, n_head=args.heads, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = FlaxGPT2LMHeadModel(hf_cfg, seed=0, dtype=jnp.float32)
+    params = model.params
+    # jaxlm's AdamW, clipped by optax as a plain loop would (jaxlm's step clips itself)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.optimizer.grad_clip_norm),
+                     adamw(cfg.optimizer, cfg.train.steps))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
+    inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
+    positions = jnp.broadcast_to(jnp.arange(args.seq), inputs.shape)
+    mask = jnp.ones_like(inputs)
+
+    def loss_fn(p):
+        logits = model.module.apply({"params": p}, inputs, mask, positions,
+                                    deterministic=True).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def train(state):
+        p, o = state
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, o = tx.update(grads, o, p)
+        return (optax.apply_updates(p, updates), o), loss
+
+    jitted = jax.jit(train, donate_argnums=(0,))
+    state = (params, tx.init(params))
+    return jitted, state, jitted.lower(state).compile()
+
+
+def time_steps(step, state, n):
+    state, loss = step(state)          # settle (and compile on the first pass)
+    jax.block_until_ready(loss)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        state, loss = step(state)
+    jax.block_until_ready(loss)
+    return state, (time.perf_counter() - t0) / n
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--d-model", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per pass and model")
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE (jaxlm only)")
+    args = p.parse_args()
+
+    ours, our_state, our_compiled, cfg = jaxlm_step(args)
+    theirs, their_state, their_compiled = hf_step(args, cfg)
+    peak = matmul_peak()
+    times = {"jaxlm": [], "hf": []}
+    for i in range(args.passes):
+        our_state, t = time_steps(ours, our_state, args.steps)
+        times["jaxlm"].append(t)
+        their_state, t = time_steps(theirs, their_state, args.steps)
+        times["hf"].append(t)
+        print(f"pass {i}: jaxlm {times['jaxlm'][-1]:.3f} s/step, hf {times['hf'][-1]:.3f} s/step",
+              flush=True)
+    tokens = args.batch * args.seq
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{platform.processor() or platform.machine()}, {jax.device_count()} x "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.layers} layers, "
+          f"d={args.d_model}, {args.heads} heads, vocab {args.vocab}, seq {args.seq}, "
+          f"batch {args.batch}, fp32; {args.passes} passes x {args.steps} steps, medians")
+    print(f"matmul peak (fp32 1024^3): {peak / 1e9:.1f} GFLOP/s")
+    for name, compiled in (("jaxlm", our_compiled), ("hf", their_compiled)):
+        flops = compiled.cost_analysis()["flops"]
+        print(f"{name:6s} {tokens / med[name]:8,.0f} tokens/s  {med[name]:.3f} s/step  "
+              f"XLA flops {flops / 1e9:.2f} G  {flops / med[name] / peak:.2f} of peak")
+    print(f"jaxlm / hf: {med['hf'] / med['jaxlm']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
