@@ -107,8 +107,20 @@ SCHEMA = {
         "layer_norm_eps": Field(1e-5, POSITIVE, "LayerNorm epsilon"),
         "dtype": Field("float32", DTYPES, "compute dtype (bfloat16 for mixed precision)"),
         "param_dtype": Field("float32", DTYPES, "storage dtype of parameters and optimizer state"),
-        "attention_impl": Field("xla", ("xla",), "attention kernel behind layers.attention"),
+        "attention_impl": Field("xla", ("auto", "xla", "cudnn", "splash"),
+                                "attention kernel (jaxlm.models.attention): xla everywhere, "
+                                "cudnn on NVIDIA GPUs (bf16/fp16), splash on TPU, auto = the "
+                                "best the backend allows"),
+        "attention_interpret": Field(False, None, "run the splash kernel in Pallas' interpret "
+                                     "mode on any backend (slow; for debugging and tests)"),
         "remat": Field(False, None, "recompute each block's activations in the backward pass"),
+        "remat_policy": Field("full", ("full", "save_dots", "save_dots_no_batch", "offload_dots"),
+                              "what remat keeps of a block: its input only (full), every "
+                              "matmul output (save_dots), the weight matmuls' outputs "
+                              "(save_dots_no_batch), or those in host memory (offload_dots; "
+                              "GPU/TPU)"),
+        "scan_layers": Field(False, None, "run the blocks with jax.lax.scan over parameters "
+                             "stacked on a 'layers' axis: compile time flat in depth"),
         "init_std": Field(0.02, POSITIVE,
                           "normal init std; residual output projections get / sqrt(2*layers)"),
     },

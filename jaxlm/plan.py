@@ -5,8 +5,12 @@
     python -m jaxlm.plan --config=... --topology=tpu:v5e:4x4      # needs libtpu installed
 
 Prints per-device memory (from the compiled program's memory analysis), FLOPs per step,
-each parameter's sharding, and plain-words warnings about weak choices. Nothing is
-allocated: the state and batch are abstract shapes carrying their shardings.
+each parameter's sharding (blocks folded), plain-words warnings about weak choices, and
+whether the step fits the device's memory (the HBM of TPU and GPU kinds it knows, or
+--device-memory=GB). When it does not, it compiles the cheapest changes that keep the
+maths (chunked loss, remat policies, wider FSDP, microbatches) and proposes the first
+that fits. Nothing is allocated: the state and batch are abstract shapes carrying their
+shardings.
 
 `--top=N` also lists the N largest groups of buffers live at the memory peak, named by
 the JAX operation that made them (layers folded: block_3 -> block_*), from XLA's
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxlm import cli, sharding
+from jaxlm import cli, models, sharding
 from jaxlm.errors import ConfigError
 from jaxlm.setup import build_train
 
@@ -70,6 +74,7 @@ class Plan:
     temp_bytes: int          # activations and scratch
     alias_bytes: int         # outputs written in place of donated arguments
     flops_per_step: float    # per device, from XLA's cost analysis
+    model_flops: float       # per device: the family's analytic count (6N + attention)
     param_shardings: dict    # parameter path -> PartitionSpec
     warnings: list
     live_bytes: int | None = None                             # live at the peak (--top)
@@ -104,8 +109,14 @@ def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | 
 def _op_group(name: str) -> str:
     """Buffer name -> group: layers folded, tuple index and HLO instance number dropped."""
     name = name.removeprefix("jit(train_step)/").replace("while/body/closed_call/", "")
-    name = re.sub(r"block_\d+", "block_*", name)
-    return re.sub(r"(\.\d+)?(\{\d+\})?$", "", name)
+    name = re.sub(r"block_\d+", "block_*", name).replace("blocks/blocks/", "blocks/")
+    name = re.sub(r"(\.\d+)?(\{\d+\})?$", "", name)
+    # A while loop: the scan over layers (config.model.scan_layers) outputs what the
+    # backward pass reads, stacked over every layer; microbatches are a scan too.
+    if re.fullmatch(r"(jvp\(\w+\)/)?while(/body/closed_call)?", name):
+        return f"{name} (a scan's carried and stacked buffers: with scan_layers, the " \
+               "activations every layer keeps for the backward pass)"
+    return name
 
 
 def live_at_peak(dump_dir: str) -> tuple[int, list[tuple[str, int, int]]]:
@@ -174,18 +185,107 @@ def make_plan(cfg: ml_collections.ConfigDict, devices, top: int = 0) -> Plan:
     warnings = weak_choices(cfg, mesh_shape)
     plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
                 mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
-                float(cost.get("flops", 0.0)), specs, warnings, live_bytes, buffers[:top])
+                float(cost.get("flops", 0.0)), model_flops(cfg, len(devices)), specs, warnings,
+                live_bytes, buffers[:top])
     if cfg.model.remat and devices[0].platform == "cpu":
         warnings.append("XLA:CPU's memory analysis ignores rematerialisation (its temporaries "
                         "come out the same with and without jax.checkpoint), so with "
                         "config.model.remat the temporaries above are an over-estimate; "
                         "compile for a tpu:<topology> for a remat-aware figure.")
-    hbm = next((b for k, b in HBM_BYTES if k in plan.device_kind), None)
-    if hbm is not None and plan.peak_bytes > hbm:
-        warnings.append(f"needs {plan.peak_bytes / 1e9:.1f} GB per device, more than the "
-                        f"{hbm / 1e9:.0f} GB of a {plan.device_kind}: shard more (fsdp), "
-                        "turn on config.model.remat, or raise config.train.microbatches.")
     return plan
+
+
+def model_flops(cfg: ml_collections.ConfigDict, num_devices: int) -> float:
+    """Training FLOPs of one step per device by the family's formula (no recomputation)."""
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return models.family(cfg.model.arch).flops_per_token(cfg.model, cfg.data.seq_len) * tokens / num_devices
+
+
+def device_memory(device_kind: str, given: str = "") -> float | None:
+    """Bytes one device holds: --device-memory (GB) if given, else the known HBM of its kind
+    (TPU topologies, NVIDIA GPUs), else None (e.g. cpu:N, which has no fixed budget)."""
+    if given:
+        try:
+            gb = float(given.lower().removesuffix("gb"))
+        except ValueError:
+            gb = -1.0
+        if gb <= 0:
+            raise ConfigError(f"--device-memory={given}: expected GB per device, e.g. 16 or 80GB")
+        return gb * 1e9
+    return next((b for k, b in HBM_BYTES if k in device_kind), None)
+
+
+def candidates(cfg: ml_collections.ConfigDict, mesh_shape: dict, cpu: bool) -> list[dict]:
+    """Changes that lower the per-device peak without changing the maths, cheapest first:
+    {config field: value}. Remat is left out on CPU topologies, whose memory analysis does
+    not see it (make_plan's warning)."""
+    out = []
+    L = cfg.data.seq_len
+    if cfg.train.objective == "causal_lm" and not cfg.train.loss_chunk and L > 128 and L % 128 == 0:
+        out.append({"train.loss_chunk": 128})
+    if not cpu and not cfg.model.remat:
+        out += [{"model.remat": True, "model.remat_policy": "save_dots_no_batch"},
+                {"model.remat": True, "model.remat_policy": "full"}]
+    elif not cpu and cfg.model.remat_policy != "full":
+        out.append({"model.remat_policy": "full"})
+    if mesh_shape["data"] > 1:  # parameters and optimizer state split over more devices
+        strategy = {"dp": "fsdp", "tp": "fsdp_tp"}.get(cfg.mesh.strategy, cfg.mesh.strategy)
+        out.append({"mesh.strategy": strategy, "mesh.fsdp": mesh_shape["fsdp"] * mesh_shape["data"],
+                    "mesh.data": 1})
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    micro = cfg.train.microbatches
+    for factor in (2, 4, 8, 16):
+        if cfg.train.batch_size % (dp * micro * factor) == 0:
+            out.append({"train.microbatches": micro * factor})
+    return out
+
+
+def _with(cfg: ml_collections.ConfigDict, change: dict) -> ml_collections.ConfigDict:
+    new = cfg.copy_and_resolve_references()
+    for field, value in change.items():
+        section, name = field.split(".")
+        new[section][name] = value
+    return new
+
+
+def propose(cfg: ml_collections.ConfigDict, devices, budget: float, mesh_shape: dict,
+            log=print) -> tuple[dict, Plan] | None:
+    """The smallest change that makes the step fit `budget` bytes per device, each try
+    verified by compiling it: single changes cheapest first, then the cheap ones combined
+    (all loss chunking and remat, growing microbatches last). None if nothing fits."""
+    singles = candidates(cfg, mesh_shape, devices[0].platform == "cpu")
+    tries, combined = list(singles), {}
+    for c in singles:  # each on top of the ones before (a microbatch count replaces the last)
+        combined = {**combined, **c}
+        if combined != c:
+            tries.append(dict(combined))
+    for change in tries:
+        try:
+            plan = make_plan(_with(cfg, change), devices)
+        except ConfigError:
+            continue  # e.g. microbatches the mesh cannot split
+        log(f"  tried {_flags(change)}: peak {plan.peak_bytes / 1e9:.3f} GB")
+        if plan.peak_bytes <= budget:
+            return change, plan
+    return None
+
+
+def _flags(change: dict) -> str:
+    return " ".join(f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in change.items())
+
+
+def fold_layers(specs: dict) -> dict:
+    """{parameter path: spec} with block_0 ... block_{n-1} shown once as block_* (x n) when
+    every block is sharded alike (as they are: one rule set for all)."""
+    out, seen = {}, {}
+    for name, spec in specs.items():
+        key = re.sub(r"\['block_\d+'\]", "['block_*']", name)
+        seen.setdefault((key, str(spec)), []).append(name)
+    for (key, _), names in seen.items():
+        label = key if len(names) == 1 else f"{key} (x{len(names)})"
+        out[label] = specs[names[0]]
+    return out
 
 
 def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
@@ -194,10 +294,14 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
              f"per device: arguments {gb(plan.argument_bytes)}, outputs {gb(plan.output_bytes)} "
              f"(aliased {gb(plan.alias_bytes)}), temporaries {gb(plan.temp_bytes)}",
              f"per device peak: {gb(plan.peak_bytes)}",
-             f"FLOPs per step per device (XLA cost analysis): {plan.flops_per_step:.4g}",
+             f"FLOPs per step per device: {plan.model_flops:.4g} by the model's formula "
+             f"(jaxlm.models), {plan.flops_per_step:.4g} by XLA's cost analysis"
+             + (" (which counts the scanned blocks once, not once per layer)"
+                if cfg.model.scan_layers else ""),
              "parameter shardings:"]
-    width = max(map(len, plan.param_shardings))
-    lines += [f"  {name:<{width}}  {spec}" for name, spec in plan.param_shardings.items()]
+    folded = fold_layers(plan.param_shardings)
+    width = max(map(len, folded))
+    lines += [f"  {name:<{width}}  {spec}" for name, spec in folded.items()]
     if plan.live_bytes is not None:
         lines.append(f"largest buffers live at the memory peak ({gb(plan.live_bytes)} live at "
                      "once; the peak above is what XLA's allocator reserves):")
@@ -209,6 +313,8 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
 
 FLAGS = [cli.Flag("topology", "cpu:N (fake CPU devices) or tpu:<name>, e.g. tpu:v5e:4x4",
                   "cpu:1"),
+         cli.Flag("device-memory", "GB per device to fit in (default: the HBM of known TPU "
+                  "and GPU kinds; none for cpu:N)", "", metavar="GB"),
          cli.Flag("top", "also list this many largest buffer groups live at the memory peak",
                   "0", metavar="N")]
 
@@ -221,6 +327,22 @@ def main(argv) -> Plan:
     devices = topology_devices(args.flags["topology"])
     plan = make_plan(args.config, devices, int(top))
     print(format_plan(plan, args.config))
+    budget = device_memory(plan.device_kind, args.flags["device-memory"])
+    if budget is None:
+        print(f"fits: unknown (no memory size known for {plan.device_kind}; pass "
+              "--device-memory=GB)")
+    elif plan.peak_bytes <= budget:
+        print(f"fits: yes, {plan.peak_bytes / 1e9:.3f} of {budget / 1e9:.1f} GB per device")
+    else:
+        print(f"fits: NO, {plan.peak_bytes / 1e9:.3f} GB per device > {budget / 1e9:.1f} GB; "
+              "compiling the cheapest changes that keep the maths:")
+        found = propose(args.config, devices, budget, plan.mesh)
+        if found:
+            change, fitted = found
+            print(f"proposal: {_flags(change)} (peak {fitted.peak_bytes / 1e9:.3f} GB, "
+                  "verified by compiling it)")
+        else:
+            print("proposal: none of those fits; use more devices or a smaller batch")
     return plan
 
 

@@ -13,6 +13,7 @@ created or restored straight into their shardings.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import flax.linen as nn
 import jax
@@ -22,7 +23,10 @@ import ml_collections
 from jaxlm import models, sharding
 from jaxlm.data.tokenizers import Tokenizer, get_tokenizer
 from jaxlm.errors import ConfigError
+from jaxlm.models import attention
 from jaxlm.train import objectives, optimizer, pmap, step
+
+log = logging.getLogger("jaxlm")
 
 
 @dataclasses.dataclass
@@ -49,9 +53,19 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
         raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size} is smaller than the "
                           f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} ids")
     family = models.family(cfg.model.arch)
-    model = family.module(cfg.model)
     sharding.rules(cfg.mesh)  # a bad strategy or rule is named before any device work
     mesh = sharding.make_mesh(cfg.mesh, devices)
+    platform = mesh.devices.flat[0].platform
+    # The attention kernel for the devices the model will run on (maybe a TPU topology
+    # compiled for from this host): checked, and "auto" chosen, before anything compiles.
+    model_cfg = cfg.model.copy_and_resolve_references()
+    model_cfg.attention_impl = attention.resolve(cfg.model, platform, log=log)
+    attention.check_seq_len(model_cfg.attention_impl, cfg.data.seq_len)
+    if cfg.model.remat and cfg.model.remat_policy == "offload_dots" and platform == "cpu":
+        raise ConfigError("config.model.remat_policy='offload_dots' moves saved activations "
+                          "to host memory, which a CPU backend does not have apart from its "
+                          "own; use 'save_dots_no_batch' (the same activations, kept)")
+    model = family.module(model_cfg)
     if cfg.data.seq_len % mesh.shape["sequence"]:
         raise ConfigError(f"config.data.seq_len={cfg.data.seq_len} is not divisible by the "
                           f"sequence axis ({mesh.shape['sequence']})")

@@ -89,7 +89,9 @@ STRATEGIES = {
 
 
 # Every logical axis name the models use (models/layers.py).
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "pos")
+# "layers" is the stacked axis of scanned blocks (config.model.scan_layers): no strategy
+# splits it.
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "pos", "layers")
 
 
 def rules(cfg_mesh) -> tuple:

@@ -142,6 +142,11 @@ def silently_damage(run_dir, step=4):
     (["--config.evaluate.max_new_tokens=500"], "config.evaluate.max_new_tokens=500 leaves no room"),
     (["--config.data.seq_len=256"], "config.data.seq_len=256 exceeds config.model.max_len=128"),
     (["--config.train.stpes=3"], "did you mean config.train.steps"),
+    (["--config.model.attention_impl=cudnn"], "config.model.attention_impl='cudnn' needs an NVIDIA GPU"),
+    (["--config.model.attention_impl=splash"], "config.model.attention_impl='splash' needs a TPU"),
+    (["--config.model.remat_policy=save_everything"], "config.model.remat_policy='save_everything': expected 'full'"),
+    (["--config.model.remat=true", "--config.model.remat_policy=offload_dots"],
+     "config.model.remat_policy='offload_dots' moves saved activations to host memory"),
 ])
 def test_bad_values_are_refused_before_anything_starts(tmp_path, args, match):
     refused("main", tmp_path / "new", *args, match=match)
@@ -209,6 +214,8 @@ def test_bad_names_are_refused_before_training(tmp_path, name, args, match):
     (["--config.train.batch_size=16"], "the batch size changed mid-run"),
     (["--config.train.steps=3"], "config.train.steps=3 is below the step of the latest checkpoint"),
     (["--config.model.num_layers=3"], "config.model.num_layers is 2 there and 3 here"),
+    (["--config.model.scan_layers=true"], "config.model.scan_layers is False there and True "
+     "here; pass --config.model.scan_layers=false"),
     (["--config.data.seed=1"], "checkpoint 4 was trained on other data"),
 ])
 def test_refused_resumes_change_no_file(run_dir, args, match):

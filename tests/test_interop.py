@@ -402,3 +402,34 @@ def test_import_then_evaluate_and_export_commands(tmp_path):
     tokens, _ = tokens_and_types(301)
     first = transformers.FlaxGPT2LMHeadModel.from_pretrained(str(folder), from_pt=True)
     np.testing.assert_array_equal(ref(tokens).logits, first(tokens).logits)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_scanned_models_export_and_import_the_same_tensors(tmp_path, family):
+    """A scanned model (config.model.scan_layers) writes the same Hugging Face tensors as
+    the unrolled one, and a folder read into a scanned config holds the same parameters,
+    stacked (models.stack_blocks)."""
+    from jaxlm import models
+    cfg = tiny_config(num_heads=2, vocab_size=301) if family == "gpt" else tiny_bert_config()
+    _, params = random_params(cfg)
+    stacked = models.stack_blocks(params, cfg.model.num_layers)
+    scanned = cfg.copy_and_resolve_references()
+    scanned.model.scan_layers = True
+    spec = "byte" if family == "gpt" else "byte:bert"
+    hf.export_folder(cfg, params, spec, tmp_path / "flat")
+    hf.export_folder(scanned, stacked, spec, tmp_path / "scanned")
+    from safetensors.numpy import load_file
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("flat", "scanned"))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    if family == "gpt":
+        gpt2_vocab(tmp_path / "flat")
+    else:
+        wordpiece_vocab(tmp_path / "flat")
+    base = base_config() if family == "gpt" else tiny_bert_config()
+    base.model.scan_layers = True
+    got_cfg, _, back = hf.read(tmp_path / "flat", base, jax.devices()[:1])
+    assert got_cfg.model.scan_layers and "blocks" in back
+    jax.tree_util.tree_map(np.testing.assert_array_equal, models.unstack_blocks(back),
+                           {k: v for k, v in params.items() if k in models.unstack_blocks(back)})

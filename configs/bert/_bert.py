@@ -34,6 +34,10 @@ def bert_config(size: str):
     c = base_config()
     bert_model(c, layers, d_model, heads)
     c.model.update(vocab_size=30522, max_len=512)
+    # bf16 compute, fp32 state, fastest attention (xla while attention dropout is on), scan:
+    # as configs/gpt/_gpt2.py's accelerator_defaults; on a CPU add --config.model.dtype=float32
+    c.model.update(dtype="bfloat16", param_dtype="float32", attention_impl="auto",
+                   scan_layers=True)
     c.data.seq_len = 128
     c.train.update(steps=1_000_000, batch_size=256, log_every=100)
     c.checkpoint.update(every=10_000, keep=3, archive_every=100_000)

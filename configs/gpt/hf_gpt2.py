@@ -17,6 +17,7 @@ from jaxlm.evaluate.tasks import STANDARD
 
 def get_config():
     c = gpt2_config("small")
+    c.model.dtype = "float32"  # log-likelihoods as lm-eval computes them (fp32 transformers)
     c.data.tokenizer = "gpt2:hf/gpt2"
     c.evaluate.update(tasks=tuple(STANDARD), shots=(0,), num_examples=100_000, prefix="none",
                       batch_size=16, num_samples=3, sample_len=64, temperature=0.8, top_k=40)

@@ -10,12 +10,14 @@ a whole model; export gathers one parameter at a time.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 
 from jaxlm.errors import CheckpointError
+from jaxlm.models.layers import STACKED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,12 @@ class Rule:
 
 
 def _path(tree, path: str):
+    """The leaf at "a/b/c"; in a scanned params tree "block_3/..." is layer 3 of the stacked
+    leaf (sliced when read, so an export gathers one layer of one parameter at a time)."""
+    first, *rest = path.split("/")
+    layer = re.fullmatch(r"block_(\d+)", first)
+    if layer and first not in tree and STACKED in tree:
+        return _path(tree[STACKED], "/".join(rest))[int(layer.group(1))]
     for part in path.split("/"):
         tree = tree[part]
     return tree

@@ -13,6 +13,7 @@ output appears only when complete.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import pathlib
@@ -23,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxlm import models
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.interop import bert, gpt2
 from jaxlm.interop.convert import check_tensors, export_tensors, import_params
@@ -76,7 +78,11 @@ def read(src, cfg: ml_collections.ConfigDict, devices=None):
     for f in ("sample_len", "max_new_tokens"):  # generation must leave room for a prompt
         cfg.evaluate[f] = min(cfg.evaluate[f], cfg.model.max_len // 2)
     validate(cfg)
-    setup = build(cfg, devices)
+    # Tensors are placed layer by layer into an unscanned model; a scanned config then
+    # stacks them (for a moment the blocks are held twice).
+    flat = copy.deepcopy(cfg)
+    flat.model.scan_layers = False
+    setup = build(flat, devices)
     if setup.tokenizer.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(f"{src}: the tokenizer has {setup.tokenizer.vocab_size} ids, the "
                               f"model's vocabulary {cfg.model.vocab_size}")
@@ -89,6 +95,10 @@ def read(src, cfg: ml_collections.ConfigDict, devices=None):
     fresh = _fill_missing(params, setup, cfg.train.seed)
     if fresh:
         log.info("%s has no %s: initialised fresh", src, ", ".join(fresh))
+    if cfg.model.scan_layers:
+        setup = build(cfg, devices)
+        params = jax.jit(functools.partial(models.stack_blocks, num_layers=cfg.model.num_layers),
+                         out_shardings=setup.param_shardings)(params)
     return cfg, setup, params
 
 

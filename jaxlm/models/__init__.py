@@ -7,7 +7,9 @@ training FLOPs per token (for MFU), and the training objectives it supports
 (jaxlm.train.objectives; the first is the usual one).
 
 Parameters of block i are `block_params(params, i)`: tests and converters read layers
-through it, never through a hand-written path.
+through it, never through a hand-written path. Scanned models (config.model.scan_layers)
+keep all blocks in one stacked subtree; `stack_blocks` / `unstack_blocks` convert a params
+tree between the two layouts, in this one place.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.models import bert, gpt
-from jaxlm.models.layers import block_name
+from jaxlm.models.layers import STACKED, block_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,5 +54,24 @@ def count_params(params) -> int:
 
 
 def block_params(params, i: int):
-    """The parameters of transformer block i."""
+    """The parameters of transformer block i (unscanned or scanned layout)."""
+    if STACKED in params:
+        return jax.tree_util.tree_map(lambda x: x[i], params[STACKED])
     return params[block_name(i)]
+
+
+def stack_blocks(params, num_layers: int):
+    """Unscanned params (block_0 ... block_{n-1}) -> the scanned layout ("blocks", every
+    leaf stacked on a new leading axis); other entries unchanged."""
+    blocks = [params[block_name(i)] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if k not in {block_name(i) for i in range(num_layers)}}
+    return {**rest, STACKED: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_blocks(params):
+    """The scanned layout -> block_0 ... block_{n-1}; unscanned params are returned as given."""
+    if STACKED not in params:
+        return params
+    rest = {k: v for k, v in params.items() if k != STACKED}
+    n = jax.tree_util.tree_leaves(params[STACKED])[0].shape[0]
+    return {**rest, **{block_name(i): block_params(params, i) for i in range(n)}}

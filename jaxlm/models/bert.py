@@ -31,7 +31,7 @@ Array = jax.Array
 
 SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim",
                 "position", "type_vocab_size", "norm_position", "activation", "num_classes",
-                "param_dtype")
+                "param_dtype", "scan_layers")
 
 
 class BERT(nn.Module):
@@ -63,9 +63,8 @@ class BERT(nn.Module):
             h_BxLxD = layers.LayerNorm(cfg, name="mlm_ln")(layers.activation(cfg, h_BxLxD))
             bias_V = self.param("mlm_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), jnp.dtype(cfg.param_dtype))
-            logits_BxLxV = embed.attend(h_BxLxD) + bias_V.astype(h_BxLxD.dtype)
-            logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
-            out["logits"] = logits_BxLxV.astype(layers.wide(logits_BxLxV.dtype))
+            logits_BxLxV = embed.attend(h_BxLxD) + bias_V  # fp32 (layers.logits)
+            out["logits"] = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
         if wanted & {"classes", "next_sentence"} or init:
             pooled_BxD = jnp.tanh(layers.dense(cfg, cfg.d_model, ("embed", None), cfg.init_std,
                                                name="pooler")(x_BxLxD[:, 0]))

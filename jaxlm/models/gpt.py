@@ -10,6 +10,8 @@ num_layers x Block(causal) -> LayerNorm -> logits over the vocabulary.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ Array = jax.Array
 # checkpoint made with other values is refused.
 SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim",
                 "position", "tie_embeddings", "norm_position", "activation", "num_classes",
-                "param_dtype")
+                "param_dtype", "scan_layers")
 
 
 class GPT(nn.Module):
@@ -58,11 +60,13 @@ class GPT(nn.Module):
             if cfg.tie_embeddings:
                 logits_BxLxV = embed.attend(x_BxLxD)
             else:
+                # fp32 accumulator and result, as layers.logits for the tied table
+                wide_dot = functools.partial(jax.lax.dot_general,
+                                             preferred_element_type=layers.wide(cfg.dtype))
                 logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
                                         kernel_init=layers.init(cfg.init_std, ("embed", "vocab")),
-                                        **layers.dtypes(cfg))(x_BxLxD)
-            logits_BxLxV = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
-            out["logits"] = logits_BxLxV.astype(layers.wide(logits_BxLxV.dtype))
+                                        dot_general=wide_dot, **layers.dtypes(cfg))(x_BxLxD)
+            out["logits"] = layers.constrain(logits_BxLxV, ("batch", "length", "vocab"))
         if cfg.num_classes and (output == "classes" or init):
             last_BxD = layers.last_token(x_BxLxD, segments_BxL)
             out["classes"] = layers.ClassHead(cfg, name="classifier")(last_BxD, deterministic)

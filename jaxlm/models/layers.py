@@ -9,13 +9,13 @@ pos (rows of the learned position table).
 
 from __future__ import annotations
 
-import functools
-
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from jaxlm.models.attention import MaskSpec, attend, resolve
 
 Array = jax.Array
 Config = ml_collections.ConfigDict
@@ -47,6 +47,26 @@ def dense(cfg: Config, features: int, names: tuple[str, str], std: float, *, nam
     return nn.Dense(features, name=name, kernel_init=init(std, names),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
                     **dtypes(cfg))
+
+
+class DenseParams(nn.Module):
+    """The parameters of `dense` (an [in, out] kernel and an [out] bias, logically named,
+    initialised alike) without its matmul, for layers that fuse several projections."""
+    cfg: Config
+    in_features: int
+    features: int
+    names: tuple[str, str]
+    std: float
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        kernel = self.param("kernel", init(self.std, self.names),
+                            (self.in_features, self.features), dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               self.names[1:]),
+                          (self.features,), dtype)
+        return kernel, bias
 
 
 class LayerNorm(nn.Module):
@@ -112,48 +132,19 @@ class Embeddings(nn.Module):
         return constrain(x_BxLxD, ("batch", "length", "embed"))
 
     def attend(self, x_BxLxD: Array) -> Array:
-        return self.tokens.attend(x_BxLxD)
+        """Logits [B, L, V] against the token table, accumulated and returned in fp32 (or
+        wider) whatever the compute dtype: a bf16 logit keeps ~3 significant digits."""
+        return logits(x_BxLxD, self.tokens.embedding, self.cfg.dtype)
+
+
+def logits(x_BxLxD: Array, table_VxD: Array, dtype) -> Array:
+    """x @ table^T in the compute dtype with a wide (fp32) accumulator and result."""
+    dtype = jnp.dtype(dtype)
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD.astype(dtype),
+                      preferred_element_type=wide(dtype))
 
 
 # ----------------------------------------------------------------------------- attention
-
-
-def attention_mask(q_positions_BxL: Array, kv_positions_BxS: Array, *, causal: bool,
-                   q_segments_BxL: Array | None = None,
-                   kv_segments_BxS: Array | None = None) -> Array:
-    """Boolean mask [B, 1, L, S]: True where query l may attend to key s.
-
-    Causal masks compare absolute positions; segment ids (0 = padding) keep attention
-    inside one packed document and away from padding.
-    """
-    mask = jnp.ones((q_positions_BxL.shape[0], q_positions_BxL.shape[1],
-                     kv_positions_BxS.shape[1]), bool)
-    if causal:
-        mask &= q_positions_BxL[:, :, None] >= kv_positions_BxS[:, None, :]
-    if kv_segments_BxS is not None:
-        mask &= (kv_segments_BxS != 0)[:, None, :]
-        if q_segments_BxL is not None:
-            mask &= q_segments_BxL[:, :, None] == kv_segments_BxS[:, None, :]
-    return mask[:, None]
-
-
-def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
-                          mask_Bx1xLxS: Array, *, dropout_rate: float = 0.0,
-                          dropout_rng: Array | None = None) -> Array:
-    """Plain XLA attention. Fused kernels (cuDNN, Pallas) will sit behind this signature.
-
-    Logits and softmax run in fp32 whatever the compute dtype: bf16 has too few mantissa
-    bits for the exp/sum of a softmax over long rows.
-    """
-    K, acc = q_BxLxHxK.shape[-1], wide(q_BxLxHxK.dtype)
-    logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
-                                preferred_element_type=acc) / jnp.sqrt(K).astype(acc)
-    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(acc).min)
-    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxLxS.shape)
-        probs_BxHxLxS = jnp.where(keep, probs_BxHxLxS / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
 
 class Attention(nn.Module):
@@ -162,52 +153,60 @@ class Attention(nn.Module):
     decode=True keeps keys/values in the "cache" collection (model.cache_len slots, or
     model.max_len when that is 0): the
     first call may pass a whole prompt, later calls one token each; positions are
-    absolute and the cache index advances by the number of tokens passed.
+    absolute and the cache index advances by the number of tokens passed. The kernel is
+    config.model.attention_impl (jaxlm.models.attention).
     """
     cfg: Config
-    causal: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, positions_BxL: Array, segments_BxL: Array | None,
-                 *, deterministic: bool, decode: bool = False) -> Array:
+    def __call__(self, x_BxLxD: Array, spec: MaskSpec, *, deterministic: bool,
+                 decode: bool = False) -> Array:
         cfg = self.cfg
         D, H, K = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
         # Kernels are 2-D ([D, H*K] and [H*K, D], heads contiguous), not [D, H, K]: with K=64
         # a 3-D kernel is laid out on TPU with D minor-most, so an FSDP shard of D is not
         # contiguous and XLA all-reduces its gradient to full size instead of
         # reduce-scattering it (measured: +48 MB per gpt2_xl layer under FSDP-8).
-        proj = functools.partial(dense, cfg, H * K, ("embed", "heads"), cfg.init_std)
-        split = lambda y_BxLxHK: einops.rearrange(y_BxLxHK, "b l (h k) -> b l h k", h=H)
-        q_BxLxHxK = split(proj(name="query")(x_BxLxD))
-        k_BxLxHxK = split(proj(name="key")(x_BxLxD))
-        v_BxLxHxK = split(proj(name="value")(x_BxLxD))
+        # Query, key and value keep their own parameters but are projected by one matmul,
+        # stacked on a new axis T=3 so that a heads-sharded kernel stays sharded alike.
+        w = [DenseParams(cfg, D, H * K, ("embed", "heads"), cfg.init_std, name=n)()
+             for n in ("query", "key", "value")]
+        dtype = jnp.dtype(cfg.dtype)
+        kernel_Dx3xHK = jnp.stack([kernel for kernel, _ in w], axis=1).astype(dtype)
+        bias_3xHK = jnp.stack([bias for _, bias in w]).astype(dtype)
+        qkv_BxLx3xHK = jnp.einsum("bld,dtn->bltn", x_BxLxD.astype(dtype), kernel_Dx3xHK) + bias_3xHK
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = einops.rearrange(
+            qkv_BxLx3xHK, "b l t (h k) -> t b l h k", h=H)
         if cfg.position == "rope":
-            q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_base)
-            k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, cfg.rope_base)
+            q_BxLxHxK = rope(q_BxLxHxK, spec.q_positions_BxL, cfg.rope_base)
+            k_BxLxHxK = rope(k_BxLxHxK, spec.q_positions_BxL, cfg.rope_base)
         q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "kv"))
         k_BxLxHxK = constrain(k_BxLxHxK, ("batch", "length", "heads", "kv"))
         v_BxLxHxK = constrain(v_BxLxHxK, ("batch", "length", "heads", "kv"))
 
-        if decode:
-            k_BxSxHxK, v_BxSxHxK, kv_pos_BxS, kv_seg_BxS = self._update_cache(
-                k_BxLxHxK, v_BxLxHxK, positions_BxL, segments_BxL)
+        # setup.build resolved the kernel for the target devices; a model built directly
+        # with "auto" resolves it for the default backend.
+        impl = cfg.attention_impl
+        if impl == "auto":
+            impl = resolve(cfg, jax.default_backend())
+        if decode:  # keys and values come from the cache; one query row: the XLA path
+            k_BxSxHxK, v_BxSxHxK, spec = self._update_cache(k_BxLxHxK, v_BxLxHxK, spec)
+            impl = "xla"
         else:
             k_BxSxHxK, v_BxSxHxK = k_BxLxHxK, v_BxLxHxK
-            kv_pos_BxS, kv_seg_BxS = positions_BxL, segments_BxL
-        mask = attention_mask(positions_BxL, kv_pos_BxS, causal=self.causal,
-                              q_segments_BxL=None if decode else segments_BxL,
-                              kv_segments_BxS=kv_seg_BxS)
         use_dropout = not deterministic and cfg.attention_dropout > 0
-        out_BxLxHxK = dot_product_attention(
-            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask,
+        out_BxLxHxK = attend(
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec, impl,
+            interpret=cfg.get("attention_interpret", False),
             dropout_rate=cfg.attention_dropout if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None)
         out_BxLxD = dense(cfg, D, ("heads", "embed"), cfg.init_std / (2 * cfg.num_layers) ** 0.5,
                           name="out")(einops.rearrange(out_BxLxHxK, "b l h k -> b l (h k)"))
         return constrain(out_BxLxD, ("batch", "length", "embed"))
 
-    def _update_cache(self, k_BxLxHxK, v_BxLxHxK, positions_BxL, segments_BxL):
-        """Writes this call's keys/values at the cache index; returns the whole cache.
+    def _update_cache(self, k_BxLxHxK, v_BxLxHxK, spec: MaskSpec):
+        """Writes this call's keys/values at the cache index; returns the whole cache and
+        the mask spec of this call's queries against it.
 
         Unwritten slots keep segment 0, so the mask ignores them like padding.
         """
@@ -219,6 +218,7 @@ class Attention(nn.Module):
         cpos = self.variable("cache", "positions", zeros, (B, S), jnp.int32)
         cseg = self.variable("cache", "segments", zeros, (B, S), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        positions_BxL, segments_BxL = spec.q_positions_BxL, spec.q_segments_BxL
         if segments_BxL is None:
             segments_BxL = jnp.ones((B, L), jnp.int32)
         i = index.value
@@ -228,28 +228,56 @@ class Attention(nn.Module):
         cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BxL.astype(jnp.int32), (o, i))
         cseg.value = jax.lax.dynamic_update_slice(cseg.value, segments_BxL.astype(jnp.int32), (o, i))
         index.value = i + L
-        return ck.value, cv.value, cpos.value, cseg.value
+        return ck.value, cv.value, MaskSpec(positions_BxL, cpos.value, None, cseg.value,
+                                            spec.causal)
 
 
 # ----------------------------------------------------------------------------- MLP and block
 
 
+STACKED = "blocks"  # the scanned blocks' submodule (config.model.scan_layers)
+
+
 def block_name(i: int) -> str:
-    """The name of transformer block i in a model's parameter tree."""
+    """The name of transformer block i in an unscanned model's parameter tree."""
     return f"block_{i}"
+
+
+REMAT_POLICIES = {  # config.model.remat_policy -> what the backward pass keeps of a block
+    "full": jax.checkpoint_policies.nothing_saveable,           # its input only
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,       # + every matmul output
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),                               # those, in host memory
+}
 
 
 def apply_blocks(cfg: Config, causal: bool, x_BxLxD: Array, positions_BxL: Array,
                  segments_BxL: Array | None, deterministic: bool, decode: bool = False) -> Array:
-    """config.model.num_layers blocks, each rematerialised in the backward pass when
-    config.model.remat; call it from a model's compact __call__ (the blocks become that
-    model's submodules block_0, block_1, ...)."""
-    block = Block
+    """config.model.num_layers blocks; call it from a model's compact __call__. The
+    attention mask spec is built here, once per forward pass, and shared by every block.
+
+    Unrolled, the blocks are submodules block_0, block_1, ...; with config.model.scan_layers
+    they are one submodule "blocks" run by jax.lax.scan, every parameter (and KV-cache
+    entry) stacked along a leading "layers" axis, so compile time stays flat in depth.
+    With config.model.remat each block is recomputed in the backward pass, keeping what
+    config.model.remat_policy names (REMAT_POLICIES).
+    """
+    spec = MaskSpec.self_attention(positions_BxL, segments_BxL, causal)
+    block = ScanBlock if cfg.scan_layers else Block
     if cfg.remat:
-        block = nn.remat(block, static_argnums=(4, 5))  # (self, x, pos, seg, det, decode)
+        block = nn.remat(block, static_argnums=(3, 4),  # (self, x, spec, det, decode)
+                         policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        stack = nn.scan(block, length=cfg.num_layers,
+                        variable_axes={"params": 0, "cache": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BxLxD, _ = stack(cfg, name=STACKED)(x_BxLxD, spec, deterministic, decode)
+        return x_BxLxD
     for i in range(cfg.num_layers):
-        x_BxLxD = block(cfg, causal=causal, name=block_name(i))(
-            x_BxLxD, positions_BxL, segments_BxL, deterministic, decode)
+        x_BxLxD = block(cfg, name=block_name(i))(x_BxLxD, spec, deterministic, decode)
     return x_BxLxD
 
 
@@ -279,24 +307,30 @@ class Block(nn.Module):
     "pre" (GPT-2):  x + Attn(LN(x)), then x + MLP(LN(x));
     "post" (BERT):  LN(x + Attn(x)), then LN(x + MLP(x))."""
     cfg: Config
-    causal: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, positions_BxL: Array, segments_BxL: Array | None,
-                 deterministic: bool, decode: bool = False) -> Array:
+    def __call__(self, x_BxLxD: Array, spec: MaskSpec, deterministic: bool,
+                 decode: bool = False) -> Array:
         # deterministic/decode are positional so nn.remat can mark them static.
         cfg = self.cfg
         pre = cfg.norm_position == "pre"
         ln_attn, ln_mlp = LayerNorm(cfg, name="ln_attn"), LayerNorm(cfg, name="ln_mlp")
-        h = Attention(cfg, self.causal, name="attn")(
-            ln_attn(x_BxLxD) if pre else x_BxLxD, positions_BxL, segments_BxL,
-            deterministic=deterministic, decode=decode)
+        h = Attention(cfg, name="attn")(ln_attn(x_BxLxD) if pre else x_BxLxD, spec,
+                                        deterministic=deterministic, decode=decode)
         x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         if not pre:
             x_BxLxD = ln_attn(x_BxLxD)
         h = Mlp(cfg, name="mlp")(ln_mlp(x_BxLxD) if pre else x_BxLxD, deterministic=deterministic)
         x_BxLxD = x_BxLxD + h
         return constrain(x_BxLxD if pre else ln_mlp(x_BxLxD), ("batch", "length", "embed"))
+
+
+class ScanBlock(Block):
+    """A Block as the body of nn.scan: (carry, per-layer output) = (x, None)."""
+
+    def __call__(self, x_BxLxD: Array, spec: MaskSpec, deterministic: bool,
+                 decode: bool = False) -> tuple[Array, None]:
+        return super().__call__(x_BxLxD, spec, deterministic, decode), None
 
 
 # ----------------------------------------------------------------------------- heads

@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxlm import models
 from jaxlm.errors import ConfigError
+from jaxlm.models import layers
 
 # Seed-sequence tags of the masking and sentence-pair draws (data streams use 1 and 2,
 # jaxlm.data.sources).
@@ -86,8 +87,7 @@ def chunked_token_loss(hidden_BxLxD, head_VxD, targets_BxL, weights_BxL, chunk: 
 
     @jax.checkpoint
     def sums(h_BxCxD, t_BxC, w_BxC):
-        logits_BxCxV = jnp.einsum("bcd,vd->bcv", h_BxCxD, head_VxD.astype(h_BxCxD.dtype))
-        logits_BxCxV = logits_BxCxV.astype(jnp.promote_types(logits_BxCxV.dtype, jnp.float32))
+        logits_BxCxV = layers.logits(h_BxCxD, head_VxD, h_BxCxD.dtype)
         total, weight = cross_entropy(logits_BxCxV, t_BxC, w_BxC)
         return total, weight, _correct(logits_BxCxV, t_BxC, w_BxC)
 

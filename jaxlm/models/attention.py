@@ -1,0 +1,202 @@
+"""Attention behind one function, `attend(q, k, v, spec, impl)`, whatever kernel runs it.
+
+The model builds a `MaskSpec` once per forward pass (causal flag, positions and segment
+ids of queries and keys); only the XLA path turns it into a dense [B, 1, L, S] mask. The
+fused kernels read the spec directly:
+
+    xla     plain einsums and a softmax in fp32; every backend, attention dropout, decoding.
+    cudnn   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention on
+            NVIDIA GPUs, in our [B, L, H, K] layout; bf16/fp16 only; causal masks natively,
+            packed segments as a boolean mask.
+    splash  Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu), one kernel
+            per device under shard_map: batch and heads split as the logical rules say,
+            the sequence whole. Causal masks and segment ids natively.
+    auto    the fastest of those the backend and the config allow (`resolve`).
+
+Decoding against the KV cache (one query row) always takes the XLA path. Positions: the
+kernels' causal mask compares indices, which equals comparing positions for a training
+pass (positions rise by one inside each packed document). Rows of padding (segment 0) may
+differ between paths; no loss or score reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.errors import ConfigError
+
+Array = jax.Array
+
+IMPLS = ("auto", "xla", "cudnn", "splash")
+_SPLASH_BLOCK = 128  # sequence lengths must be multiples of this (TPU lane width)
+
+
+@flax.struct.dataclass
+class MaskSpec:
+    """Who may attend to whom: causal order and packed-document segments (0 = padding)."""
+    q_positions_BxL: Array
+    kv_positions_BxS: Array
+    q_segments_BxL: Array | None = None
+    kv_segments_BxS: Array | None = None
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+    @classmethod
+    def self_attention(cls, positions_BxL: Array, segments_BxL: Array | None,
+                       causal: bool) -> MaskSpec:
+        return cls(positions_BxL, positions_BxL, segments_BxL, segments_BxL, causal)
+
+    def dense(self) -> Array:
+        """Boolean mask [B, 1, L, S]: True where query l may attend to key s. Causal masks
+        compare absolute positions; segment ids keep attention inside one packed document
+        and away from padding."""
+        q, kv = self.q_positions_BxL, self.kv_positions_BxS
+        mask = jnp.ones((q.shape[0], q.shape[1], kv.shape[1]), bool)
+        if self.causal:
+            mask &= q[:, :, None] >= kv[:, None, :]
+        if self.kv_segments_BxS is not None:
+            mask &= (self.kv_segments_BxS != 0)[:, None, :]
+            if self.q_segments_BxL is not None:
+                mask &= self.q_segments_BxL[:, :, None] == self.kv_segments_BxS[:, None, :]
+        return mask[:, None]
+
+
+def resolve(cfg, platform: str, *, log=None) -> str:
+    """config.model.attention_impl checked against the backend and the config; "auto"
+    becomes the best allowed. ConfigError (naming the field and what would work) before
+    anything compiles."""
+    impl, dtype = cfg.attention_impl, jnp.dtype(cfg.dtype)
+    K, interpret = cfg.d_model // cfg.num_heads, cfg.get("attention_interpret", False)
+    field = f"config.model.attention_impl={impl!r}"
+    if impl == "auto":
+        fits = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
+        why = None
+        if fits is None:
+            why = f"no fused kernel on {platform}"
+        elif cfg.attention_dropout > 0:
+            why = "config.model.attention_dropout > 0 needs the XLA path"
+        elif fits == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+            why = f"cuDNN flash attention needs bf16/fp16 compute, not {dtype}"
+        elif fits == "cudnn" and (K % 8 or K > 128):
+            why = f"cuDNN needs a head dim <= 128 and a multiple of 8, not {K}"
+        if log and why:
+            log.info("attention_impl=auto: xla (%s)", why)
+        return "xla" if why else fits
+    if impl == "xla":
+        return impl
+    if cfg.attention_dropout > 0:
+        raise ConfigError(f"{field} cannot drop attention probabilities "
+                          f"(config.model.attention_dropout={cfg.attention_dropout}); set it "
+                          "to 0 or use attention_impl='xla'")
+    if impl == "cudnn":
+        if platform != "gpu":
+            raise ConfigError(f"{field} needs an NVIDIA GPU; this backend is {platform} "
+                              "(use 'xla' or 'auto')")
+        if dtype not in (jnp.bfloat16, jnp.float16):
+            raise ConfigError(f"{field} needs config.model.dtype bfloat16 or float16, not "
+                              f"{dtype} (use 'xla' for fp32)")
+        if K % 8 or K > 128:
+            raise ConfigError(f"{field}: cuDNN needs a head dim (d_model / num_heads) <= 128 "
+                              f"and a multiple of 8, not {K}")
+        return impl
+    if impl == "splash":
+        if platform != "tpu" and not interpret:
+            raise ConfigError(f"{field} needs a TPU; this backend is {platform} (use 'xla' or "
+                              "'auto', or config.model.attention_interpret=true to run the "
+                              "kernel in Pallas' interpret mode, slowly, for debugging)")
+        return impl
+    raise ConfigError(f"{field} is not one of {IMPLS}")
+
+
+def check_seq_len(impl: str, seq_len: int) -> None:
+    """Sequence lengths the kernel can tile (called where the training length is known)."""
+    if impl == "splash" and seq_len % _SPLASH_BLOCK:
+        raise ConfigError(f"config.model.attention_impl='splash' needs config.data.seq_len a "
+                          f"multiple of {_SPLASH_BLOCK}, not {seq_len}")
+
+
+def attend(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, spec: MaskSpec,
+           impl: str = "xla", *, interpret: bool = False, dropout_rate: float = 0.0,
+           dropout_rng: Array | None = None) -> Array:
+    """softmax(q k^T / sqrt(K), masked by `spec`) v, [B, L, H, K], by kernel `impl`
+    (already resolved: xla, cudnn or splash). Lengths splash cannot tile (evaluation
+    buckets) take the XLA path; training lengths are checked by `check_seq_len`."""
+    if impl == "cudnn":
+        return _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec)
+    if impl == "splash" and q_BxLxHxK.shape[1] % _SPLASH_BLOCK == 0:
+        return _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec, interpret)
+    return _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec.dense(), dropout_rate, dropout_rng)
+
+
+def _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, dropout_rate, dropout_rng):
+    """Logits and softmax in fp32 whatever the compute dtype: bf16 has too few mantissa
+    bits for the exp/sum of a softmax over long rows."""
+    K = q_BxLxHxK.shape[-1]
+    acc = jnp.promote_types(q_BxLxHxK.dtype, jnp.float32)
+    logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
+                                preferred_element_type=acc) / jnp.sqrt(K).astype(acc)
+    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(acc).min)
+    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxLxS.shape)
+        probs_BxHxLxS = jnp.where(keep, probs_BxHxLxS / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+def _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec: MaskSpec):
+    """cuDNN flash attention: causal natively; segments (packing, padding) as a mask."""
+    mask = None
+    if spec.kv_segments_BxS is not None:
+        mask = MaskSpec(spec.q_positions_BxL, spec.kv_positions_BxS, spec.q_segments_BxL,
+                        spec.kv_segments_BxS, causal=False).dense()
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask,
+                                        is_causal=spec.causal, implementation="cudnn")
+
+
+def _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec: MaskSpec, interpret: bool):
+    """Splash attention, one kernel per device: shard_map over the current mesh with batch
+    and heads split as the logical rules split them, the sequence whole on every device."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk, splash_attention_mask as sm)
+
+    B, L, H, K = q_BxLxHxK.shape
+    seq = nn.logical_to_mesh_axes(("batch", None, "heads", None))
+    mesh = jax.sharding.get_abstract_mesh()
+    head_split = _axis_size(mesh, seq[2])
+    segments = spec.q_segments_BxL if spec.q_segments_BxL is not None else jnp.ones((B, L), jnp.int32)
+
+    block = min(512, L)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
+    shape = (L, L)
+    one = sm.CausalMask(shape) if spec.causal else sm.FullMask(shape)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * (H // head_split)), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def local(q, k, v, seg):  # this device's rows and heads: [b, L, h, K]
+        scale = 1.0 / np.sqrt(K)
+        one_row = lambda q, k, v, s: kernel(  # noqa: E731  (kernel takes [h, L, K])
+            (q * scale).swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+            segment_ids=sk.SegmentIds(q=s, kv=s)).swapaxes(0, 1)
+        return jax.vmap(one_row)(q, k, v, seg)
+
+    qkv_spec = jax.sharding.PartitionSpec(seq[0], None, seq[2], None)
+    seg_spec = jax.sharding.PartitionSpec(seq[0], None)
+    if mesh.empty:
+        return local(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, segments)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+                         out_specs=qkv_spec, check_vma=False)(
+        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, segments)
+
+
+def _axis_size(mesh, axes) -> int:
+    if mesh.empty or axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return functools.reduce(lambda n, a: n * mesh.shape[a], axes, 1)
