@@ -58,16 +58,12 @@ def check_meta(meta: dict, cfg: ml_collections.ConfigDict, tokenizer, where: str
     family's shape_fields), or another tokenizer."""
     saved = config_lib.from_dict(meta["config"], where).model  # defaults for older fields
     for field in ("arch",) + models.family(cfg.model.arch).shape_fields:
-        if saved[field] != cfg.model[field] and field == "scan_layers":
-            raise CheckpointError(
-                f"{where} stacks its blocks {'on a layers axis' if saved[field] else 'one by one'}"
-                f": config.model.scan_layers is {saved[field]} there and {cfg.model[field]} "
-                f"here; pass --config.model.scan_layers={str(saved[field]).lower()} to use it")
         if saved[field] != cfg.model[field]:
+            flag = str(saved[field]).lower() if isinstance(saved[field], bool) else saved[field]
             raise CheckpointError(
                 f"{where} holds a different model: config.model.{field} is "
-                f"{saved[field]!r} there and {cfg.model[field]!r} here; use another "
-                "--workdir or the same config")
+                f"{saved[field]!r} there and {cfg.model[field]!r} here; pass "
+                f"--config.model.{field}={flag} to use it, or another --workdir")
     if meta["tokenizer"] != tokenizer.to_dict():
         raise CheckpointError(
             f"{where} was made with tokenizer {meta['tokenizer']}, but config.data.tokenizer "

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import cli, models, sharding
+from jaxlm.config import apply_override
 from jaxlm.errors import ConfigError
 from jaxlm.setup import build_train
 
@@ -201,17 +202,24 @@ def model_flops(cfg: ml_collections.ConfigDict, num_devices: int) -> float:
     return models.family(cfg.model.arch).flops_per_token(cfg.model, cfg.data.seq_len) * tokens / num_devices
 
 
-def device_memory(device_kind: str, given: str = "") -> float | None:
-    """Bytes one device holds: --device-memory (GB) if given, else the known HBM of its kind
+def memory_flag(given: str) -> float | None:
+    """--device-memory=GB as bytes (None when not given); checked before anything compiles."""
+    if not given:
+        return None
+    try:
+        gb = float(given.lower().removesuffix("gb"))
+    except ValueError:
+        gb = -1.0
+    if gb <= 0:
+        raise ConfigError(f"--device-memory={given}: expected GB per device, e.g. 16 or 80GB")
+    return gb * 1e9
+
+
+def device_memory(device_kind: str, given: float | None = None) -> float | None:
+    """Bytes one device holds: `given` (--device-memory), else the known HBM of its kind
     (TPU topologies, NVIDIA GPUs), else None (e.g. cpu:N, which has no fixed budget)."""
-    if given:
-        try:
-            gb = float(given.lower().removesuffix("gb"))
-        except ValueError:
-            gb = -1.0
-        if gb <= 0:
-            raise ConfigError(f"--device-memory={given}: expected GB per device, e.g. 16 or 80GB")
-        return gb * 1e9
+    if given is not None:
+        return given
     return next((b for k, b in HBM_BYTES if k in device_kind), None)
 
 
@@ -241,11 +249,15 @@ def candidates(cfg: ml_collections.ConfigDict, mesh_shape: dict, cpu: bool) -> l
 
 
 def _with(cfg: ml_collections.ConfigDict, change: dict) -> ml_collections.ConfigDict:
+    """`cfg` with the change applied as the proposed command-line flags would apply it."""
     new = cfg.copy_and_resolve_references()
     for field, value in change.items():
-        section, name = field.split(".")
-        new[section][name] = value
+        apply_override(new, field, _text(value))
     return new
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def propose(cfg: ml_collections.ConfigDict, devices, budget: float, mesh_shape: dict,
@@ -271,8 +283,7 @@ def propose(cfg: ml_collections.ConfigDict, devices, budget: float, mesh_shape: 
 
 
 def _flags(change: dict) -> str:
-    return " ".join(f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in change.items())
+    return " ".join(f"--config.{k}={_text(v)}" for k, v in change.items())
 
 
 def fold_layers(specs: dict) -> dict:
@@ -324,10 +335,11 @@ def main(argv) -> Plan:
     top = args.flags["top"]
     if not top.isdigit():
         raise ConfigError(f"--top={top}: expected a number of buffer groups (0 = none)")
+    given = memory_flag(args.flags["device-memory"])
     devices = topology_devices(args.flags["topology"])
     plan = make_plan(args.config, devices, int(top))
     print(format_plan(plan, args.config))
-    budget = device_memory(plan.device_kind, args.flags["device-memory"])
+    budget = device_memory(plan.device_kind, given)
     if budget is None:
         print(f"fits: unknown (no memory size known for {plan.device_kind}; pass "
               "--device-memory=GB)")

@@ -111,9 +111,11 @@ def test_device_memory_budget():
     assert plan.device_memory("TPU v5 lite") == 16e9
     assert plan.device_memory("NVIDIA H100 80GB HBM3") == 80e9
     assert plan.device_memory("cpu") is None
-    assert plan.device_memory("cpu", "24GB") == plan.device_memory("cpu", "24") == 24e9
+    assert plan.memory_flag("24GB") == plan.memory_flag("24") == 24e9
+    assert plan.device_memory("TPU v5 lite", plan.memory_flag("8")) == 8e9
+    assert plan.memory_flag("") is None
     with pytest.raises(plan.ConfigError, match="--device-memory=lots: expected GB per device"):
-        plan.device_memory("cpu", "lots")
+        plan.memory_flag("lots")
 
 
 def test_listing_folds_blocks_sharded_alike():

@@ -66,51 +66,45 @@ class MaskSpec:
         return mask[:, None]
 
 
+def _unfit(impl: str, cfg, platform: str) -> str | None:
+    """Why kernel `impl` cannot run this config on `platform`, or None if it can."""
+    dtype, K = jnp.dtype(cfg.dtype), cfg.d_model // cfg.num_heads
+    if impl == "xla":
+        return None
+    if impl not in IMPLS:
+        return f"is not one of {IMPLS}"
+    if impl == "cudnn" and platform != "gpu":
+        return f"needs an NVIDIA GPU; this backend is {platform} (use 'xla' or 'auto')"
+    if impl == "splash" and platform != "tpu" and not cfg.get("attention_interpret", False):
+        return (f"needs a TPU; this backend is {platform} (use 'xla' or 'auto', or "
+                "config.model.attention_interpret=true to run the kernel in Pallas' interpret "
+                "mode, slowly, for debugging)")
+    if cfg.attention_dropout > 0:
+        return (f"cannot drop attention probabilities (config.model.attention_dropout="
+                f"{cfg.attention_dropout}); set it to 0 or use attention_impl='xla'")
+    if impl == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs config.model.dtype bfloat16 or float16, not {dtype} (use 'xla' for fp32)"
+    if impl == "cudnn" and (K % 8 or K > 128):
+        return (f"needs a head dim (d_model / num_heads) <= 128 and a multiple of 8, not {K} "
+                "(cuDNN)")
+    return None
+
+
 def resolve(cfg, platform: str, *, log=None) -> str:
     """config.model.attention_impl checked against the backend and the config; "auto"
-    becomes the best allowed. ConfigError (naming the field and what would work) before
-    anything compiles."""
-    impl, dtype = cfg.attention_impl, jnp.dtype(cfg.dtype)
-    K, interpret = cfg.d_model // cfg.num_heads, cfg.get("attention_interpret", False)
-    field = f"config.model.attention_impl={impl!r}"
+    becomes the best allowed (cuDNN on GPU, splash on TPU, else xla). ConfigError (naming
+    the field and what would work) before anything compiles."""
+    impl = cfg.attention_impl
     if impl == "auto":
-        fits = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
-        why = None
-        if fits is None:
-            why = f"no fused kernel on {platform}"
-        elif cfg.attention_dropout > 0:
-            why = "config.model.attention_dropout > 0 needs the XLA path"
-        elif fits == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
-            why = f"cuDNN flash attention needs bf16/fp16 compute, not {dtype}"
-        elif fits == "cudnn" and (K % 8 or K > 128):
-            why = f"cuDNN needs a head dim <= 128 and a multiple of 8, not {K}"
+        best = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+        why = _unfit(best, cfg, platform)
         if log and why:
-            log.info("attention_impl=auto: xla (%s)", why)
-        return "xla" if why else fits
-    if impl == "xla":
-        return impl
-    if cfg.attention_dropout > 0:
-        raise ConfigError(f"{field} cannot drop attention probabilities "
-                          f"(config.model.attention_dropout={cfg.attention_dropout}); set it "
-                          "to 0 or use attention_impl='xla'")
-    if impl == "cudnn":
-        if platform != "gpu":
-            raise ConfigError(f"{field} needs an NVIDIA GPU; this backend is {platform} "
-                              "(use 'xla' or 'auto')")
-        if dtype not in (jnp.bfloat16, jnp.float16):
-            raise ConfigError(f"{field} needs config.model.dtype bfloat16 or float16, not "
-                              f"{dtype} (use 'xla' for fp32)")
-        if K % 8 or K > 128:
-            raise ConfigError(f"{field}: cuDNN needs a head dim (d_model / num_heads) <= 128 "
-                              f"and a multiple of 8, not {K}")
-        return impl
-    if impl == "splash":
-        if platform != "tpu" and not interpret:
-            raise ConfigError(f"{field} needs a TPU; this backend is {platform} (use 'xla' or "
-                              "'auto', or config.model.attention_interpret=true to run the "
-                              "kernel in Pallas' interpret mode, slowly, for debugging)")
-        return impl
-    raise ConfigError(f"{field} is not one of {IMPLS}")
+            log.info("attention_impl=auto: xla (%s %s)", best, why)
+        return "xla" if why else best
+    why = _unfit(impl, cfg, platform)
+    if why:
+        raise ConfigError(f"config.model.attention_impl={impl!r} {why}")
+    return impl
 
 
 def check_seq_len(impl: str, seq_len: int) -> None:
@@ -158,26 +152,31 @@ def _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec: MaskSpec):
                                         is_causal=spec.causal, implementation="cudnn")
 
 
+def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
+    """One device's splash kernel for `heads` heads of `length` tokens. Built per call, not
+    cached: the kernel holds arrays of the trace it was made in (a cached one leaks tracers
+    into the next trace)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk, splash_attention_mask as sm)
+    block = min(512, length)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
+    one = (sm.CausalMask if causal else sm.FullMask)((length, length))
+    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
 def _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec: MaskSpec, interpret: bool):
     """Splash attention, one kernel per device: shard_map over the current mesh with batch
     and heads split as the logical rules split them, the sequence whole on every device."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk, splash_attention_mask as sm)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     B, L, H, K = q_BxLxHxK.shape
     seq = nn.logical_to_mesh_axes(("batch", None, "heads", None))
     mesh = jax.sharding.get_abstract_mesh()
-    head_split = _axis_size(mesh, seq[2])
+    kernel = _splash_kernel(L, H // _axis_size(mesh, seq[2]), spec.causal, interpret)
     segments = spec.q_segments_BxL if spec.q_segments_BxL is not None else jnp.ones((B, L), jnp.int32)
-
-    block = min(512, L)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                          block_q_dq=block, block_kv_dq=block)
-    shape = (L, L)
-    one = sm.CausalMask(shape) if spec.causal else sm.FullMask(shape)
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * (H // head_split)), block_sizes=sizes,
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
 
     def local(q, k, v, seg):  # this device's rows and heads: [b, L, h, K]
         scale = 1.0 / np.sqrt(K)
