@@ -1,7 +1,8 @@
 """One training step of jaxlm's GPT and of Hugging Face's FlaxGPT2LMHeadModel, side by side
 in one process: same shapes, batch, fp32, optimizer (jaxlm's AdamW + clipping for both) and
 loss (mean next-token cross-entropy), no dropout. Passes interleave the two (A B A B ...)
-so that machine noise hits both; medians are reported, with the FLOPs XLA counts for each
+so that machine noise hits both; medians (and the median of the per-pass ratios, in which
+slow drifts of the machine's speed cancel) are reported, with the FLOPs XLA counts for each
 compiled step and the fraction of this machine's measured fp32 matmul peak they reach.
 
     pip install -e ".[test]"     # transformers 4.x (Flax classes); not in requirements.txt
@@ -143,7 +144,9 @@ def main():
         flops = compiled.cost_analysis()["flops"]
         print(f"{name:6s} {tokens / med[name]:8,.0f} tokens/s  {med[name]:.3f} s/step  "
               f"XLA flops {flops / 1e9:.2f} G  {flops / med[name] / peak:.2f} of peak")
-    print(f"jaxlm / hf: {med['hf'] / med['jaxlm']:.2f}x")
+    paired = statistics.median(h / j for h, j in zip(times["hf"], times["jaxlm"]))
+    print(f"jaxlm / hf: {med['hf'] / med['jaxlm']:.2f}x (medians); {paired:.2f}x (median of the "
+          f"per-pass ratios, each pass's two steps timed back to back)")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     # compiled for from this host): checked, and "auto" chosen, before anything compiles.
     model_cfg = cfg.model.copy_and_resolve_references()
     model_cfg.attention_impl = attention.resolve(cfg.model, platform, log=log)
+    with model_cfg.unlocked():  # layers.kernel_dot picks its matmul for this platform
+        model_cfg.platform = platform
     attention.check_seq_len(model_cfg.attention_impl, cfg.data.seq_len)
     if cfg.model.remat and cfg.model.remat_policy == "offload_dots" and platform == "cpu":
         raise ConfigError("config.model.remat_policy='offload_dots' moves saved activations "

@@ -34,7 +34,7 @@ def positions():
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_splash_equals_xla_values_and_gradients(causal):
-    spec = MaskSpec.self_attention(positions(), jnp.asarray(SEGMENTS), causal)
+    spec = MaskSpec.of_self_attention(positions(), jnp.asarray(SEGMENTS), causal)
     real = jnp.asarray(SEGMENTS != 0)[:, :, None, None]  # padding rows may differ
 
     def loss(impl, q, k, v):
@@ -49,6 +49,38 @@ def test_splash_equals_xla_values_and_gradients(causal):
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     for g, r in zip(got_grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=5e-5)
+
+
+@pytest.mark.parametrize("length", [128, 256])
+def test_causal_blocks_equal_the_full_square(length):
+    """The XLA path skips key blocks wholly after a query block (2 blocks at 128, 4 at 256):
+    values and q/k/v gradients equal the full masked square's, on packed rows with
+    padding (padding rows attend nothing; their outputs are not compared)."""
+    from jaxlm.models.attention import _xla, causal_blocks
+    assert causal_blocks(length) == length // 64
+    a, b = length // 3, length // 2
+    segments = np.array([[1] * a + [2] * b + [0] * (length - a - b), [1] * length], np.int32)
+    pos = np.zeros_like(segments)
+    for b, s in np.argwhere(np.ones((2, 3), bool)):
+        pos[b, segments[b] == s] = np.arange((segments[b] == s).sum())
+    spec = MaskSpec.of_self_attention(jnp.asarray(pos), jnp.asarray(segments), causal=True)
+    real = jnp.asarray(segments != 0)[:, :, None, None]
+    q, k, v = [jax.random.normal(key, (2, length, H, K))
+               for key in jax.random.split(jax.random.PRNGKey(1), 3)]
+
+    def loss(blocked, q, k, v):
+        out = (attend(q, k, v, spec, "xla") if blocked
+               else _xla(q, k, v, spec.dense(), 0.0, None))
+        return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
+
+    grad = lambda blocked: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda *a: loss(blocked, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (ref, ref_out), ref_grads = grad(False)
+    (got, got_out), got_grads = grad(True)
+    np.testing.assert_allclose(np.where(real, got_out, 0), np.where(real, ref_out, 0), atol=1e-6)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    for g, r in zip(got_grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-5)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -88,7 +120,7 @@ def test_splash_under_sharded_heads_and_batch_trains_like_xla():
                     "NVIDIA GPU (this backend: %s)" % jax.default_backend())
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_cudnn_equals_xla(causal):
-    spec = MaskSpec.self_attention(positions(), jnp.asarray(SEGMENTS), causal)
+    spec = MaskSpec.of_self_attention(positions(), jnp.asarray(SEGMENTS), causal)
     q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
     real = np.asarray(SEGMENTS != 0)[:, :, None, None]
     got = jax.jit(lambda *a: attend(*a, spec, "cudnn"))(q, k, v).astype(jnp.float32)

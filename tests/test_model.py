@@ -106,6 +106,28 @@ def test_remat_gives_same_loss_and_grads():
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_kernel_gradients_equal_the_plain_matmul(dtype):
+    """On CPU, layers.kernel_dot computes each kernel's gradient as [out, in] and transposes
+    it (XLA:CPU's fast matmul takes it only that way round); loss and every gradient
+    (2-D kernels and the stacked [D, 3, H*K] query/key/value kernel) equal the plain
+    lax.dot_general's, which config.model.platform "gpu" selects here."""
+    results = []
+    for platform in ("cpu", "gpu"):
+        cfg = tiny_config(dtype=dtype).model
+        with cfg.unlocked():
+            cfg.platform = platform
+        model, params = init(cfg)
+        tokens = random_tokens(2, 16, cfg.vocab_size)
+        loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)  # noqa: E731
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+    (ours, our_grads), (plain, plain_grads) = results
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(ours, plain, rtol=tol)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 1e-2),
+                           our_grads, plain_grads)
+
+
 def test_flops_per_token_counts_matmul_params():
     """6N must use the matmul parameters: all params minus LayerNorms, biases and position
     table (the tied token table counts once, as the output projection)."""

@@ -5,6 +5,7 @@ ids of queries and keys); only the XLA path turns it into a dense [B, 1, L, S] m
 fused kernels read the spec directly:
 
     xla     plain einsums and a softmax in fp32; every backend, attention dropout, decoding.
+            Causal self-attention skips the key blocks wholly after each query block.
     cudnn   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention on
             NVIDIA GPUs, in our [B, L, H, K] layout; bf16/fp16 only; causal masks natively,
             packed segments as a boolean mask.
@@ -45,11 +46,12 @@ class MaskSpec:
     q_segments_BxL: Array | None = None
     kv_segments_BxS: Array | None = None
     causal: bool = flax.struct.field(pytree_node=False, default=True)
+    self_attention: bool = flax.struct.field(pytree_node=False, default=False)  # keys = queries
 
     @classmethod
-    def self_attention(cls, positions_BxL: Array, segments_BxL: Array | None,
-                       causal: bool) -> MaskSpec:
-        return cls(positions_BxL, positions_BxL, segments_BxL, segments_BxL, causal)
+    def of_self_attention(cls, positions_BxL: Array, segments_BxL: Array | None,
+                          causal: bool) -> MaskSpec:
+        return cls(positions_BxL, positions_BxL, segments_BxL, segments_BxL, causal, True)
 
     def dense(self) -> Array:
         """Boolean mask [B, 1, L, S]: True where query l may attend to key s. Causal masks
@@ -124,22 +126,68 @@ def attend(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, spec: MaskSpec,
         return _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec)
     if impl == "splash" and q_BxLxHxK.shape[1] % _SPLASH_BLOCK == 0:
         return _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec, interpret)
+    if spec.causal and spec.self_attention:
+        return _xla_causal_blocks(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec.dense(), dropout_rate,
+                                  dropout_rng)
     return _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec.dense(), dropout_rate, dropout_rng)
 
 
+def causal_blocks(L: int) -> int:
+    """How many query blocks `_xla_causal_blocks` splits a causal length L into: up to 4,
+    of at least 64 rows (4 measured fastest at L=256 on CPU; shorter rows gain nothing),
+    and 1 (no split) when the length axis is sharded, which slicing would reshard."""
+    length_axes = nn.logical_to_mesh_axes(("length",))[0]
+    if _axis_size(jax.sharding.get_abstract_mesh(), length_axes) > 1:
+        return 1
+    for n in (4, 2):
+        if L % n == 0 and L // n >= 64:
+            return n
+    return 1
+
+
+def _xla_causal_blocks(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL, dropout_rate, dropout_rng):
+    """Causal self-attention without the key blocks that lie wholly in the future: query
+    block i (of n) attends keys 0 .. its own end only, so (n + 1) / 2n of the logits are
+    computed (5/8 at n=4). Exact when every key after a query is masked, i.e. positions
+    increase along a row within each segment, as in every jaxlm batch (packed or not).
+    Heads move in front once, so that each block is a slice, not a transpose."""
+    L, n = q_BxLxHxK.shape[1], causal_blocks(q_BxLxHxK.shape[1])
+    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (x.swapaxes(1, 2)
+                                       for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+    rows, outs_BxHxRxK = L // n, []
+    for i in range(n):
+        rows_i, end = slice(i * rows, (i + 1) * rows), (i + 1) * rows
+        rng = None if dropout_rng is None or n == 1 else jax.random.fold_in(dropout_rng, i)
+        outs_BxHxRxK.append(_softmax_attention(
+            q_BxHxLxK[:, :, rows_i], k_BxHxLxK[:, :, :end], v_BxHxLxK[:, :, :end],
+            mask_Bx1xLxL[:, :, rows_i, :end], dropout_rate, rng))
+    return jnp.concatenate(outs_BxHxRxK, axis=2).swapaxes(1, 2)
+
+
 def _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, dropout_rate, dropout_rng):
-    """Logits and softmax in fp32 whatever the compute dtype: bf16 has too few mantissa
-    bits for the exp/sum of a softmax over long rows."""
-    K = q_BxLxHxK.shape[-1]
-    acc = jnp.promote_types(q_BxLxHxK.dtype, jnp.float32)
-    logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
+    """The full masked square, [B, L, H, K] in and out."""
+    q_BxHxLxK, k_BxHxSxK, v_BxHxSxK = (x.swapaxes(1, 2)
+                                       for x in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))
+    return _softmax_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS, dropout_rate,
+                              dropout_rng).swapaxes(1, 2)
+
+
+def _softmax_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS, dropout_rate, dropout_rng):
+    """softmax(q k^T / sqrt(K) + mask) v, heads in front. Logits and softmax in fp32 whatever
+    the compute dtype: bf16 has too few mantissa bits for the exp/sum of a softmax over
+    long rows."""
+    K = q_BxHxLxK.shape[-1]
+    acc = jnp.promote_types(q_BxHxLxK.dtype, jnp.float32)
+    logits_BxHxLxS = jnp.einsum("bhlk,bhsk->bhls", q_BxHxLxK, k_BxHxSxK,
                                 preferred_element_type=acc) / jnp.sqrt(K).astype(acc)
-    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(acc).min)
-    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+    # An additive mask (0 or the lowest float), not a select: XLA:CPU then fuses the
+    # matmul, mask and softmax statistics into one library call (2x faster on CPU).
+    bias_Bx1xLxS = jnp.where(mask_Bx1xLxS, 0.0, jnp.finfo(acc).min).astype(acc)
+    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS + bias_Bx1xLxS, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxLxS.shape)
         probs_BxHxLxS = jnp.where(keep, probs_BxHxLxS / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+    return jnp.einsum("bhls,bhsk->bhlk", probs_BxHxLxS.astype(v_BxHxSxK.dtype), v_BxHxSxK)
 
 
 def _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec: MaskSpec):

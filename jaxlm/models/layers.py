@@ -46,7 +46,57 @@ def dense(cfg: Config, features: int, names: tuple[str, str], std: float, *, nam
     """A Dense layer whose [in, out] kernel and [out] bias carry logical axis names."""
     return nn.Dense(features, name=name, kernel_init=init(std, names),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
-                    **dtypes(cfg))
+                    dot_general=kernel_dot(cfg), **dtypes(cfg))
+
+
+def kernel_dot(cfg: Config):
+    """The dot_general of activations against a kernel [in, *out] for the platform the
+    model is compiled for (config.model.platform, set by setup.build; else the default
+    backend): `cpu_kernel_dot` on CPU, plain lax.dot_general elsewhere."""
+    platform = cfg.get("platform") or jax.default_backend()
+    return cpu_kernel_dot if platform == "cpu" else jax.lax.dot_general
+
+
+def cpu_kernel_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general; for x's last axis against the kernel's first (every projection),
+    the kernel's gradient is computed as [*out, in], dy^T x, and then transposed.
+
+    XLA:CPU gives a matmul to its fast library (YNNPACK) only when no operand is contracted
+    over its first axis. Left alone it computes an [in, out] kernel's gradient x^T dy with
+    x contracted over its first (token) axis, in a slower matmul that also does not overlap
+    the input gradient's; dy^T x, dy transposed first, is a plain library matmul. The
+    barrier keeps XLA from folding the transpose back into the matmul. Same values; 3-6%
+    off a training step (benchmarks/vs_hf.py, BENCHMARKS.md).
+    """
+    (contract_x, contract_k), batch = dimension_numbers
+    if (tuple(contract_x), tuple(contract_k)) != ((x.ndim - 1,), (0,)) or any(batch) or \
+            preferred_element_type is not None:
+        return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+    return _kernel_grad_transposed(x, kernel, precision)
+
+
+def _kernel_dot(x, kernel, precision):
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision)
+
+
+_kernel_grad_transposed = jax.custom_vjp(_kernel_dot, nondiff_argnums=(2,))
+
+
+def _kernel_dot_fwd(x, kernel, precision):
+    return _kernel_dot(x, kernel, precision), (x, kernel)
+
+
+def _kernel_dot_bwd(precision, residuals, dy):
+    x, kernel = residuals
+    tokens, outs = tuple(range(x.ndim - 1)), tuple(range(x.ndim - 1, dy.ndim))
+    dx = jax.lax.dot_general(dy, kernel, ((outs, tuple(range(1, kernel.ndim))), ((), ())),
+                             precision)
+    dkernel_T = jax.lax.dot_general(dy, x, ((tokens, tokens), ((), ())), precision)
+    dkernel = jnp.moveaxis(jax.lax.optimization_barrier(dkernel_T), -1, 0)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_kernel_grad_transposed.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
 
 
 class DenseParams(nn.Module):
@@ -174,9 +224,12 @@ class Attention(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         kernel_Dx3xHK = jnp.stack([kernel for kernel, _ in w], axis=1).astype(dtype)
         bias_3xHK = jnp.stack([bias for _, bias in w]).astype(dtype)
-        qkv_BxLx3xHK = jnp.einsum("bld,dtn->bltn", x_BxLxD.astype(dtype), kernel_Dx3xHK) + bias_3xHK
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = einops.rearrange(
-            qkv_BxLx3xHK, "b l t (h k) -> t b l h k", h=H)
+        qkv_BxLx3xHK = kernel_dot(cfg)(x_BxLxD.astype(dtype), kernel_Dx3xHK,
+                                       (((2,), (0,)), ((), ()))) + bias_3xHK
+        # A split (its gradient one concatenation), not indexing (three pads and adds).
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+            einops.rearrange(x, "b l 1 (h k) -> b l h k", h=H)
+            for x in jnp.split(qkv_BxLx3xHK, 3, axis=2))
         if cfg.position == "rope":
             q_BxLxHxK = rope(q_BxLxHxK, spec.q_positions_BxL, cfg.rope_base)
             k_BxLxHxK = rope(k_BxLxHxK, spec.q_positions_BxL, cfg.rope_base)
@@ -263,7 +316,7 @@ def apply_blocks(cfg: Config, causal: bool, x_BxLxD: Array, positions_BxL: Array
     With config.model.remat each block is recomputed in the backward pass, keeping what
     config.model.remat_policy names (REMAT_POLICIES).
     """
-    spec = MaskSpec.self_attention(positions_BxL, segments_BxL, causal)
+    spec = MaskSpec.of_self_attention(positions_BxL, segments_BxL, causal)
     block = ScanBlock if cfg.scan_layers else Block
     if cfg.remat:
         block = nn.remat(block, static_argnums=(3, 4),  # (self, x, spec, det, decode)
