@@ -18,6 +18,8 @@ import sys
 
 import jax
 
+import overrides  # benchmarks/overrides.py
+
 CHILD = """
 import json, sys, time
 import jax
@@ -39,8 +41,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/gpt/gpt2_small.py")
     p.add_argument("--layers", default="12,24,48")
-    p.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every case")
-    args = p.parse_args()
+    args = overrides.parse(p)  # + --config.FIELD=VALUE arguments
     depths = [int(x) for x in args.layers.split(",")]
     times = {}
     for scan in ("false", "true"):

@@ -18,8 +18,10 @@ import time
 import jax
 import numpy as np
 
-from jaxlm.config import apply_override, load_config, validate
+from jaxlm.config import load_config, validate
 from jaxlm.setup import build_train
+
+import overrides  # benchmarks/overrides.py
 
 
 def main():
@@ -27,12 +29,9 @@ def main():
     p.add_argument("--config", required=True)
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first")
-    p.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE")
-    args = p.parse_args()
+    args = overrides.parse(p)  # + --config.FIELD=VALUE arguments
     cfg = load_config(args.config)
-    for o in args.overrides:
-        field, value = o.removeprefix("--").removeprefix("config.").split("=", 1)
-        apply_override(cfg, field, value)
+    overrides.apply(cfg, args.overrides)
     cfg.train.update(batch_size=args.batch, steps=max(cfg.train.steps, args.steps + 1))
     cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, cfg.train.steps)
     validate(cfg)

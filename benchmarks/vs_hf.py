@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.config import apply_override, base_config, validate
+from jaxlm.config import base_config, validate
 from jaxlm.setup import build_train
 from jaxlm.train.optimizer import adamw
+
+import overrides  # benchmarks/overrides.py
 
 
 def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
@@ -47,9 +49,7 @@ def jaxlm_step(args):
                      mlp_dim=4 * args.d_model, max_len=args.seq, vocab_size=args.vocab)
     cfg.data.update(seq_len=args.seq, packing=False)
     cfg.train.update(batch_size=args.batch, steps=1000)
-    for o in args.overrides:
-        field, value = o.removeprefix("--").removeprefix("config.").split("=", 1)
-        apply_override(cfg, field, value)
+    overrides.apply(cfg, args.overrides)
     validate(cfg)
     run = build_train(cfg)
     state = run.place_state(run.init_state())
@@ -119,8 +119,7 @@ def main():
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--steps", type=int, default=5, help="timed steps per pass and model")
     p.add_argument("--passes", type=int, default=3)
-    p.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE (jaxlm only)")
-    args = p.parse_args()
+    args = overrides.parse(p)  # + --config.FIELD=VALUE arguments
 
     ours, our_state, our_compiled, cfg = jaxlm_step(args)
     theirs, their_state, their_compiled = hf_step(args, cfg)
