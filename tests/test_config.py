@@ -86,6 +86,31 @@ def test_bad_flag_is_one_line_exit_2_before_jax_starts(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc tunables: Linux only")
+@pytest.mark.parametrize("env, expected", [
+    ({}, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc.malloc.hugetlb=0"),  # the user's choice
+    ({"JAXLM_HUGE_PAGES": "0"}, "None"),
+], ids=["unset", "appended", "kept", "opted-out"])
+def test_commands_restart_once_with_huge_page_malloc(env, expected):
+    """A command re-executes itself (same process id, arguments) once with glibc's
+    hugetlb tunable; a library call (explicit argv) never does."""
+    import os
+    program = ("import os, sys; from jaxlm import cli; "
+               "cli.run(lambda argv: print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), argv))")
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXLM_HUGE_PAGES")}
+    proc = subprocess.Popen([sys.executable, "-c", program, "--x=1"], env={**base, **env},
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert out.split() == [str(proc.pid), expected, "['--x=1']"]
+    program = program.replace("argv))", "argv), [])")
+    out = subprocess.run([sys.executable, "-c", program], env=base, capture_output=True, check=True,
+                         text=True, cwd=REPO, timeout=60).stdout.split()
+    assert out[1] == "None"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_config_file_loads_and_validates(path):
     cfg = config_lib.load_config(path)
