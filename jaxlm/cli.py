@@ -212,13 +212,16 @@ def _restart_with_huge_page_malloc() -> None:
     No effect off Linux/glibc or where huge pages are off; glibc before 2.35 ignores it."""
     import platform
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
+    if (sys.platform != "linux" or not sys.executable or platform.libc_ver()[0] != "glibc"
             or os.environ.get("JAXLM_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables):
         return
     env = {**os.environ, "GLIBC_TUNABLES": f"{tunables}:{_HUGE_PAGES}" if tunables else _HUGE_PAGES}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # the interpreter cannot be re-executed: run on without huge pages
+        return
 
 
 _reported = False  # a user error was printed: the process is ending
