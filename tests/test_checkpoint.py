@@ -48,6 +48,14 @@ def env_with_devices(n: int) -> dict:
     return env
 
 
+def run_beside(cmd: list[str], env: dict, log: pathlib.Path) -> subprocess.Popen:
+    """Starts the uninterrupted reference run in the background, its output in `log` (a
+    pipe nobody reads could fill and stall it), so that it compiles and trains while the
+    run to be killed does: the two share the machine's cores instead of taking turns."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def wait_for_step(workdir: pathlib.Path, step: int, proc, timeout=300, saved=False):
     """Polls metrics.jsonl until it records `step` (the run logs every step) and, with
     `saved`, until a finished checkpoint exists."""
@@ -90,10 +98,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, arch):
     config, extra = PRETRAINING[arch]
     steps = ("--config.train.steps=40", "--config.train.log_every=1", "--config.checkpoint.every=8",
              *extra)
-    full = subprocess.run(train_cmd(tmp_path / "full", *steps, config=config),
-                          capture_output=True, text=True, env=env_with_devices(8), timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
-
+    full = run_beside(train_cmd(tmp_path / "full", *steps, config=config), env_with_devices(8),
+                      tmp_path / "full.log")
     kill_at = random.Random().randint(10, 30)
     print(f"SIGKILL after step {kill_at}")
     killed = tmp_path / "killed"
@@ -101,9 +107,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, arch):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(killed, kill_at, proc, saved=True)
-    finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert full.wait(timeout=600) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    finally:
+        for p in (proc, full):  # nothing outlives the test
+            p.kill()
+            p.wait()
     latest = checkpoint.Checkpointer(killed).latest_step()
     assert latest is not None and latest < 40, "the kill must land before the end"
     again = subprocess.run(train_cmd(killed, *steps, config=config), capture_output=True,

@@ -254,24 +254,25 @@ def test_sigkill_during_finetuning_then_resume_is_bitwise_exact(tmp_path):
     import sys
 
     from conftest import REPO
-    from test_checkpoint import env_with_devices, wait_for_step
+    from test_checkpoint import env_with_devices, run_beside, wait_for_step
     flags = [f"--config={REPO}/configs/bert/facts.py", "--config.model.num_layers=2",
              "--config.model.d_model=32", "--config.model.num_heads=4", "--config.model.mlp_dim=64",
              "--config.model.max_len=64", "--config.data.seq_len=32", "--config.train.log_every=1",
              "--config.finetune.train_examples=32", "--config.finetune.batch_size=8",
              "--config.finetune.epochs=6", "--config.evaluate.batch_size=25"]
     cmd = lambda w: [sys.executable, "-m", "jaxlm.finetune", f"--workdir={w}", *flags]
-    full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True,
-                          env=env_with_devices(2), timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
+    full = run_beside(cmd(tmp_path / "full"), env_with_devices(2), tmp_path / "full.log")
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd(killed), env=env_with_devices(2), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         wait_for_step(killed, 9, proc, saved=True)
-    finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert full.wait(timeout=600) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    finally:
+        for p in (proc, full):  # nothing outlives the test
+            p.kill()
+            p.wait()
     again = subprocess.run(cmd(killed), capture_output=True, text=True, env=env_with_devices(2),
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
