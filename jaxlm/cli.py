@@ -208,7 +208,7 @@ def _restart_with_huge_page_malloc() -> None:
     model) afresh and glibc maps it from the kernel and unmaps it after, every step; the
     kernel then faults it in 4 KB page by page (165,000 faults, 0.35 s of system time per
     step). Transparent huge pages (2 MB) cut the faults 250-fold: the debug config trains
-    with 28-45% more tokens/s on a 2-core CPU, same losses (BENCHMARKS.md, "Host memory").
+    with 27-45% more tokens/s on a 2-core CPU, same losses (BENCHMARKS.md, "Host memory").
     No effect off Linux/glibc or where huge pages are off; glibc before 2.35 ignores it."""
     import platform
     tunables = os.environ.get("GLIBC_TUNABLES", "")
