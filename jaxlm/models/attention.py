@@ -126,16 +126,14 @@ def attend(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, spec: MaskSpec,
         return _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec)
     if impl == "splash" and q_BxLxHxK.shape[1] % _SPLASH_BLOCK == 0:
         return _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec, interpret)
-    if spec.causal and spec.self_attention:
-        return _xla_causal_blocks(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec.dense(), dropout_rate,
-                                  dropout_rng)
-    return _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec.dense(), dropout_rate, dropout_rng)
+    blocks = causal_blocks(q_BxLxHxK.shape[1]) if spec.causal and spec.self_attention else 1
+    return _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec.dense(), dropout_rate, dropout_rng, blocks)
 
 
 def causal_blocks(L: int) -> int:
-    """How many query blocks `_xla_causal_blocks` splits a causal length L into: up to 4,
-    of at least 64 rows (4 measured fastest at L=256 on CPU; shorter rows gain nothing),
-    and 1 (no split) when the length axis is sharded, which slicing would reshard."""
+    """How many query blocks the XLA path splits causal self-attention of length L into: up
+    to 4, of at least 64 rows (4 measured fastest at L=256 on CPU; shorter rows gain
+    nothing), and 1 (no split) when the length axis is sharded, which slicing would reshard."""
     length_axes = nn.logical_to_mesh_axes(("length",))[0]
     if _axis_size(jax.sharding.get_abstract_mesh(), length_axes) > 1:
         return 1
@@ -145,31 +143,24 @@ def causal_blocks(L: int) -> int:
     return 1
 
 
-def _xla_causal_blocks(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL, dropout_rate, dropout_rng):
-    """Causal self-attention without the key blocks that lie wholly in the future: query
-    block i (of n) attends keys 0 .. its own end only, so (n + 1) / 2n of the logits are
-    computed (5/8 at n=4). Exact when every key after a query is masked, i.e. positions
-    increase along a row within each segment, as in every jaxlm batch (packed or not).
-    Heads move in front once, so that each block is a slice, not a transpose."""
-    L, n = q_BxLxHxK.shape[1], causal_blocks(q_BxLxHxK.shape[1])
-    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (x.swapaxes(1, 2)
-                                       for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
-    rows, outs_BxHxRxK = L // n, []
-    for i in range(n):
-        rows_i, end = slice(i * rows, (i + 1) * rows), (i + 1) * rows
-        rng = None if dropout_rng is None or n == 1 else jax.random.fold_in(dropout_rng, i)
-        outs_BxHxRxK.append(_softmax_attention(
-            q_BxHxLxK[:, :, rows_i], k_BxHxLxK[:, :, :end], v_BxHxLxK[:, :, :end],
-            mask_Bx1xLxL[:, :, rows_i, :end], dropout_rate, rng))
-    return jnp.concatenate(outs_BxHxRxK, axis=2).swapaxes(1, 2)
-
-
-def _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, dropout_rate, dropout_rng):
-    """The full masked square, [B, L, H, K] in and out."""
+def _xla(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, dropout_rate, dropout_rng, blocks=1):
+    """The masked softmax in `blocks` query blocks, [B, L, H, K] in and out; 1: the full
+    square. Query block i (of n > 1, causal self-attention) attends keys 0 .. its own end
+    only, skipping the key blocks wholly in its future: (n + 1) / 2n of the logits (5/8 at
+    n=4). Exact when every key after a query is masked, i.e. positions increase along a
+    row within each segment, as in every jaxlm batch (packed or not). Heads move in front
+    once, so that each block is a slice, not a transpose."""
+    L, S = q_BxLxHxK.shape[1], k_BxSxHxK.shape[1]
     q_BxHxLxK, k_BxHxSxK, v_BxHxSxK = (x.swapaxes(1, 2)
                                        for x in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))
-    return _softmax_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS, dropout_rate,
-                              dropout_rng).swapaxes(1, 2)
+    rows, outs_BxHxRxK = L // blocks, []
+    for i in range(blocks):
+        rows_i, end = slice(i * rows, (i + 1) * rows), (i + 1) * rows if i < blocks - 1 else S
+        rng = None if dropout_rng is None or blocks == 1 else jax.random.fold_in(dropout_rng, i)
+        outs_BxHxRxK.append(_softmax_attention(
+            q_BxHxLxK[:, :, rows_i], k_BxHxSxK[:, :, :end], v_BxHxSxK[:, :, :end],
+            mask_Bx1xLxS[:, :, rows_i, :end], dropout_rate, rng))
+    return jnp.concatenate(outs_BxHxRxK, axis=2).swapaxes(1, 2)
 
 
 def _softmax_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS, dropout_rate, dropout_rng):
