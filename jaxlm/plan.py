@@ -127,7 +127,10 @@ def live_at_peak(dump_dir: str) -> tuple[int, list[tuple[str, int, int]]]:
     files = sorted(glob.glob(os.path.join(dump_dir, "*train_step*live-range.txt")),
                    key=os.path.getsize)
     if not files:
-        raise RuntimeError(f"XLA wrote no buffer-liveness dump to {dump_dir}")
+        raise RuntimeError(
+            f"XLA wrote no buffer-liveness dump to {dump_dir}: an executable served by JAX's "
+            "persistent compilation cache (JAX_COMPILATION_CACHE_DIR) is not compiled and "
+            "leaves none; `python -m jaxlm.plan` turns that cache off for itself")
     text = open(files[-1]).read()
     found = re.search(r"Stack trace breakdown for peak usage: ([\d ]+) bytes\n(.*)", text, re.S)
     if found is None:
@@ -331,6 +334,10 @@ FLAGS = [cli.Flag("topology", "cpu:N (fake CPU devices) or tpu:<name>, e.g. tpu:
 
 
 def main(argv) -> Plan:
+    # The liveness figures come from XLA's dump while it compiles; an executable from the
+    # persistent compilation cache would skip that (JAX decides on the cache once per
+    # process, at the first compile, so this must come first).
+    jax.config.update("jax_enable_compilation_cache", False)
     args = cli.parse(argv, "jaxlm.plan", __doc__, workdir=False, flags=FLAGS)
     top = args.flags["top"]
     if not top.isdigit():

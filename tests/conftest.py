@@ -1,10 +1,26 @@
 """Shared fixtures: tiny configs (D=32, H=4, 2 layers) that compile and run in seconds."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # 8 fake CPU devices for the sharding tests; set before anything imports JAX.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# One persistent XLA compilation cache for the session, shared with the commands the tests
+# start (they inherit the environment): the tiny configs' programs recur across tests and
+# processes, and a cache hit skips XLA's compile (test_main + test_checkpoint: 280 -> 183 s).
+# A fresh folder per session, removed at exit. JAX writes entries in place, so a process
+# may read one that another is still writing: JAX then warns (silenced in pyproject.toml)
+# and compiles instead. (A size limit would make JAX lock the folder, but that made
+# test_train + test_model slower than no cache at all: 148 s, against 114 s without a
+# cache and 98 s with this one.)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

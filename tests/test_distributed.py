@@ -2,6 +2,8 @@
 collectives) through launch/local.py, train exactly like 1 process x 8 devices."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -21,6 +23,25 @@ def launch(*argv, timeout=600):
                           capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
+def launch_beside(log, reference, *argv, timeout=600) -> tuple[int, str]:
+    """`launch/local.py argv` in the background while `reference()` (the single-process
+    run it is compared with) runs in this process, so that the two share the cores instead
+    of taking turns. Returns the launch's exit code and output (kept in `log`); the launch
+    and its processes are killed if anything fails first."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch/local.py"), *argv],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)  # its own group, to kill it whole
+    try:
+        reference()
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, log.read_text()
+
+
 @pytest.mark.skipif(jax.device_count() != 8, reason="compares against 8 devices in one process")
 @pytest.mark.parametrize("layout", ["dp", "fsdp", "dcn_data"])
 def test_two_processes_match_one_process(tmp_path, layout):
@@ -30,14 +51,14 @@ def test_two_processes_match_one_process(tmp_path, layout):
     if layout == "fsdp":
         flags += ("--config.mesh.strategy=fsdp", "--config.mesh.data=1", "--config.mesh.fsdp=8")
     hybrid = ("--config.mesh.data=4", "--config.mesh.dcn_data=2") if layout == "dcn_data" else ()
-    proc = launch("--processes=2", "--cpu-devices=4", "--", "-m", "jaxlm.train",
-                  f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}",
-                  *flags, *hybrid)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "[p1]" in proc.stdout and "process 1 of 2; 4 local of 8 devices" in proc.stdout
+    code, out = launch_beside(
+        tmp_path / "launch.log", lambda: run(tmp_path / "sp", *flags[len(TINY):], evaluate=False),
+        "--processes=2", "--cpu-devices=4", "--", "-m", "jaxlm.train",
+        f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}", *flags, *hybrid)
+    assert code == 0, out[-3000:]
+    assert "[p1]" in out and "process 1 of 2; 4 local of 8 devices" in out
     if layout == "dcn_data":
-        assert "mesh {'data': 8, 'fsdp': 1, 'sequence': 1, 'tensor': 1}" in proc.stdout
-    run(tmp_path / "sp", *flags[len(TINY):], evaluate=False)
+        assert "mesh {'data': 8, 'fsdp': 1, 'sequence': 1, 'tensor': 1}" in out
 
     multi, single = read_history(tmp_path / "mp"), read_history(tmp_path / "sp")
     assert [h["step"] for h in multi] == [h["step"] for h in single] == [2, 4, 6]
@@ -88,11 +109,12 @@ def test_two_processes_evaluate_like_one(tmp_path):
     """The main job end to end on 2 processes: same few-shot results as 1 process, and
     only process 0 prints the table and writes results.json and plots."""
     flags = (*TINY, "--config.train.steps=4", "--config.evaluate.shots=(0,1)")
-    proc = launch("--processes=2", "--cpu-devices=4", "--", "-m", "jaxlm.main",
-                  f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}", *flags)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert proc.stdout.count("Few-shot results") == 1 and "[p0] Few-shot results" in proc.stdout
-    run(tmp_path / "sp", *flags[len(TINY):])
+    code, out = launch_beside(
+        tmp_path / "launch.log", lambda: run(tmp_path / "sp", *flags[len(TINY):]),
+        "--processes=2", "--cpu-devices=4", "--", "-m", "jaxlm.main",
+        f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path / 'mp'}", *flags)
+    assert code == 0, out[-3000:]
+    assert out.count("Few-shot results") == 1 and "[p0] Few-shot results" in out
     multi = json.loads((tmp_path / "mp" / "results.json").read_text())
     single = json.loads((tmp_path / "sp" / "results.json").read_text())
     for task, r in single["tasks"].items():
