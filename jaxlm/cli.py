@@ -189,7 +189,8 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None):
     except JaxlmError as e:
         _exit(str(e), e.exit_code)
     except KeyboardInterrupt:
-        _exit("interrupted (Ctrl-C); checkpoints already written are intact", 130)
+        _exit("interrupted (Ctrl-C); checkpoints already written are intact", 130,
+              at_once=argv is None)
     except OSError as e:
         if os.environ.get("JAXLM_TRACEBACK"):
             raise
@@ -227,15 +228,24 @@ def _restart_with_huge_page_malloc() -> None:
 _reported = False  # a user error was printed: the process is ending
 
 
-def _exit(message: str, code: int):
+def _exit(message: str, code: int, at_once: bool = False):
     """The one line a user error ends with; library threads that fail while the process
-    shuts down (Orbax's background saves, asyncio tasks) are not printed after it."""
+    shuts down (Orbax's background saves, asyncio tasks) are not printed after it.
+
+    at_once (a command interrupted by Ctrl-C): the process ends without Python's shutdown,
+    which, with XLA's threads still mid-work (say, interrupted while compiling), crashed
+    now and then after the line (SIGSEGV, exit code -11 instead of 130). Checkpoints
+    already written are complete either way; one being written is left unfinished, as
+    after a kill, and ignored on resume."""
     global _reported
     _reported = True
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     warnings.simplefilter("ignore")  # e.g. coroutines of a failed save, collected at exit
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if at_once:
+        sys.stdout.flush()
+        os._exit(code)
     raise SystemExit(code) from None
 
 
