@@ -2,7 +2,8 @@
 in one process: same shapes, batch, fp32, optimizer (jaxlm's AdamW + clipping for both) and
 loss (mean next-token cross-entropy), no dropout. Passes interleave the two (A B A B ...)
 so that machine noise hits both; medians (and the median of the per-pass ratios, in which
-slow drifts of the machine's speed cancel) are reported, with the FLOPs XLA counts for each
+slow drifts of the machine's speed cancel, with their spread: on a shared 2-core VM a
+ratio moves by ~0.05 from run to run) are reported, with the FLOPs XLA counts for each
 compiled step and the fraction of this machine's measured fp32 matmul peak they reach.
 
     pip install -e ".[test]"     # transformers 4.x (Flax classes); not in requirements.txt
@@ -49,6 +50,7 @@ def jaxlm_step(args):
                      mlp_dim=4 * args.d_model, max_len=args.seq, vocab_size=args.vocab)
     cfg.data.update(seq_len=args.seq, packing=False)
     cfg.train.update(batch_size=args.batch, steps=1000)
+    cfg.evaluate.update(tasks=(), num_samples=0)  # a training step only (any --seq then fits)
     overrides.apply(cfg, args.overrides)
     validate(cfg)
     run = build_train(cfg)
@@ -143,9 +145,12 @@ def main():
         flops = compiled.cost_analysis()["flops"]
         print(f"{name:6s} {tokens / med[name]:8,.0f} tokens/s  {med[name]:.3f} s/step  "
               f"XLA flops {flops / 1e9:.2f} G  {flops / med[name] / peak:.2f} of peak")
-    paired = statistics.median(h / j for h, j in zip(times["hf"], times["jaxlm"]))
-    print(f"jaxlm / hf: {med['hf'] / med['jaxlm']:.2f}x (medians); {paired:.2f}x (median of the "
-          f"per-pass ratios, each pass's two steps timed back to back)")
+    ratios = sorted(h / j for h, j in zip(times["hf"], times["jaxlm"]))
+    spread = (f"; quartiles {ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
+              if len(ratios) >= 4 else "")
+    print(f"jaxlm / hf: {med['hf'] / med['jaxlm']:.2f}x (medians); "
+          f"{statistics.median(ratios):.2f}x (median of the per-pass ratios, each pass's two "
+          f"steps timed back to back{spread}; min {ratios[0]:.2f}, max {ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":
