@@ -4,17 +4,17 @@
 # Results go under $OUT (the device tool's folder that comes back), else ./gpu_results.
 #
 # The device image has Python 3.12 with jax 0.11.2 (CUDA 13), flax, optax, orbax and
-# einops, but no ml_collections and no package registry: fetch its wheel here first and
-# carry it with the call:
-#     pip download --no-deps ml_collections -d .wheels
+# einops, but no ml_collections or tensorboardX (the training loop's logs) and no package
+# registry: fetch their wheels here first and carry them with the call:
+#     pip download --no-deps ml_collections tensorboardX -d .wheels
 #     run(command="bash benchmarks/gpu_run.sh", carry=[".wheels"], timeout_s=600)
 # Extra arguments go to benchmarks/mfu.py (e.g. --deadline=300, --matrix=smoke).
 set -u
 OUT=${OUT:-gpu_results}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # jaxlm from this copy, not installed
 mkdir -p "$OUT"
-if ! python3 -c "import ml_collections" 2>/dev/null; then
-    python3 -m pip install --no-deps --no-index -q .wheels/ml_collections-*.whl || exit 2
+if ! python3 -c "import ml_collections, tensorboardX" 2>/dev/null; then
+    python3 -m pip install --no-deps --no-index -q .wheels/*.whl || exit 2
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } | tee "$OUT/device.txt"
