@@ -12,7 +12,7 @@ two warm-up steps), tokens/s, peak device memory (the allocator's, where the bac
 reports it), and MFU: the model's training FLOPs per step (jaxlm.plan.model_flops: 6N per
 token plus attention, no recomputation) over the step time and the dense bf16 matmul rate
 measured first, in the same call, on random data (`--peak-n`^3). An out-of-memory
-configuration is retried at half the batch, down to one sequence per device. Then one
+configuration is retried at half the batch, down to one sequence. Then one
 profile (`jax.profiler`, 3 steps) of the configuration with the highest MFU, with its
 longest device operations summed by name. Written to OUT: results.jsonl (one line per
 attempt), profile/ (the trace) and table.txt (what is printed last).
