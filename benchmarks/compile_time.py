@@ -18,7 +18,7 @@ import sys
 
 import jax
 
-import overrides  # benchmarks/overrides.py
+import common  # benchmarks/common.py
 
 CHILD = """
 import json, sys, time
@@ -41,7 +41,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/gpt/gpt2_small.py")
     p.add_argument("--layers", default="12,24,48")
-    args = overrides.parse(p)  # + --config.FIELD=VALUE arguments
+    args = common.parse(p)  # + --config.FIELD=VALUE arguments
     depths = [int(x) for x in args.layers.split(",")]
     times = {}
     for scan in ("false", "true"):

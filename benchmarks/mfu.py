@@ -73,8 +73,8 @@ def measure_peak(n: int) -> dict:
 def measure_step(spec: dict) -> dict:
     """One configuration: compile, warm up, time; `spec` as a line of MATRICES, with seq."""
     import jax
-    import numpy as np
 
+    import common  # benchmarks/common.py
     from jaxlm import sharding
     from jaxlm.config import apply_override, load_config, validate
     from jaxlm.plan import model_flops
@@ -90,11 +90,7 @@ def measure_step(spec: dict) -> dict:
     validate(cfg)
     run = build_train(cfg)
     state = run.place_state(run.init_state())
-    rng = np.random.default_rng(0)
-    L = cfg.data.seq_len + run.objective.extra_tokens
-    rows = [run.objective.example({"tokens": rng.integers(0, cfg.model.vocab_size, L)
-                                   .astype(np.int32)}, i) for i in range(spec["batch"])]
-    batch = run.place_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    batch = common.random_batch(run, spec["batch"], cfg.model.vocab_size)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     with sharding.activate(run.setup.mesh, cfg.mesh):  # as the step's own calls lower it
@@ -188,9 +184,15 @@ def main():
     args = p.parse_args()
     if args.one:
         return worker(args)
-
+    for flag in ("seq", "steps", "peak_n", "deadline", "timeout"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be positive")
     start, out = time.monotonic(), pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").touch()
+    except OSError as e:
+        p.error(f"--out={args.out}: cannot write there ({e.strerror})")
 
     def record(entry: dict) -> dict:
         with open(out / "results.jsonl", "a") as log:
@@ -245,4 +247,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the running child got the same Ctrl-C and has ended
+        print("interrupted (Ctrl-C); the attempts finished so far are in the --out folder's "
+              "results.jsonl", file=sys.stderr)
+        sys.exit(130)

@@ -16,12 +16,11 @@ import platform
 import time
 
 import jax
-import numpy as np
 
 from jaxlm.config import load_config, validate
 from jaxlm.setup import build_train
 
-import overrides  # benchmarks/overrides.py
+import common  # benchmarks/common.py
 
 
 def main():
@@ -29,20 +28,16 @@ def main():
     p.add_argument("--config", required=True)
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first")
-    args = overrides.parse(p)  # + --config.FIELD=VALUE arguments
+    args = common.parse(p)  # + --config.FIELD=VALUE arguments
     cfg = load_config(args.config)
-    overrides.apply(cfg, args.overrides)
+    common.apply(cfg, args.overrides)
     cfg.train.update(batch_size=args.batch, steps=max(cfg.train.steps, args.steps + 1))
     cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, cfg.train.steps)
     validate(cfg)
 
     run = build_train(cfg)
     state = run.place_state(run.init_state())
-    rng = np.random.default_rng(0)
-    L = cfg.data.seq_len + run.objective.extra_tokens
-    rows = [run.objective.example({"tokens": rng.integers(0, 256, L).astype(np.int32)}, i)
-            for i in range(args.batch)]
-    batch = run.place_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    batch = common.random_batch(run, args.batch, vocab=256)
     t0 = time.perf_counter()
     state, m = run(state, batch, jax.random.PRNGKey(0))
     jax.block_until_ready(m)

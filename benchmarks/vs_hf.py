@@ -28,7 +28,7 @@ from jaxlm.config import base_config, validate
 from jaxlm.setup import build_train
 from jaxlm.train.optimizer import adamw
 
-import overrides  # benchmarks/overrides.py
+import common  # benchmarks/common.py
 
 
 def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
@@ -51,14 +51,11 @@ def jaxlm_step(args):
     cfg.data.update(seq_len=args.seq, packing=False)
     cfg.train.update(batch_size=args.batch, steps=1000)
     cfg.evaluate.update(tasks=(), num_samples=0)  # a training step only (any --seq then fits)
-    overrides.apply(cfg, args.overrides)
+    common.apply(cfg, args.overrides)
     validate(cfg)
     run = build_train(cfg)
     state = run.place_state(run.init_state())
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
-    rows = [run.objective.example({"tokens": t}, i) for i, t in enumerate(tokens)]
-    batch = run.place_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    batch = common.random_batch(run, args.batch, args.vocab)
     key = jax.random.PRNGKey(0)
     compiled = run.jitted.lower(state, batch, key).compile()
 
@@ -121,7 +118,7 @@ def main():
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--steps", type=int, default=5, help="timed steps per pass and model")
     p.add_argument("--passes", type=int, default=3)
-    args = overrides.parse(p)  # + --config.FIELD=VALUE arguments
+    args = common.parse(p)  # + --config.FIELD=VALUE arguments
 
     ours, our_state, our_compiled, cfg = jaxlm_step(args)
     theirs, their_state, their_compiled = hf_step(args, cfg)
