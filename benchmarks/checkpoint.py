@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from jaxlm import checkpoint
 from jaxlm.config import apply_override, load_config
-from jaxlm.setup import build_train
+from jaxlm.train.build import build_train
 
 
 def nbytes(tree) -> int:

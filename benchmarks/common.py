@@ -30,7 +30,7 @@ def apply(cfg, overrides) -> None:
 
 def random_batch(run, batch_size: int, vocab: int, seed: int = 0) -> dict:
     """`batch_size` rows of random token ids below `vocab`, as the train step `run`
-    (jaxlm.setup.build_train) takes them: through its objective, placed on its devices."""
+    (jaxlm.train.build.build_train) takes them: through its objective, placed on its devices."""
     length = run.setup.cfg.data.seq_len + run.objective.extra_tokens
     tokens = np.random.default_rng(seed).integers(0, vocab, (batch_size, length), np.int32)
     rows = [run.objective.example({"tokens": t}, i) for i, t in enumerate(tokens)]

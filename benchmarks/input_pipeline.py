@@ -46,7 +46,7 @@ def pipeline_tokens_per_second(source, batch: int, seconds: float) -> tuple[floa
 
 
 def train_step_tokens_per_second(batch: int, steps: int) -> tuple[float, float]:
-    from jaxlm.setup import build_train
+    from jaxlm.train.build import build_train
     cfg = load_config(REPO / "configs/gpt/gpt2_small.py")
     cfg.train.update(batch_size=batch, steps=steps + 1)
     cfg.optimizer.warmup_steps = 1

@@ -78,7 +78,7 @@ def measure_step(spec: dict) -> dict:
     from jaxlm import sharding
     from jaxlm.config import apply_override, load_config, validate
     from jaxlm.plan import model_flops
-    from jaxlm.setup import build_train
+    from jaxlm.train.build import build_train
 
     cfg = load_config(str(CONFIGS / f"{spec['config']}.py"))
     cfg.train.batch_size = spec["batch"]

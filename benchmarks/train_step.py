@@ -18,7 +18,7 @@ import time
 import jax
 
 from jaxlm.config import load_config, validate
-from jaxlm.setup import build_train
+from jaxlm.train.build import build_train
 
 import common  # benchmarks/common.py
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import base_config, validate
-from jaxlm.setup import build_train
+from jaxlm.train.build import build_train
 from jaxlm.train.optimizer import adamw
 
 import common  # benchmarks/common.py

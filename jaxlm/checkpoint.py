@@ -21,6 +21,14 @@ in the workdir is changed by a refused restore.
 
 Exports (`python -m jaxlm.export`) hold the parameters only, for evaluation and inference
 on any mesh: EXPORT/{params, meta}.
+
+A run that trains part of the model (config.train.trainable) keeps its frozen base once, as
+an export in WORKDIR/frozen written when the run starts; each checkpoint's state holds the
+trainable parameters, and its meta names the frozen export by the digest of that export's
+meta (which holds a checksum of every array). Restores join the two.
+
+Every meta carries the state layout version (`layout`, STATE_LAYOUT). One of an older
+layout is refused with a line naming `python -m jaxlm.upgrade`, which converts it.
 """
 
 from __future__ import annotations
@@ -44,8 +52,18 @@ import orbax.checkpoint as ocp
 from jaxlm import config as config_lib
 from jaxlm import models
 from jaxlm.errors import CheckpointError
+from jaxlm.trainable import Trainable
 
 log = logging.getLogger("jaxlm")
+
+
+# The layout of the saved state; bump it, with a conversion in jaxlm.upgrade, whenever a
+# change of the code makes old checkpoints restore into the wrong places.
+#   1 (meta without "layout"): three query/key/value parameters per attention layer, and
+#     with config.optimizer.grad_clip_norm > 0 an empty first element in the optimizer state.
+#   2: one fused qkv parameter; the optimizer state is AdamW's alone; `extra` in the state.
+STATE_LAYOUT = 2
+FROZEN = "frozen"  # WORKDIR/frozen: the frozen base of a run (config.train.trainable)
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -68,6 +86,19 @@ def check_meta(meta: dict, cfg: ml_collections.ConfigDict, tokenizer, where: str
         raise CheckpointError(
             f"{where} was made with tokenizer {meta['tokenizer']}, but config.data.tokenizer "
             f"gives {tokenizer.to_dict()}")
+
+
+def check_layout(meta: dict, where: str, source) -> None:
+    """Refuses a checkpoint or export whose state layout is not STATE_LAYOUT, naming the
+    command that converts it (`source`: its workdir or export folder)."""
+    layout = meta.get("layout", 1)
+    if layout > STATE_LAYOUT:
+        raise CheckpointError(f"{where} has state layout {layout}, newer than this jaxlm's "
+                              f"({STATE_LAYOUT}): read it with the jaxlm that wrote it")
+    if layout < STATE_LAYOUT:
+        raise CheckpointError(f"{where} has state layout {layout}, from an older jaxlm (this one "
+                              f"reads {STATE_LAYOUT}): convert it with python -m jaxlm.upgrade "
+                              f"--src={source} --output=NEW_FOLDER")
 
 
 def check_data(meta: dict, fingerprint: str, cfg_ckpt, step: int) -> None:
@@ -234,7 +265,9 @@ class Checkpointer:
                                   f"checkpoint at that step (it has {self.steps()})")
         return step
 
-    def read_meta(self, step: int) -> dict:
+    def read_meta(self, step: int, any_layout: bool = False) -> dict:
+        """The meta of checkpoint `step`, checked against its seal and (unless `any_layout`)
+        refused if its state layout is not this jaxlm's."""
         where = f"checkpoint {self.directory / str(step)}"
         try:
             with _watch(self.watchdog, f"reading {where}"):
@@ -242,7 +275,10 @@ class Checkpointer:
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # any failure to read is reported the same way
             raise _unreadable(f"{where}/meta", e) from e
-        return _check_seal(restored["meta"], f"{where}/meta")
+        meta = _check_seal(restored["meta"], f"{where}/meta")
+        if not any_layout:
+            check_layout(meta, where, self.directory.parent)
+        return meta
 
     def check_compatible(self, cfg: ml_collections.ConfigDict, tokenizer,
                          step: int = -1) -> dict | None:
@@ -341,7 +377,19 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params, shardings):
         """Only the parameters of `step`, placed into `shardings`: the optimizer state is
-        not read, so evaluation and export need a third of the memory of a full restore."""
+        not read, so evaluation and export need a third of the memory of a full restore.
+        A run that trained part of the model gets its frozen base joined in."""
+        meta = self.read_meta(step)
+        if meta.get("frozen"):
+            saved = config_lib.from_dict(meta["config"], f"checkpoint {self.directory / str(step)}")
+            split = Trainable(saved.train.trainable, abstract_params)
+            (abstract_t, abstract_f), (shard_t, shard_f) = (split.split(abstract_params),
+                                                            split.split(shardings))
+            frozen = load_frozen(self.directory.parent, meta, abstract_f, shard_f, self.verify)
+            return split.merge(self._restore_params(step, abstract_t, shard_t), frozen)
+        return self._restore_params(step, abstract_params, shardings)
+
+    def _restore_params(self, step: int, abstract_params, shardings):
         where = f"checkpoint {self.directory / str(step)}"
         target = {"params": _target(abstract_params, shardings)}
         try:
@@ -390,11 +438,45 @@ def _target(abstract_tree, shardings):
 
 
 def make_meta(cfg: ml_collections.ConfigDict, tokenizer, next_sample: int, data_fingerprint: str,
-              rng: jax.Array, skipped_steps: list[int]) -> dict:
+              rng: jax.Array, skipped_steps: list[int], frozen: str | None = None) -> dict:
+    """`frozen`: the digest of the run's frozen base (save_frozen), if it has one."""
     return {"config": config_lib.to_dict(cfg), "tokenizer": tokenizer.to_dict(),
+            "layout": STATE_LAYOUT,
             "data": {"next_sample": int(next_sample), "fingerprint": data_fingerprint},
             "rng": [int(x) for x in np.asarray(rng).reshape(-1)],  # raw uint32 key
-            "skipped_steps": [int(s) for s in skipped_steps]}
+            "skipped_steps": [int(s) for s in skipped_steps],
+            **({"frozen": frozen} if frozen else {})}
+
+
+# ----------------------------------------------------------------------------- frozen base
+
+
+def save_frozen(workdir: pathlib.Path, frozen, cfg: ml_collections.ConfigDict, tokenizer) -> str:
+    """Writes the frozen base of a run to WORKDIR/frozen (all processes call this) and
+    returns its digest, which every checkpoint's meta then names. A leftover from a run
+    that never saved a checkpoint is replaced (it is made again from the same init)."""
+    path = pathlib.Path(workdir).absolute() / FROZEN
+    if path.exists() and jax.process_index() == 0:
+        shutil.rmtree(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("jaxlm: old frozen base removed")
+    export_params(path, frozen, make_export_meta(cfg, tokenizer, 0))
+    return read_export_meta(path)["sha256"]
+
+
+def load_frozen(workdir: pathlib.Path, meta: dict, abstract, shardings, check: bool):
+    """The frozen base that checkpoint `meta` names, placed into `shardings`; refused if
+    WORKDIR/frozen is missing or is not the export the checkpoint was saved with."""
+    path = pathlib.Path(workdir).absolute() / FROZEN
+    if not (path / "meta").is_dir():
+        raise CheckpointError(f"{path} is missing: the checkpoints of {workdir} train part of "
+                              "the model (config.train.trainable) and keep the frozen rest there")
+    frozen_meta = read_export_meta(path)
+    if frozen_meta["sha256"] != meta["frozen"]:
+        raise CheckpointError(f"{path} is not the frozen base the checkpoints of {workdir} were "
+                              "saved with (its digest differs)")
+    return load_export(path, abstract, shardings, frozen_meta, check)
 
 
 # ----------------------------------------------------------------------------- exports
@@ -402,7 +484,7 @@ def make_meta(cfg: ml_collections.ConfigDict, tokenizer, next_sample: int, data_
 
 def make_export_meta(cfg: ml_collections.ConfigDict, tokenizer, step: int) -> dict:
     return {"config": config_lib.to_dict(cfg), "tokenizer": tokenizer.to_dict(),
-            "step": int(step)}
+            "layout": STATE_LAYOUT, "step": int(step)}
 
 
 def export_params(path: pathlib.Path, params, meta: dict) -> None:
@@ -416,7 +498,7 @@ def export_params(path: pathlib.Path, params, meta: dict) -> None:
                                                  meta=ocp.args.JsonSave(meta)))
 
 
-def read_export_meta(path: pathlib.Path) -> dict:
+def read_export_meta(path: pathlib.Path, any_layout: bool = False) -> dict:
     path = pathlib.Path(path).absolute()
     if not (path / "meta").is_dir():
         raise CheckpointError(f"config.evaluate.params={str(path)!r} is not a jaxlm export "
@@ -426,7 +508,10 @@ def read_export_meta(path: pathlib.Path) -> dict:
             meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
         raise _unreadable(f"export {path}/meta", e) from e
-    return _check_seal(meta, f"export {path}/meta")
+    meta = _check_seal(meta, f"export {path}/meta")
+    if not any_layout:
+        check_layout(meta, f"export {path}", path)
+    return meta
 
 
 def load_export(path: pathlib.Path, abstract_params, shardings, meta: dict, check: bool):

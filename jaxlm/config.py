@@ -160,6 +160,10 @@ SCHEMA = {
         "next_sentence": Field(False, None, "masked_lm with sentence_pairs: half the B's come "
                                "from another example, and the [CLS] output learns which "
                                "(next-sentence prediction)"),
+        "trainable": Field((), None, "regular expressions over parameter paths (e.g. "
+                           "'classifier', 'block_1/'): only matching parameters are trained, "
+                           "get optimizer moments and are saved each step; the rest is a "
+                           "frozen base saved once. Empty: all (jaxlm.trainable)"),
         "steps": Field(1000, POSITIVE, "optimizer steps"),
         "batch_size": Field(32, POSITIVE, "global batch, in sequences, per optimizer step"),
         "microbatches": Field(1, POSITIVE, "gradient accumulation: the batch is split into this many"),

@@ -42,6 +42,7 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.data import labelled
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.runlog import read_history
 
 log = logging.getLogger("jaxlm")
 
@@ -179,11 +180,16 @@ def _best_params(cfg, setup, workdir: pathlib.Path):
                                   cfg.checkpoint.verify), meta["step"]
 
 
+def _encoder(cfg, tokenizer) -> labelled.Encoder:
+    return labelled.Encoder(tokenizer, cfg.data.seq_len,
+                            pooled=models.family(cfg.model.arch).pooled)
+
+
 def _sources(cfg, tokenizer):
-    encoder = labelled.Encoder(tokenizer, cfg.model.arch, cfg.data.seq_len)
+    encoder = _encoder(cfg, tokenizer)
     train = read_data(cfg, cfg.finetune.train_data, "train_data").take(cfg.finetune.train_examples)
     train_source = labelled.LabelledSource(train, encoder, cfg.train.seed)
-    val_encoder = labelled.Encoder(tokenizer, cfg.model.arch, cfg.data.seq_len)
+    val_encoder = _encoder(cfg, tokenizer)
     validation = read_data(cfg, cfg.finetune.validation_data, "validation_data")
     val_source = labelled.LabelledSource(validation, val_encoder, cfg.train.seed)
     for name, enc, data in (("training", encoder, train), ("validation", val_encoder, validation)):
@@ -197,7 +203,6 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     from jaxlm.evaluate import classification
     from jaxlm.setup import build
     from jaxlm.train import loop
-    from jaxlm.train.metrics import read_history
 
     if cfg.model.num_classes < 2:
         raise ConfigError(f"config.model.num_classes={cfg.model.num_classes}: fine-tuning needs "
@@ -247,8 +252,7 @@ def evaluate_file(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, spec: s
     workdir = workdir_lib.check(workdir, must_exist=True)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     data = read_data(cfg, spec, "--evaluate")
-    source = labelled.LabelledSource(data, labelled.Encoder(tokenizer, cfg.model.arch,
-                                                            cfg.data.seq_len), cfg.train.seed)
+    source = labelled.LabelledSource(data, _encoder(cfg, tokenizer), cfg.train.seed)
     run = copy.deepcopy(cfg)
     run.train.objective = "classification"
     setup = build(run)

@@ -29,7 +29,10 @@ def pretrain_then_evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     fewshot.make_tasks(cfg)
     if cfg.evaluate.params:
         checkpoint.read_export_meta(cfg.evaluate.params)
-    out = {"train": loop.train(cfg, workdir)}
+    hooks = None
+    if cfg.evaluate.every:  # few-shot scores beside the loss: wired here, not in the loop
+        hooks = loop.Hooks(evaluate=fewshot.during_training(cfg), evaluate_every=cfg.evaluate.every)
+    out = {"train": loop.train(cfg, workdir, hooks=hooks)}
     log.info("training done: %s", out["train"])
     if not out["train"]["preempted"]:
         out["evaluate"] = fewshot.evaluate(cfg, workdir)

@@ -37,7 +37,7 @@ import ml_collections
 from jaxlm import cli, models, sharding
 from jaxlm.config import apply_override
 from jaxlm.errors import ConfigError
-from jaxlm.setup import build_train
+from jaxlm.train.build import build_train
 
 # HBM per device, for the "does it fit" verdict (vendor spec sheets). Matched as substrings
 # of device_kind like metrics.PEAK_FLOPS.
@@ -100,8 +100,8 @@ def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | 
     batch = {k: with_sharding(v, step.batch_shardings[k])
              for k, v in step.objective.batch_spec(cfg.train.batch_size).items()}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+    lowered = step.lower(state, batch, rng)
     with sharding.activate(mesh, cfg.mesh):
-        lowered = step.jitted.lower(state, batch, rng)
         compiled = lowered.compile(
             compiler_options={"xla_dump_to": dump_dir} if dump_dir else None)
     return compiled, step

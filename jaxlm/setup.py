@@ -1,11 +1,12 @@
 """What every command builds from a config before it touches data or checkpoints.
 
-    setup = build(cfg)           # tokenizer, model, mesh, parameter shapes and shardings
-    train = build_train(cfg)     # + objective, optimizer, train-state shardings, the step
+    setup = build(cfg)   # tokenizer, model, mesh, parameter shapes and shardings
 
-Evaluation, export and inference need parameters only and call `build`; training calls
-`build_train`. Every name in the config (model family, objective, tokenizer, mesh strategy
-and rules) is parsed here, so a bad one stops the command before it writes anything.
+Evaluation, export, inference and training all start here; training adds its objective,
+optimizer and step on top (jaxlm.train.build.build_train), and nothing here imports
+jaxlm.train: a server or an exporter builds a model without importing training. Every
+name in the config that this needs (model family, tokenizer, mesh strategy and rules) is
+parsed here, so a bad one stops the command before it writes anything.
 Nothing here allocates a full model: shapes come from `jax.eval_shape`, and parameters are
 created or restored straight into their shardings.
 """
@@ -24,7 +25,6 @@ from jaxlm import models, sharding
 from jaxlm.data.tokenizers import Tokenizer, get_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models import attention
-from jaxlm.train import objectives, optimizer, pmap, step
 
 log = logging.getLogger("jaxlm")
 
@@ -81,20 +81,3 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     sharding.check_divisible(boxed, mesh, cfg.mesh)
     return Setup(cfg, tokenizer, family, model, mesh, boxed, nn.meta.unbox(boxed),
                  sharding.logical_shardings(boxed, mesh, cfg.mesh))
-
-
-def build_train(cfg: ml_collections.ConfigDict, devices=None):
-    """`build` plus what training needs: the objective, the optimizer and the compiled step
-    (jaxlm.train.step.JitTrainStep, or the pmap adapter when config.parallelism = pmap)."""
-    setup = build(cfg, devices)
-    objective = objectives.make_objective(cfg, setup.tokenizer)
-    tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
-    schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    kind = pmap.PmapTrainStep if cfg.parallelism == "pmap" else step.JitTrainStep
-    train_step = kind(setup, objective, tx, schedule)
-    dp, micro = train_step.data_parallel, cfg.train.microbatches
-    if cfg.train.batch_size % (dp * micro):
-        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
-                          f"the data-parallel size {dp} x config.train.microbatches={micro}")
-    return train_step
-

@@ -62,7 +62,7 @@ def cfg():
 
 def fresh_step(cfg, devices=None):
     """(a fresh train state in the step's layout, the compiled step) for `cfg`."""
-    from jaxlm.setup import build_train
+    from jaxlm.train.build import build_train
     step = build_train(cfg, devices)
     return step.place_state(step.init_state()), step
 

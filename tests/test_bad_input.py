@@ -24,7 +24,7 @@ from conftest import REPO
 from test_main import TINY, tree_digest
 
 from jaxlm import checkpoint, cli, workdir
-from jaxlm.train.metrics import read_history
+from jaxlm.runlog import read_history
 
 COMMANDS = {"main": "jaxlm.main", "train": "jaxlm.train.__main__",
             "evaluate": "jaxlm.evaluate.__main__", "export": "jaxlm.export",
@@ -114,7 +114,7 @@ def silently_damage(run_dir, step=4):
         # No flip landed in parameter data this time (it may all sit in zstd frames that
         # notice, or in B-tree nodes): change a parameter under the same metadata instead,
         # which is what a silent flip amounts to.
-        from jaxlm.setup import build_train
+        from jaxlm.train.build import build_train
         run = build_train(setup.cfg)
         state, meta = ckpt.restore(step, run.abstract_state, run.state_shardings)
         params = jax.tree_util.tree_map(lambda x: x, state.params)

@@ -13,8 +13,8 @@ from jaxlm import config, models
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models.bert import BERT
+from jaxlm.runlog import read_history
 from jaxlm.train import loop
-from jaxlm.train.metrics import read_history
 from jaxlm.train.objectives import MaskedLM
 
 TOK = get_tokenizer("byte:bert")

@@ -22,9 +22,10 @@ from test_main import TINY, tree_digest
 from jaxlm import checkpoint, config, export, models
 from jaxlm.errors import CheckpointError, Diverged
 from jaxlm.checkpoint import load_params
-from jaxlm.setup import build, build_train
+from jaxlm.setup import build
+from jaxlm.train.build import build_train
 from jaxlm.train import loop
-from jaxlm.train.metrics import read_history
+from jaxlm.runlog import read_history
 from jaxlm.watchdog import HUNG_EXIT_CODE
 
 needs_8 = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (fake) devices")

@@ -74,7 +74,7 @@ def test_cache_is_built_once_and_keyed_by_tokenizer(corpus):
 def test_packed_mixture_of_a_tfds_corpus_and_synthetic_trains(corpus):
     import jax
 
-    from jaxlm.setup import build_train
+    from jaxlm.train.build import build_train
     cfg = data_cfg(corpus, name="mixture", mixture=("my_corpus=1", "synthetic=3"),
                    mixture_block=8, packing=True)
     src = sources.make_source(cfg.data, TOK)
@@ -96,8 +96,8 @@ def test_packed_mixture_resumes_elastically(corpus, tmp_path):
     losses, of the uninterrupted run: the data position is one global sample index."""
     import jax
 
+    from jaxlm.runlog import read_history
     from jaxlm.train import loop
-    from jaxlm.train.metrics import read_history
     cfg = data_cfg(corpus, name="mixture", mixture=("my_corpus=1", "synthetic=3"),
                    mixture_block=8, packing=True)
     cfg.train.update(steps=4, log_every=1)

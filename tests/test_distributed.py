@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from test_main import TINY, run
 
-from jaxlm.train.metrics import read_history
+from jaxlm.runlog import read_history
 
 ARGS = ("--config.train.steps=6", "--config.train.log_every=2", "--config.checkpoint.every=3")
 

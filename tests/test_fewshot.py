@@ -248,13 +248,16 @@ def test_in_training_evaluation_logs_the_scores_evaluate_gives(tmp_path):
     """config.evaluate.every: few-shot scores in metrics.jsonl at steps 5 and 10, equal to
     what jaxlm.evaluate reports for the final checkpoint."""
     from jaxlm.train import loop
-    from jaxlm.train.metrics import read_history
+    from jaxlm.runlog import read_history
+    # As jaxlm.train and jaxlm.main wire it: the loop itself imports no evaluation.
+    hooks = lambda cfg: loop.Hooks(evaluate=fewshot.during_training(cfg),
+                                   evaluate_every=cfg.evaluate.every)
     cfg = tiny_config()
     cfg.train.update(steps=10)
     cfg.evaluate.update(every=5, every_tasks=("rule_mc", "arithmetic_mc"), every_shots=(0, 2),
                         num_examples=16, num_samples=0, tasks=("rule_mc", "arithmetic_mc"),
                         shots=(0, 2))
-    loop.train(cfg, tmp_path, jax.devices()[:1])
+    loop.train(cfg, tmp_path, jax.devices()[:1], hooks(cfg))
     logged = {h["step"]: h for h in read_history(tmp_path) if "fewshot_rule_mc_k0_acc" in h}
     assert sorted(logged) == [5, 10]
     assert set(logged[10]) >= {"fewshot_rule_mc_k2_acc", "fewshot_arithmetic_mc_k0_acc_norm"}
@@ -264,7 +267,7 @@ def test_in_training_evaluation_logs_the_scores_evaluate_gives(tmp_path):
             assert logged[10][f"fewshot_{name}_k{k}_acc"] == final[name]["shots"][str(k)]["acc"]
     cfg.evaluate.update(every_tasks=("nope",))
     with pytest.raises(ConfigError, match="unknown task"):
-        loop.train(cfg, tmp_path / "other", jax.devices()[:1])
+        loop.train(cfg, tmp_path / "other", jax.devices()[:1], hooks(cfg))
     assert not (tmp_path / "other").exists()
 
 

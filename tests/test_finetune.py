@@ -18,8 +18,8 @@ from jaxlm.data import labelled
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DataError
 from jaxlm.evaluate import classification
+from jaxlm.runlog import read_history
 from jaxlm.train import loop
-from jaxlm.train.metrics import read_history
 
 TOK = get_tokenizer("byte:bert")
 
@@ -75,7 +75,7 @@ def test_the_real_sst2_slice_reads():
 
 
 def test_encoder_formats_and_cuts_the_longest_part_first():
-    bert = labelled.Encoder(TOK, "bert", 12)
+    bert = labelled.Encoder(TOK, 12, pooled=True)
     ex = bert("abc", "de")
     cls, sep = TOK.bert_ids["cls"], TOK.bert_ids["sep"]
     assert ex["tokens"][:8].tolist() == [cls, 97, 98, 99, sep, 100, 101, sep]
@@ -84,7 +84,7 @@ def test_encoder_formats_and_cuts_the_longest_part_first():
     ex = bert("abcdefgh", "xy")   # 8 + 2 > 12 - 3: the longer part loses 1
     assert ex["tokens"].tolist() == [cls] + list(b"abcdefg") + [sep, 120, 121, sep]
     assert bert.truncated == 1
-    gpt = labelled.Encoder(get_tokenizer("byte"), "gpt", 6)
+    gpt = labelled.Encoder(get_tokenizer("byte"), 6, pooled=False)
     assert gpt("abc")["tokens"].tolist() == [256, 97, 98, 99, 257, 257]
 
 

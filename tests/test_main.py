@@ -16,8 +16,8 @@ from jaxlm import checkpoint, cli
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError
 from jaxlm.evaluate.tasks.synthetic import NAMES as TASK_NAMES
-from jaxlm.setup import build_train
-from jaxlm.train.metrics import read_history
+from jaxlm.runlog import read_history
+from jaxlm.train.build import build_train
 
 TINY = ["--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=4",
         "--config.model.mlp_dim=64", "--config.model.max_len=128", "--config.data.seq_len=64",

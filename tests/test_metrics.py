@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from jaxlm import runlog
 from jaxlm.train import metrics
 
 
@@ -42,7 +43,7 @@ def test_durations_read_at_a_glance():
 def test_read_history_keeps_last_record_per_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         "\n".join(json.dumps({"step": s, "loss": l}) for s, l in [(1, 3.0), (2, 2.0), (2, 1.5)]))
-    assert metrics.read_history(tmp_path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 1.5}]
+    assert runlog.read_history(tmp_path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 1.5}]
 
 
 def test_mfu_and_peak_lookup():

@@ -31,7 +31,8 @@ def test_shapes_and_param_names(position, tie):
     assert logits.shape == (3, 16, cfg.vocab_size) and logits.dtype == jnp.float32
     assert ("lm_head" in params) != tie
     assert ("positions" in params["embed"]) == (position == "learned")
-    assert models.block_params(params, 0)["attn"]["query"]["kernel"].shape == (32, 4 * 8)  # D, H*K
+    qkv = models.block_params(params, 0)["attn"]["qkv"]
+    assert qkv["kernel"].shape == (32, 3, 4 * 8) and qkv["bias"].shape == (3, 4 * 8)  # D, 3, H*K
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -110,7 +111,7 @@ def test_remat_gives_same_loss_and_grads():
 def test_cpu_kernel_gradients_equal_the_plain_matmul(dtype):
     """On CPU, layers.kernel_dot computes each kernel's gradient as [out, in] and transposes
     it (XLA:CPU's fast matmul takes it only that way round); loss and every gradient
-    (2-D kernels and the stacked [D, 3, H*K] query/key/value kernel) equal the plain
+    (2-D kernels and the fused [D, 3, H*K] query/key/value kernel) equal the plain
     lax.dot_general's, which config.model.platform "gpu" selects here."""
     results = []
     for platform in ("cpu", "gpu"):
@@ -139,3 +140,53 @@ def test_flops_per_token_counts_matmul_params():
     L = 32
     assert flops_per_token(cfg, L) == 6 * matmul + 12 * cfg.num_layers * cfg.d_model * L
     assert count_params(params) > matmul
+
+
+def test_fused_qkv_is_initialised_like_three_kernels():
+    """q, k and v are one parameter [D, 3, H*K]: each third drawn Normal(0, init_std) like
+    the separate kernels before (values differ, the distribution does not)."""
+    cfg = tiny_config(d_model=64).model
+    _, params = init(cfg)
+    kernel = np.asarray(models.block_params(params, 0)["attn"]["qkv"]["kernel"])
+    for part in np.moveaxis(kernel, 1, 0):  # 4096 draws each: std within ~1%
+        assert abs(part.std() / cfg.init_std - 1) < 0.05 and abs(part.mean()) < 0.05 * cfg.init_std
+    assert not np.allclose(kernel[:, 0], kernel[:, 1])  # independent draws
+
+
+def old_layout(tree):
+    """A current params tree in the layout before q/k/v were fused: attn/{query,key,value}
+    /{kernel [.., D, H*K], bias [.., H*K]}."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: old_layout(v) for k, v in tree.items() if k != "qkv"}
+    for i, name in enumerate(("query", "key", "value") if "qkv" in tree else ()):
+        out[name] = jax.tree_util.tree_map(lambda x, i=i: x[..., i, :], tree["qkv"])
+    return out
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_old_layout_trees_upgrade_to_the_same_model(scan):
+    """models.upgrade: params (and Adam moments) saved with separate query/key/value
+    convert to the fused layout exactly, and the model gives the same logits."""
+    import optax
+
+    from jaxlm.models.upgrade import is_old_layout, upgrade_tree
+    cfg = tiny_config(scan_layers=scan).model
+    model, params = init(cfg)
+    old, block = old_layout(params), models.layers.STACKED if scan else "block_0"
+    assert is_old_layout(old) and not is_old_layout(params)
+    layers_axis = (cfg.num_layers,) if scan else ()
+    assert old[block]["attn"]["query"]["kernel"].shape == layers_axis + (32, 32)
+    new = upgrade_tree(old)
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new, params)
+    assert upgrade_tree(params) == params  # the current layout is left as it is
+    tokens = random_tokens(2, 8, cfg.vocab_size)
+    np.testing.assert_array_equal(model.apply({"params": new}, tokens),
+                                  model.apply({"params": params}, tokens))
+    # a whole optimizer state (Adam's mu and nu mirror the params), on the host as numpy
+    upgraded = upgrade_tree(jax.device_get(optax.adamw(1e-3).init(old)))
+    assert jax.tree_util.tree_structure(upgraded) == jax.tree_util.tree_structure(
+        optax.adamw(1e-3).init(params))
+    nu_qkv = upgraded[0].nu[block]["attn"]["qkv"]["kernel"]
+    assert isinstance(nu_qkv, np.ndarray) and nu_qkv.shape == layers_axis + (32, 3, 32)

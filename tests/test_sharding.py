@@ -90,7 +90,7 @@ def test_bert_strategy_matches_single_device(case):
 def test_fsdp_shards_params_and_adam_moments_eightfold():
     cfg = sharded_config("fsdp")
     state, _ = run_steps(cfg, jax.devices(), make_batches(cfg, 1))
-    mu = state.opt_state[1][0].mu  # chain(clip, adamw): adamw's ScaleByAdamState
+    mu = state.opt_state[0].mu  # adamw's ScaleByAdamState
     for path, p in jax.tree_util.tree_leaves_with_path(state.params):
         m = mu
         for k in path:
@@ -105,9 +105,9 @@ def test_tp_splits_heads_and_mlp():
     cfg = sharded_config("tp")
     state, _ = run_steps(cfg, jax.devices(), make_batches(cfg, 1))
     block = models.block_params(state.params, 0)
-    q = block["attn"]["query"]["kernel"]   # (D, H*K), H=4 heads of K=8
+    qkv = block["attn"]["qkv"]["kernel"]   # (D, 3, H*K), H=4 heads of K=8
     fc = block["mlp"]["fc_in"]["kernel"]   # (D, F)
-    assert q.addressable_shards[0].data.shape == (32, 8)     # one whole head per device
+    assert qkv.addressable_shards[0].data.shape == (32, 3, 8)  # q, k, v of one whole head
     assert fc.addressable_shards[0].data.shape == (32, 16)
 
 

@@ -103,19 +103,23 @@ def test_learning_rate_schedule():
 
 
 
-# Losses of the first three steps of the golden run below, as jaxlm 38ed050 computed them
-# (CPU, jax 0.10.2, one device). The run covers data, objective, model, loss, optimizer
-# and dropout. If this fails after a change that should not change the maths (a refactor),
-# the change is wrong. Update the numbers only for a change that is meant to alter
-# training (initialisation, data order, the loss, the optimizer) and say so in the commit;
-# another CPU or jax version may differ in the last digits, hence the tolerance.
-GOLDEN_LOSSES = [5.574099540710449, 5.568737030029297, 5.5209174156188965]
-GOLDEN_PACKED_LOSSES = [5.55946159362793, 5.550953388214111, 5.514135837554932]
+# Losses of the first three steps of the golden run below (CPU, jax 0.10.2, one device).
+# The run covers data, objective, model, loss, optimizer and dropout. If this fails after a
+# change that should not change the maths (a refactor), the change is wrong. Update the
+# numbers only for a change that is meant to alter training (initialisation, data order,
+# the loss, the optimizer) and say so in the commit; another CPU or jax version may differ
+# in the last digits, hence the tolerance.
+# History: 38ed050 set them; state layout 2 (one fused qkv parameter per attention layer)
+# draws the initial q/k/v kernels in another order, which alone moved them: the old code's
+# initial params converted by jaxlm.models.upgrade give the old numbers (bitwise for the
+# packed run, within 9e-8 relative for the other).
+GOLDEN_LOSSES = [5.562444686889648, 5.566764831542969, 5.515501022338867]
+GOLDEN_PACKED_LOSSES = [5.554966449737549, 5.5478434562683105, 5.504645824432373]
 
 
 def test_golden_first_three_losses_and_one_compilation(tmp_path):
     from jaxlm.train import loop
-    from jaxlm.train.metrics import read_history
+    from jaxlm.runlog import read_history
     cfg = tiny_config(dropout=0.1)
     cfg.train.update(steps=3, log_every=1)
     cfg.checkpoint.every = 3
@@ -208,7 +212,7 @@ def test_step_clips_like_optax_clip_by_global_norm(cfg, clip):
     one step equals optax.clip_by_global_norm + AdamW on the mean gradient."""
     import optax
 
-    from jaxlm.setup import build_train
+    from jaxlm.train.build import build_train
     cfg.optimizer.grad_clip_norm = clip
     run = build_train(cfg, jax.devices()[:1])
     state = run.init_state()

@@ -19,9 +19,10 @@ Where the examples come from (`config.finetune.train_data` / `validation_data`):
 Every problem is a DataError naming the file and line (or the dataset and example): a
 missing field, an empty text, a label outside the classes.
 
-Encoding (`Encoder`): BERT reads "[CLS] a [SEP]" or "[CLS] a [SEP] b [SEP]" with token type
-0 up to the first [SEP] and 1 after; GPT reads "EOS a" or "EOS a EOS b" and classifies at
-its last token. A text longer than config.data.seq_len is cut, the longer of the two parts
+Encoding (`Encoder`): a family that classifies from a pooled first token (BERT:
+models.Family.pooled) reads "[CLS] a [SEP]" or "[CLS] a [SEP] b [SEP]" with token type 0 up
+to the first [SEP] and 1 after; GPT reads "EOS a" or "EOS a EOS b" and classifies at its
+last token. A text longer than config.data.seq_len is cut, the longer of the two parts
 first ("longest first", as BERT's reference code does), and counted (`Encoder.truncated`).
 """
 
@@ -224,10 +225,11 @@ class Encoder:
     """Text (and pair) -> tokens, token types and segments of one length (see the module
     docstring); counts what it had to cut."""
 
-    def __init__(self, tokenizer: Tokenizer, arch: str, seq_len: int):
-        self.tok, self.arch, self.seq_len = tokenizer, arch, seq_len
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, *, pooled: bool):
+        """`pooled`: the model's models.Family.pooled (it classifies from the first token)."""
+        self.tok, self.seq_len = tokenizer, seq_len
         self.truncated = 0
-        if arch == "bert":
+        if pooled:
             if not {"cls", "sep"} <= set(tokenizer.bert_ids):
                 raise ConfigError(f"config.data.tokenizer={tokenizer.name!r} has no [CLS]/[SEP] "
                                   "tokens, which BERT's classification input needs")

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, models
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, DataError
 from jaxlm.evaluate import plots, tasks as tasks_lib
@@ -148,9 +148,9 @@ def make_tasks(cfg: ml_collections.ConfigDict) -> dict[str, Task]:
     except DataError as e:
         raise DataError(f"config.evaluate.tasks: {e}") from None
     for task in tasks.values():  # every k must be drawable before anything runs
-        if task.kind == "generate_until" and cfg.model.arch == "bert":
+        if task.kind == "generate_until" and not models.family(cfg.model.arch).causal:
             raise ConfigError(f"config.evaluate.tasks: {task.name} generates text, which a "
-                              "masked LM (config.model.arch='bert') does not do")
+                              f"masked LM (config.model.arch={cfg.model.arch!r}) does not do")
         for k in cfg.evaluate.shots:
             try:
                 contexts(task, k, cfg.evaluate.fewshot_seed, min(2, len(task.docs)))
@@ -196,9 +196,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     e = cfg.evaluate
     scorer = make_scorer(setup, params, e)
-    samples = [] if setup.family.name == "bert" else scorer.generate(  # an encoder: no text
+    samples = scorer.generate(
         [""] * e.num_samples, e.sample_len, temperature=e.temperature, top_k=e.top_k,
-        top_p=e.top_p, seed=e.seed)
+        top_p=e.top_p, seed=e.seed) if setup.family.causal else []  # an encoder: no text
     for i, s in enumerate(samples):
         log.info("sample %d:\n%s", i, s)
 

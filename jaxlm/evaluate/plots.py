@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jaxlm.train.metrics import read_history  # noqa: E402
+from jaxlm.runlog import read_history  # noqa: E402
 
 
 def write_plots(workdir: pathlib.Path, results: dict, shots) -> list[pathlib.Path]:

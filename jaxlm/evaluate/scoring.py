@@ -230,10 +230,10 @@ class PseudoLikelihoodScorer(Scorer):
 
 
 def make_scorer(setup, params, cfg_evaluate) -> Scorer:
-    """The scorer of the model family: causal log-likelihoods for GPT, pseudo-log-
-    likelihoods for BERT."""
+    """The scorer of the model family: log-likelihoods for a causal LM (GPT), pseudo-log-
+    likelihoods through the masked-LM head for an encoder (BERT)."""
     e, mesh = cfg_evaluate, setup.cfg.mesh
-    if setup.family.name == "bert":
+    if not setup.family.causal:
         return PseudoLikelihoodScorer(setup.model, params, setup.tokenizer, setup.mesh, mesh,
                                       e.batch_size)
     return Scorer(setup.model, params, setup.tokenizer, setup.mesh, mesh, e.batch_size,

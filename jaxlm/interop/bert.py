@@ -28,7 +28,7 @@ def model_config(hf: dict) -> dict:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"config.json: position_embedding_type="
                               f"{hf['position_embedding_type']!r}: jaxlm's BERT has absolute positions")
-    arch = (hf.get("architectures") or ["BertForMaskedLM"])[0]
+    hf_class = (hf.get("architectures") or ["BertForMaskedLM"])[0]
     classes = len(hf.get("id2label", {})) or hf.get("num_labels", 2)
     return {"arch": "bert", "vocab_size": hf["vocab_size"], "max_len": hf["max_position_embeddings"],
             "num_layers": hf["num_hidden_layers"], "d_model": hf["hidden_size"],
@@ -36,13 +36,13 @@ def model_config(hf: dict) -> dict:
             "position": "learned", "norm_position": "post", "activation": ACTIVATIONS[act],
             "layer_norm_eps": hf.get("layer_norm_eps", 1e-12),
             "type_vocab_size": hf.get("type_vocab_size", 2), "tie_embeddings": True,
-            "num_classes": classes if arch == "BertForSequenceClassification" else 0}
+            "num_classes": classes if hf_class == "BertForSequenceClassification" else 0}
 
 
 def hf_config(m) -> dict:
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}[m.activation]
-    arch = "BertForSequenceClassification" if m.num_classes else "BertForPreTraining"
-    out = {"architectures": [arch], "model_type": "bert", "vocab_size": m.vocab_size,
+    hf_class = "BertForSequenceClassification" if m.num_classes else "BertForPreTraining"
+    out = {"architectures": [hf_class], "model_type": "bert", "vocab_size": m.vocab_size,
            "max_position_embeddings": m.max_len, "hidden_size": m.d_model,
            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
            "intermediate_size": m.mlp_dim, "hidden_act": act, "layer_norm_eps": m.layer_norm_eps,
@@ -56,9 +56,11 @@ def hf_config(m) -> dict:
 
 
 def check_model(m) -> None:
-    if m.arch != "bert" or m.position != "learned" or m.norm_position != "post" or not m.type_vocab_size:
-        raise CheckpointError("only BERT-shaped models (arch bert, learned positions, post-LN, "
-                              "token types) export as Hugging Face BERT")
+    """Only the BERT layout converts: learned positions, post-LN, token types. (That `m` is
+    a BERT, hf.FAMILIES decided by config.model.arch.)"""
+    if m.position != "learned" or m.norm_position != "post" or not m.type_vocab_size:
+        raise CheckpointError("only BERT-shaped models (learned positions, post-LN, token "
+                              "types) export as Hugging Face BERT")
 
 
 def heads_in(keys) -> tuple[str, ...]:
@@ -91,8 +93,10 @@ def rules(m, prefix: str = PREFIX, heads=HEADS, old_names: bool = False) -> list
            *_norm("ln_embed", f"{p}embeddings.LayerNorm", old_names)]
     for i in range(m.num_layers):
         b, layer = f"block_{i}", f"{p}encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            out += _dense(f"{b}/attn/{name}", f"{layer}.attention.self.{name}")
+        for j, name in enumerate(("query", "key", "value")):  # parts of our qkv [D, 3, D]
+            theirs = f"{layer}.attention.self.{name}"
+            out += [Rule(f"{b}/attn/qkv/kernel", f"{theirs}.weight", transpose=True, part=j),
+                    Rule(f"{b}/attn/qkv/bias", f"{theirs}.bias", part=j)]
         out += [*_dense(f"{b}/attn/out", f"{layer}.attention.output.dense"),
                 *_norm(f"{b}/ln_attn", f"{layer}.attention.output.LayerNorm", old_names),
                 *_dense(f"{b}/mlp/fc_in", f"{layer}.intermediate.dense"),

@@ -1,10 +1,12 @@
 """Tensor-by-tensor conversion between jaxlm params and Hugging Face checkpoints.
 
 A family's converter (gpt2.py, bert.py) is a table of `Rule`s: which jaxlm parameter is
-which Hugging Face tensor, and how the layouts differ (a transpose, a slice of a fused
-tensor). Import reads each tensor once, memory-mapped, and places it straight into its
-NamedSharding on the current mesh (each device reads only its own slice), so no host holds
-a whole model; export gathers one parameter at a time.
+which Hugging Face tensor, and how the layouts differ (a transpose, a fused tensor
+reshaped, one of several tensors stacked into one parameter). Import reads each tensor
+once, memory-mapped, and places it straight into its NamedSharding on the current mesh
+(each device reads only its own slice; stacked parts are joined on the host first, one
+parameter at a time), so no host holds a whole model; export gathers one parameter at a
+time.
 """
 
 from __future__ import annotations
@@ -22,15 +24,33 @@ from jaxlm.models.layers import STACKED
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    ours: str                          # "block_0/attn/query/kernel"
+    ours: str                          # "block_0/attn/qkv/kernel"
     theirs: str                        # "transformer.h.0.attn.c_attn.weight"
     transpose: bool = False            # PyTorch Linear [out, in] vs our kernel [in, out]
-    cols: tuple[int, int] | None = None  # a slice of a fused tensor's last axis (GPT-2 c_attn)
+    fused: int = 0                     # their last axis holds this many tensors side by side,
+                                       # ours stacks them on a new axis -2 (GPT-2 c_attn
+                                       # [D, 3D] vs our qkv [D, 3, D]): a reshape
+    part: int | None = None            # theirs is entry `part` of our axis -2 (BERT's
+                                       # query, key, value: parts 0, 1, 2 of our qkv)
 
     def to_ours(self, theirs: np.ndarray) -> np.ndarray:
-        if self.cols is not None:
-            theirs = theirs[..., self.cols[0]:self.cols[1]]
-        return theirs.T if self.transpose else theirs
+        x = theirs.T if self.transpose else theirs
+        return x.reshape(*x.shape[:-1], self.fused, -1) if self.fused else x
+
+    def to_theirs(self, ours: np.ndarray) -> np.ndarray:
+        x = ours[..., self.part, :] if self.part is not None else ours
+        x = x.reshape(*x.shape[:-2], -1) if self.fused else x
+        return x.T if self.transpose else x
+
+    def ours_shape(self, theirs_shape) -> tuple[int, ...] | None:
+        """The shape theirs takes in our layout (one part of it, for `part`); None if it
+        cannot (a fused axis that does not divide)."""
+        shape = tuple(theirs_shape)[::-1] if self.transpose else tuple(theirs_shape)
+        if not self.fused:
+            return shape
+        if not shape or shape[-1] % self.fused:
+            return None
+        return shape[:-1] + (self.fused, shape[-1] // self.fused)
 
 
 def _path(tree, path: str):
@@ -68,30 +88,35 @@ def check_tensors(folder, rules: list[Rule], ignored: Callable[[str], bool],
         name = r.theirs
         if name not in folder:
             continue
-        want = _path(abstract_params, r.ours).shape
+        want = tuple(_path(abstract_params, r.ours).shape)
+        if r.part is not None:
+            want = want[:-2] + want[-1:]
         have = folder.shape(name)
-        got = have if r.cols is None else have[:-1] + (r.cols[1] - r.cols[0],)
-        got = got[::-1] if r.transpose else got
-        if tuple(got) != tuple(want):
+        if r.ours_shape(have) != want:
             problems.append(f"{name} has shape {list(have)}, the config needs {list(want)} for {r.ours}")
     if problems:
         raise CheckpointError(f"{folder.folder} does not match the model: " + "; ".join(problems))
 
 
 def import_params(folder, rules: list[Rule], abstract_params, shardings):
-    """jaxlm params from the folder's tensors, each placed into its sharding as it is read."""
-    params: dict = {}
+    """jaxlm params from the folder's tensors, each placed into its sharding as it is read
+    (the parts of one parameter stacked first)."""
+    by_ours: dict[str, list[Rule]] = {}
     for r in rules:
-        source = folder.get(r.theirs)
-        if not np.issubdtype(source.dtype, np.floating):
-            raise CheckpointError(f"{folder.folder}: tensor {r.theirs} has dtype "
-                                  f"{source.dtype}, not a float")
-        value = r.to_ours(source)
-        target = _path(abstract_params, r.ours)
-        value = np.asarray(value, dtype=target.dtype)
-        sharding = _path(shardings, r.ours)
-        _set(params, r.ours, jax.make_array_from_callback(
-            value.shape, sharding, lambda index, v=value: v[index]))
+        by_ours.setdefault(r.ours, []).append(r)
+    params: dict = {}
+    for ours, group in by_ours.items():
+        values = []
+        for r in sorted(group, key=lambda r: r.part or 0):
+            source = folder.get(r.theirs)
+            if not np.issubdtype(source.dtype, np.floating):
+                raise CheckpointError(f"{folder.folder}: tensor {r.theirs} has dtype "
+                                      f"{source.dtype}, not a float")
+            values.append(r.to_ours(source))
+        value = values[0] if group[0].part is None else np.stack(values, axis=-2)
+        value = np.asarray(value, dtype=_path(abstract_params, ours).dtype)
+        _set(params, ours, jax.make_array_from_callback(
+            value.shape, _path(shardings, ours), lambda index, v=value: v[index]))
     return params
 
 
@@ -104,14 +129,10 @@ def _gathered(x) -> np.ndarray:
 
 
 def export_tensors(params, rules: list[Rule], dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face name, array) for every tensor, gathering one parameter at a time;
-    rules sharing a tensor (a fused c_attn) are joined along its last axis."""
-    by_name: dict[str, list[Rule]] = {}
+    """(Hugging Face name, array) for every tensor, gathering one parameter at a time
+    (once for consecutive rules that take parts of the same one)."""
+    last = (None, None)
     for r in rules:
-        by_name.setdefault(r.theirs, []).append(r)
-    for name, group in by_name.items():
-        parts = []
-        for r in sorted(group, key=lambda r: r.cols or (0, 0)):
-            value = np.asarray(_gathered(_path(params, r.ours)), dtype)
-            parts.append(value.T if r.transpose else value)
-        yield name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+        if last[0] != r.ours:
+            last = (r.ours, np.asarray(_gathered(_path(params, r.ours)), dtype))
+        yield r.theirs, r.to_theirs(last[1])

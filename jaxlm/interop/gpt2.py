@@ -2,9 +2,10 @@
 
 Hugging Face GPT-2 stores its projections as Conv1D weights [in, out], the layout of our
 kernels, and fuses query, key and value into `attn.c_attn` [D, 3D] (columns q | k | v,
-heads contiguous within each). Files may carry the `transformer.` prefix or not, legacy
-causal-mask buffers (`attn.bias`, `attn.masked_bias`), and `lm_head.weight` or not (tied to
-`wte`; an lm_head that differs from wte makes an untied model).
+heads contiguous within each): our `attn/qkv` kernel [D, 3, D], reshaped. Files may carry
+the `transformer.` prefix or not, legacy causal-mask buffers (`attn.bias`,
+`attn.masked_bias`), and `lm_head.weight` or not (tied to `wte`; an lm_head that differs
+from wte makes an untied model).
 """
 
 from __future__ import annotations
@@ -51,26 +52,26 @@ def hf_config(m) -> dict:
 
 
 def check_model(m) -> None:
-    """Only the GPT-2 layout converts: learned positions, pre-LN, no token types."""
-    if m.arch != "gpt" or m.position != "learned" or m.norm_position != "pre" or m.type_vocab_size:
-        raise CheckpointError("only GPT-2-shaped models (arch gpt, learned positions, pre-LN) "
-                              "export as GPT2LMHeadModel")
+    """Only the GPT-2 layout converts: learned positions, pre-LN, no token types. (That
+    `m` is a GPT, hf.FAMILIES decided by config.model.arch.)"""
+    if m.position != "learned" or m.norm_position != "pre" or m.type_vocab_size:
+        raise CheckpointError("only GPT-2-shaped models (learned positions, pre-LN, no token "
+                              "types) export as GPT2LMHeadModel")
 
 
 def rules(m, prefix: str = PREFIX, with_head: bool = False) -> list[Rule]:
     """The tensor table for config.model `m`, names with `prefix` ("transformer." or "");
     `lm_head.weight` for an untied model, and with `with_head` for a tied one too."""
-    D, p = m.d_model, prefix
+    p = prefix
     out = [Rule("embed/tokens/embedding", f"{p}wte.weight"),
            Rule("embed/positions/embedding", f"{p}wpe.weight"),
            Rule("ln_final/LayerNorm_0/scale", f"{p}ln_f.weight"),
            Rule("ln_final/LayerNorm_0/bias", f"{p}ln_f.bias")]
     for i in range(m.num_layers):
         b, h = f"block_{i}", f"{p}h.{i}"
-        for j, name in enumerate(("query", "key", "value")):
-            out += [Rule(f"{b}/attn/{name}/kernel", f"{h}.attn.c_attn.weight", cols=(j * D, (j + 1) * D)),
-                    Rule(f"{b}/attn/{name}/bias", f"{h}.attn.c_attn.bias", cols=(j * D, (j + 1) * D))]
-        out += [Rule(f"{b}/attn/out/kernel", f"{h}.attn.c_proj.weight"),
+        out += [Rule(f"{b}/attn/qkv/kernel", f"{h}.attn.c_attn.weight", fused=3),  # [D, 3D]
+                Rule(f"{b}/attn/qkv/bias", f"{h}.attn.c_attn.bias", fused=3),      # [3D]
+                Rule(f"{b}/attn/out/kernel", f"{h}.attn.c_proj.weight"),
                 Rule(f"{b}/attn/out/bias", f"{h}.attn.c_proj.bias"),
                 Rule(f"{b}/ln_attn/LayerNorm_0/scale", f"{h}.ln_1.weight"),
                 Rule(f"{b}/ln_attn/LayerNorm_0/bias", f"{h}.ln_1.bias"),

@@ -3,8 +3,9 @@
 A family tells the rest of jaxlm what it needs to know about a model without reading the
 model's code: how to build it from `config.model`, which `config.model` fields fix its
 parameters' shapes and meaning (a checkpoint made with other values is refused), its
-training FLOPs per token (for MFU), and the training objectives it supports
-(jaxlm.train.objectives; the first is the usual one).
+training FLOPs per token (for MFU), the training objectives it supports
+(jaxlm.train.objectives; the first is the usual one), and what it can do (`causal`,
+`pooled`). Code outside this package asks these, never the family's name.
 
 Parameters of block i are `block_params(params, i)`: tests and converters read layers
 through it, never through a hand-written path. Scanned models (config.model.scan_layers)
@@ -33,13 +34,19 @@ class Family:
     shape_fields: tuple[str, ...]                 # config.model fields a checkpoint must share
     flops_per_token: Callable[..., float]         # (config.model, seq_len) -> training FLOPs
     objectives: tuple[str, ...]                   # names in jaxlm.train.objectives
+    # A left-to-right LM: generates text and scores a continuation by its log-likelihood
+    # (else an encoder, scored by pseudo-log-likelihood through its masked-LM head).
+    causal: bool
+    # Classifies from a pooler on the first token, [CLS] (else from the last token, which
+    # has seen the whole text): classification inputs are [CLS] A [SEP] B [SEP].
+    pooled: bool
 
 
 FAMILIES = {
     "gpt": Family("gpt", gpt.GPT, gpt.SHAPE_FIELDS, gpt.flops_per_token,
-                  ("causal_lm", "classification")),
+                  ("causal_lm", "classification"), causal=True, pooled=False),
     "bert": Family("bert", bert.BERT, bert.SHAPE_FIELDS, bert.flops_per_token,
-                   ("masked_lm", "classification")),
+                   ("masked_lm", "classification"), causal=False, pooled=True),
 }
 
 

@@ -34,7 +34,7 @@ class GPT(nn.Module):
     def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
                  segments_BxL: Array | None = None, types_BxL: Array | None = None, *,
                  deterministic: bool = True, decode: bool = False,
-                 output: str = "logits") -> Array:
+                 output: str = "logits", hidden_BxLxD: Array | None = None) -> Array:
         """output="logits": next-token logits [B, L, V] in fp32; "hidden": the final hidden
         states [B, L, D]; "classes": class logits [B, C] (config.model.num_classes) from the
         last non-padding token.
@@ -42,17 +42,25 @@ class GPT(nn.Module):
         positions default to 0..L-1; segments (0 = padding) keep attention inside one
         document. decode=True runs incrementally against the KV cache (see layers.Attention).
         GPT has no token types (types_BxL is accepted for a uniform interface, and unused).
+
+        hidden_BxLxD (final hidden states, as output="hidden" gives them; tokens_BxL may
+        then be None) goes straight to the head: the chunked loss makes its logits a chunk
+        at a time this way, so that the output projection runs inside the module that owns
+        its weight (jaxlm.train.objectives.chunked_token_loss).
         """
         cfg = self.cfg
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         embed = layers.Embeddings(cfg, name="embed")
-        x_BxLxD = embed(tokens_BxL, positions_BxL)
-        x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
-
-        x_BxLxD = layers.apply_blocks(cfg, True, x_BxLxD, positions_BxL, segments_BxL,
-                                      deterministic, decode)
-        x_BxLxD = layers.LayerNorm(cfg, name="ln_final")(x_BxLxD)
+        if hidden_BxLxD is None:
+            if positions_BxL is None:
+                positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]),
+                                                 tokens_BxL.shape)
+            x_BxLxD = embed(tokens_BxL, positions_BxL)
+            x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+            x_BxLxD = layers.apply_blocks(cfg, True, x_BxLxD, positions_BxL, segments_BxL,
+                                          deterministic, decode)
+            x_BxLxD = layers.LayerNorm(cfg, name="ln_final")(x_BxLxD)
+        else:
+            x_BxLxD = hidden_BxLxD
 
         out = {"hidden": x_BxLxD}
         init = self.is_initializing()  # init creates every head's parameters

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax.linen.dtypes import promote_dtype
 
 from jaxlm.models.attention import MaskSpec, attend, resolve
 
@@ -57,6 +58,17 @@ def kernel_dot(cfg: Config):
     return cpu_kernel_dot if platform == "cpu" else jax.lax.dot_general
 
 
+# jax's own dot_general, and its code: an interceptor replaces one or the other
+# (monkeypatching the attribute, or, as google/qwix does, swapping the function's code).
+_LAX_DOT = jax.lax.dot_general
+_LAX_DOT_CODE = _LAX_DOT.__code__
+
+
+def _dot_intercepted() -> bool:
+    dot = jax.lax.dot_general
+    return dot is not _LAX_DOT or getattr(dot, "__code__", None) is not _LAX_DOT_CODE
+
+
 def cpu_kernel_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
     """lax.dot_general; for x's last axis against the kernel's first (every projection),
     the kernel's gradient is computed as [*out, in], dy^T x, and then transposed.
@@ -67,11 +79,20 @@ def cpu_kernel_dot(x, kernel, dimension_numbers, precision=None, preferred_eleme
     the input gradient's; dy^T x, dy transposed first, is a plain library matmul. The
     barrier keeps XLA from folding the transpose back into the matmul. Same values; 3-6%
     off a training step (benchmarks/vs_hf.py, BENCHMARKS.md).
+
+    It yields to any transform. The rule: the custom gradient is used only while
+    jax.lax.dot_general is jax's own and both operands are plain arrays; otherwise (a
+    matmul interceptor such as qwix's quantization or LoRA is active, or the kernel is a
+    quantized or boxed weight) this is jax.lax.dot_general, looked up at call time, on
+    the operands as given, so the interceptor sees the module's own parameter. (Inside the
+    custom_vjp the kernel would be a fresh tracer that no interceptor can recognise.)
     """
     (contract_x, contract_k), batch = dimension_numbers
     if (tuple(contract_x), tuple(contract_k)) != ((x.ndim - 1,), (0,)) or any(batch) or \
-            preferred_element_type is not None:
-        return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+            preferred_element_type is not None or _dot_intercepted() or \
+            not (isinstance(x, jax.Array) and isinstance(kernel, jax.Array)):
+        return jax.lax.dot_general(x, kernel, dimension_numbers, precision,
+                                   preferred_element_type)
     return _kernel_grad_transposed(x, kernel, precision)
 
 
@@ -99,24 +120,26 @@ def _kernel_dot_bwd(precision, residuals, dy):
 _kernel_grad_transposed.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
 
 
-class DenseParams(nn.Module):
-    """The parameters of `dense` (an [in, out] kernel and an [out] bias, logically named,
-    initialised alike) without its matmul, for layers that fuse several projections."""
+class FusedDense(nn.Module):
+    """x [.., in] @ kernel [in, *features] + bias [*features], logically named (the bias
+    takes the kernel's names but the first) and initialised as `dense`: several
+    projections of one input as one parameter and one matmul. (nn.DenseGeneral draws a
+    2-D kernel and reshapes it, which the 3-D kernel's logical names do not survive.)"""
     cfg: Config
-    in_features: int
-    features: int
-    names: tuple[str, str]
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]
     std: float
 
     @nn.compact
-    def __call__(self) -> tuple[Array, Array]:
-        dtype = jnp.dtype(self.cfg.param_dtype)
+    def __call__(self, x: Array) -> Array:
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.param_dtype)
         kernel = self.param("kernel", init(self.std, self.names),
-                            (self.in_features, self.features), dtype)
+                            (x.shape[-1], *self.features), dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                self.names[1:]),
-                          (self.features,), dtype)
-        return kernel, bias
+                          self.features, dtype)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=cfg.dtype)
+        return kernel_dot(cfg)(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
 
 
 class LayerNorm(nn.Module):
@@ -159,9 +182,9 @@ class Embeddings(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
-                               embedding_init=init(cfg.init_std, ("vocab", "embed")),
-                               **dtypes(cfg))
+        self.tokens = Embed(cfg.vocab_size, cfg.d_model,
+                            embedding_init=init(cfg.init_std, ("vocab", "embed")),
+                            **dtypes(cfg))
         if cfg.position == "learned":
             self.positions = nn.Embed(cfg.max_len, cfg.d_model,
                                       embedding_init=init(cfg.init_std / 2, ("pos", "embed")),
@@ -182,13 +205,22 @@ class Embeddings(nn.Module):
         return constrain(x_BxLxD, ("batch", "length", "embed"))
 
     def attend(self, x_BxLxD: Array) -> Array:
-        """Logits [B, L, V] against the token table, accumulated and returned in fp32 (or
-        wider) whatever the compute dtype: a bf16 logit keeps ~3 significant digits."""
-        return logits(x_BxLxD, self.tokens.embedding, self.cfg.dtype)
+        """Logits [B, L, V] against the token table (layers.logits)."""
+        return self.tokens.attend(x_BxLxD)
+
+
+class Embed(nn.Embed):
+    """nn.Embed whose `attend` (the tied output projection) runs in this module, on its own
+    table, as a transform (quantization, LoRA) needs to see it, and keeps a wide
+    accumulator (layers.logits) where nn.Embed's would be the compute dtype."""
+
+    def attend(self, x_BxLxD: Array) -> Array:
+        return logits(x_BxLxD, self.embedding, self.dtype)
 
 
 def logits(x_BxLxD: Array, table_VxD: Array, dtype) -> Array:
-    """x @ table^T in the compute dtype with a wide (fp32) accumulator and result."""
+    """x @ table^T in the compute dtype with a wide (fp32) accumulator and result, whatever
+    the compute dtype: a bf16 logit keeps ~3 significant digits."""
     dtype = jnp.dtype(dtype)
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD.astype(dtype),
                       preferred_element_type=wide(dtype))
@@ -213,19 +245,18 @@ class Attention(nn.Module):
                  decode: bool = False) -> Array:
         cfg = self.cfg
         D, H, K = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
-        # Kernels are 2-D ([D, H*K] and [H*K, D], heads contiguous), not [D, H, K]: with K=64
-        # a 3-D kernel is laid out on TPU with D minor-most, so an FSDP shard of D is not
-        # contiguous and XLA all-reduces its gradient to full size instead of
+        # Heads stay contiguous in one axis (H*K), never a [D, H, K] kernel: with K=64 a
+        # [D, H, K] kernel is laid out on TPU with D minor-most, so an FSDP shard of D is
+        # not contiguous and XLA all-reduces its gradient to full size instead of
         # reduce-scattering it (measured: +48 MB per gpt2_xl layer under FSDP-8).
-        # Query, key and value keep their own parameters but are projected by one matmul,
-        # stacked on a new axis T=3 so that a heads-sharded kernel stays sharded alike.
-        w = [DenseParams(cfg, D, H * K, ("embed", "heads"), cfg.init_std, name=n)()
-             for n in ("query", "key", "value")]
-        dtype = jnp.dtype(cfg.dtype)
-        kernel_Dx3xHK = jnp.stack([kernel for kernel, _ in w], axis=1).astype(dtype)
-        bias_3xHK = jnp.stack([bias for _, bias in w]).astype(dtype)
-        qkv_BxLx3xHK = kernel_dot(cfg)(x_BxLxD.astype(dtype), kernel_Dx3xHK,
-                                       (((2,), (0,)), ((), ()))) + bias_3xHK
+        # Query, key and value are one parameter [D, 3, H*K]: stacked on a new axis of 3
+        # (not [D, 3*H*K]) so that a heads-sharded kernel holds the same heads of all
+        # three, and one parameter under one matmul in the module that owns it, as a
+        # matmul transform (quantization, LoRA) needs to see a weight. (Before, three 2-D
+        # kernels were stacked into this same array in the forward pass; the parameter's
+        # own TPU layout under FSDP is not measured yet.)
+        qkv_BxLx3xHK = FusedDense(cfg, (3, H * K), ("embed", None, "heads"), cfg.init_std,
+                                  name="qkv")(x_BxLxD)
         # A split (its gradient one concatenation), not indexing (three pads and adds).
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
             einops.rearrange(x, "b l 1 (h k) -> b l h k", h=H)

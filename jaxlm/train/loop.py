@@ -26,7 +26,7 @@ from jaxlm.config import to_json
 from jaxlm.data import batches as batches_lib
 from jaxlm.data import sources
 from jaxlm.errors import CheckpointError, ConfigError, Interrupted, JaxlmError
-from jaxlm.setup import build_train
+from jaxlm.train.build import build_train
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.nonfinite import NonfiniteGuard
 from jaxlm.train.preemption import Preemption
@@ -37,7 +37,10 @@ log = logging.getLogger("jaxlm")
 
 @dataclasses.dataclass
 class Hooks:
-    """What a caller (jaxlm.finetune) plugs into the loop; the defaults pretrain.
+    """What a caller plugs into the loop; the defaults pretrain. jaxlm.finetune brings its
+    data, init and validation; jaxlm.train and jaxlm.main bring the few-shot evaluation of
+    config.evaluate.every (jaxlm.evaluate.fewshot.during_training). The loop imports no
+    evaluation: evaluation is a client of training, so its caller wires it in.
 
     source:         examples by global index; None: the one config.data describes.
     init_params:    setup -> params to start from when the workdir has no checkpoint (the
@@ -65,6 +68,11 @@ def restore_or_init(step, ckpt: checkpoint.Checkpointer, init_params: Callable |
         raise CheckpointError(f"config.train.steps={setup.cfg.train.steps} is below the step of "
                               f"the latest checkpoint in {ckpt.directory} ({latest}); raise it to "
                               "continue the run, or use another --workdir")
+    saved = meta["config"]["train"].get("trainable", [])
+    if tuple(saved) != tuple(setup.cfg.train.trainable):
+        raise CheckpointError(f"config.train.trainable={tuple(setup.cfg.train.trainable)!r}, but "
+                              f"the checkpoints in {ckpt.directory} train {tuple(saved)!r}; pass "
+                              "the same value to resume, or use another --workdir")
     restore = lambda s: ckpt.restore(s, step.abstract_state, step.state_shardings)
     try:
         state, meta = restore(latest)
@@ -74,6 +82,9 @@ def restore_or_init(step, ckpt: checkpoint.Checkpointer, init_params: Callable |
                 f"{ckpt.directory} and run again to resume from step {intact}"
                 if intact is not None else "; no older checkpoint there is intact either")
         raise CheckpointError(f"{e}{hint}") from None
+    if meta.get("frozen"):
+        step.frozen = checkpoint.load_frozen(ckpt.directory.parent, meta, step.abstract_frozen,
+                                             step.frozen_shardings, ckpt.verify)
     log.info("resumed from %s at step %d", ckpt.directory, latest)
     return state, meta
 
@@ -120,16 +131,15 @@ def _resume_checked(train_step, workdir, source, watchdog, init_params):
 def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None,
           hooks: Hooks | None = None) -> dict:
     """Pretrains to config.train.steps (resuming if the workdir has a checkpoint), on
-    `devices` (default: all). Nothing is written to the workdir until every check passed.
+    `devices` (default: all), with what `hooks` plugs in (None: plain pretraining; the
+    caller wires config.evaluate.every, see Hooks). Nothing is written to the workdir until
+    every check passed.
 
     Returns a summary: final step, last logged loss, parameter count, wall time, whether
     the run stopped early for a preemption (SIGTERM, after saving), steps skipped for a
     non-finite loss, and how often the step was compiled (1 unless something is wrong).
     """
     workdir = workdir_lib.check(workdir, must_exist=False)
-    if hooks is None and cfg.evaluate.every:  # few-shot scores beside the loss
-        from jaxlm.evaluate import fewshot  # (evaluation is a client of training, not a part)
-        hooks = Hooks(evaluate=fewshot.during_training(cfg), evaluate_every=cfg.evaluate.every)
     claim = _claim(workdir)
     try:
         return _train(cfg, workdir, devices, claim, hooks or Hooks())
@@ -147,9 +157,13 @@ def _train(cfg, workdir: pathlib.Path, devices, claim, hooks: Hooks) -> dict:
     claim.accept()  # the run is accepted: from here on it writes
     if jax.process_index() == 0:
         workdir_lib.write_text(workdir / "config.json", to_json(cfg))
+    frozen = meta.get("frozen") if meta else None  # the frozen base, saved once per run
+    if train_step.frozen and frozen is None:
+        frozen = checkpoint.save_frozen(workdir, train_step.frozen, cfg, setup.tokenizer)
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog)
     try:
-        return _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks)
+        return _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks,
+                    frozen)
     finally:
         try:
             ckpt.wait()  # a failed save surfaces here at the latest
@@ -157,7 +171,8 @@ def _train(cfg, workdir: pathlib.Path, devices, claim, hooks: Hooks) -> dict:
             ckpt.close()
 
 
-def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks) -> dict:
+def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks,
+         frozen) -> dict:
     """The steps, with logging, checkpoints, preemption and the NaN policy."""
     setup, objective = train_step.setup, train_step.objective
     B, T = cfg.train.batch_size, cfg.data.seq_len
@@ -167,12 +182,14 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, h
     guard = NonfiniteGuard(cfg.train, meta.get("skipped_steps", []) if meta else [])
     last_saved = start if meta else None
 
-    n_params = models.count_params(train_step.abstract_state.params)
+    n_params = models.count_params(setup.abstract_params)
+    n_trainable = models.count_params(train_step.abstract_state.params)
     n_devices = train_step.num_devices
     fpt = setup.family.flops_per_token(cfg.model, T)
     peak = metrics_lib.peak_flops_per_device(cfg.hardware.peak_flops)
-    log.info("model: %s parameters, %.3g training FLOPs/token; mesh %s; steps %d -> %d",
-             f"{n_params:,}", fpt, dict(setup.mesh.shape), start, cfg.train.steps)
+    log.info("model: %s parameters%s, %.3g training FLOPs/token; mesh %s; steps %d -> %d",
+             f"{n_params:,}", f" ({n_trainable:,} trained)" if n_trainable < n_params else "",
+             fpt, dict(setup.mesh.shape), start, cfg.train.steps)
 
     state = train_step.place_state(state)
     log.info("data: %s", sources.describe(source, start * B, cfg.train.steps * B))
@@ -223,13 +240,13 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, h
             if hooks.evaluate and (done % hooks.evaluate_every == 0 or done == cfg.train.steps):
                 with watchdog.watch(f"waiting for step {done}"):
                     guard.check(done, device_metrics, last_saved)
-                sink.write(done, hooks.evaluate(setup, train_step.global_state(state).params, done))
+                sink.write(done, hooks.evaluate(setup, train_step.params(state), done))
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stopped:
                 with watchdog.watch(f"waiting for step {done}"):
                     guard.check(done, device_metrics, last_saved)
                 ckpt.save(done, train_step.global_state(state),
                           checkpoint.make_meta(cfg, setup.tokenizer, done * B, source.fingerprint(),
-                                               rng, guard.skipped))
+                                               rng, guard.skipped, frozen))
                 last_saved = done
             if stopped:
                 break

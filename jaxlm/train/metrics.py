@@ -11,6 +11,8 @@ import sys
 
 import jax
 
+from jaxlm.runlog import METRICS_FILE
+
 log = logging.getLogger("jaxlm")
 
 # Dense bf16 peak FLOP/s per JAX device, from the vendors' spec sheets. MFU is quoted
@@ -52,7 +54,8 @@ EVALUATION_GROUPS = ("validation", "fewshot")
 
 
 class MetricSink:
-    """Writes step metrics to WORKDIR/metrics.jsonl, TensorBoard (WORKDIR/tb) and the console.
+    """Writes step metrics to WORKDIR/metrics.jsonl (read back by jaxlm.runlog), TensorBoard
+    (WORKDIR/tb) and the console.
 
     Only process 0 writes. A progress bar is shown on an interactive terminal, plain log
     lines otherwise (CI, SLURM logs).
@@ -65,9 +68,9 @@ class MetricSink:
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        path = pathlib.Path(workdir) / "metrics.jsonl"
+        path = pathlib.Path(workdir) / METRICS_FILE
         # A run killed mid-write leaves a partial last line; start the resumed run's
-        # records on a fresh line (read_history skips the fragment).
+        # records on a fresh line (jaxlm.runlog.read_history skips the fragment).
         self.jsonl = open(path, "a+")
         if self.jsonl.tell():
             self.jsonl.seek(self.jsonl.tell() - 1)
@@ -131,19 +134,3 @@ def format_duration(seconds: float) -> str:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
-
-def read_history(workdir: pathlib.Path) -> list[dict]:
-    """metrics.jsonl as a list, one dict per step: a step's records (training, validation)
-    merged, a later value of a field replacing an earlier one (a resumed run may have logged
-    a step twice; a killed run may have left half a line)."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # empty, or the fragment of a killed run's last write
-            continue
-        by_step.setdefault(rec["step"], {}).update(rec)  # a step's records merge; later wins
-    return [by_step[s] for s in sorted(by_step)]

@@ -13,6 +13,9 @@ padding) and `positions` for the window's first L tokens. An objective
   - computes a batch's summed loss, its summed weight and summed metrics (`loss`, inside
     the jitted step). Sums, not means, so that microbatches and devices add up exactly; the
     step divides by the total weight (`metrics` names what it reports besides the loss).
+    `aux` holds the step's auxiliary inputs, e.g. a distillation teacher's params: jit
+    arguments that are not trained. An objective that reads them declares their shapes in
+    `aux_spec` (a tree of jax.ShapeDtypeStruct), and the step refuses inputs that differ.
 
 Objectives, by `config.train.objective`:
   causal_lm       next-token prediction (GPT): inputs tokens[:L], targets tokens[1:L+1]
@@ -39,7 +42,6 @@ import numpy as np
 
 from jaxlm import models
 from jaxlm.errors import ConfigError
-from jaxlm.models import layers
 
 # Seed-sequence tags of the masking and sentence-pair draws (data streams use 1 and 2,
 # jaxlm.data.sources).
@@ -70,15 +72,17 @@ def _apply(model, params, batch: dict, rng, deterministic: bool, output):
                        rngs={"dropout": rng}, output=output)
 
 
-def _token_loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+def _token_loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool,
+                aux=None):
     """(summed cross-entropy of the weighted token targets, (their weight, {accuracy}))."""
     logits = _apply(model, params, batch, rng, deterministic, "logits")
     total, weight = cross_entropy(logits, batch["targets"], batch["weights"])
     return total, (weight, {"accuracy": _correct(logits, batch["targets"], batch["weights"])})
 
 
-def chunked_token_loss(hidden_BxLxD, head_VxD, targets_BxL, weights_BxL, chunk: int):
-    """`_token_loss`'s sums with logits made `chunk` positions at a time: each chunk's
+def chunked_token_loss(hidden_BxLxD, logits_of, targets_BxL, weights_BxL, chunk: int):
+    """`_token_loss`'s sums with logits made `chunk` positions at a time by
+    `logits_of(hidden_BxCxD) -> logits_BxCxV` (the model's head): each chunk's
     [B, chunk, V] logits are recomputed in the backward pass (jax.checkpoint) instead of
     stored, so peak memory holds one chunk's logits, not the whole batch's."""
     B, L, D = hidden_BxLxD.shape
@@ -87,7 +91,7 @@ def chunked_token_loss(hidden_BxLxD, head_VxD, targets_BxL, weights_BxL, chunk: 
 
     @jax.checkpoint
     def sums(h_BxCxD, t_BxC, w_BxC):
-        logits_BxCxV = layers.logits(h_BxCxD, head_VxD, h_BxCxD.dtype)
+        logits_BxCxV = logits_of(h_BxCxD)
         total, weight = cross_entropy(logits_BxCxV, t_BxC, w_BxC)
         return total, weight, _correct(logits_BxCxV, t_BxC, w_BxC)
 
@@ -128,14 +132,16 @@ class CausalLM:
                            else (segments != 0).astype(np.float32))}
         return _with_packing(out, window, self.packed, L)
 
-    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool,
+             aux=None):
         if not self.loss_chunk:
             return _token_loss(self, model, params, batch, rng, deterministic=deterministic)
         hidden = _apply(model, params, batch, rng, deterministic, "hidden")
-        # the output projection: the tied token embedding [V, D], or lm_head's kernel [D, V]
-        head = (params["embed"]["tokens"]["embedding"] if "lm_head" not in params
-                else params["lm_head"]["kernel"].T)
-        total, weight, correct = chunked_token_loss(hidden, head, batch["targets"],
+        # The head through the model (tied embedding or lm_head), not its weight read here:
+        # its matmul then runs in the module that owns the weight, where a transform
+        # (quantization, LoRA) sees it.
+        logits_of = lambda h: model.apply({"params": params}, None, hidden_BxLxD=h)  # noqa: E731
+        total, weight, correct = chunked_token_loss(hidden, logits_of, batch["targets"],
                                                     batch["weights"], self.loss_chunk)
         return total, (weight, {"accuracy": correct})
 
@@ -263,7 +269,8 @@ class MaskedLM:
                "weights": weights, **extra}
         return _with_packing(out, window, self.packed, L)
 
-    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool,
+             aux=None):
         """Masked-LM sums; with next-sentence prediction, plus each example's NSP loss
         weighted by its number of masked tokens, so that after the step divides by the
         masked-token total the loss is mean MLM + (weighted) mean NSP, exactly additive
@@ -309,7 +316,8 @@ class Classification:
                 "segments": record["segments"].astype(np.int32),
                 "labels": np.int32(record["label"]), "weights": np.float32(1.0)}
 
-    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool):
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool,
+             aux=None):
         logits_BxC = _apply(model, params, batch, rng, deterministic, "classes")
         total, weight = cross_entropy(logits_BxC, batch["labels"], batch["weights"])
         return total, (weight, {"accuracy": _correct(logits_BxC, batch["labels"], batch["weights"])})

@@ -1,5 +1,5 @@
 """AdamW with linear warmup, cosine decay and a weight-decay mask; global-norm clipping
-(applied by the train step with the norm it computes anyway)."""
+(applied by the train step's finalize with the norm it computes anyway)."""
 
 from __future__ import annotations
 
@@ -39,14 +39,11 @@ def adamw(cfg_opt, total_steps: int) -> optax.GradientTransformation:
 
 def make_optimizer(cfg_opt, total_steps: int) -> optax.GradientTransformation:
     """What the train step applies after clipping. Global-norm clipping
-    (cfg_opt.grad_clip_norm) is done by the step itself (`clip_factor`), which has the
-    gradient norm already (for its metrics and the non-finite check) and scales the
-    gradients in the same pass that averages them; computing the norm again in an optax
-    clip cost a second pass over every gradient (measured: 100 more reductions per step for
-    a 6-layer GPT). The chain keeps a stateless first element where the clip was, so the
-    optimizer state has the layout checkpoints were written with."""
-    if cfg_opt.grad_clip_norm > 0:
-        return optax.chain(optax.identity(), adamw(cfg_opt, total_steps))
+    (cfg_opt.grad_clip_norm) is done by the step itself (jaxlm.train.step.finalize, with
+    `clip_factor`), which has the gradient norm already (for its metrics and the non-finite
+    check) and scales the gradients in the same pass that averages them; computing the norm
+    again in an optax clip cost a second pass over every gradient (measured: 100 more
+    reductions per step for a 6-layer GPT)."""
     return adamw(cfg_opt, total_steps)
 
 

@@ -19,57 +19,81 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.train.step import (TrainState, accumulate_gradients, apply_gradients, boxed_state,
-                              fresh_state)
+from jaxlm.trainable import Trainable
+from jaxlm.train.step import (TrainState, apply_update, bind_loss, boxed_state, check_aux,
+                              finalize, fresh_state, local_sums, value_and_grad)
 
 AXIS = "devices"
 
 
-def pmap_train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    microbatches: int, metrics: tuple[str, ...] = (),
+def pmap_train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array, *,
+                    objective, model, split: Trainable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, microbatches: int,
                     clip_norm: float = 0.0) -> tuple[TrainState, dict]:
-    """One step on one device's rows, run under `jax.pmap(axis_name=AXIS)`."""
+    """One step on one device's rows, run under `jax.pmap(axis_name=AXIS)`: the two-phase
+    gradient of jaxlm.train.step with the reduction an explicit psum."""
     device = jax.lax.axis_index(AXIS)
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
-    sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn,
-                                microbatches=microbatches, metrics=metrics)
+    grad_fn = value_and_grad(bind_loss(objective, model, split, frozen, aux))
+    sums = local_sums(state.params, batch, rng, grad_fn=grad_fn, microbatches=microbatches,
+                      metrics=objective.metrics)
     sums = jax.lax.psum(sums, axis_name=AXIS)
-    return apply_gradients(state, *sums, tx=tx, schedule=schedule, clip_norm=clip_norm)
+    return apply_update(state, finalize(sums, clip_norm=clip_norm), tx=tx, schedule=schedule)
 
 
 class PmapTrainStep:
     def __init__(self, setup, objective, tx: optax.GradientTransformation,
-                 schedule: optax.Schedule):
+                 schedule: optax.Schedule, aux=None):
         self.setup, self.objective, self.tx = setup, objective, tx
         self.devices = jax.local_devices()
         self.data_parallel = len(self.devices)
         self.num_devices = jax.device_count()
+        self.split = Trainable(setup.cfg.train.trainable, setup.abstract_params)
+        boxed_trainable, boxed_frozen = self.split.split(setup.boxed_params)
         # Inits and restores happen on the first device; `place_state` replicates.
-        self.abstract_state = nn.meta.unbox(boxed_state(setup.boxed_params, tx))
+        self.abstract_state = nn.meta.unbox(boxed_state(boxed_trainable, tx))
+        self.abstract_frozen = nn.meta.unbox(boxed_frozen)
         one = jax.sharding.SingleDeviceSharding(self.devices[0])
         self.state_shardings = jax.tree_util.tree_map(lambda _: one, self.abstract_state)
+        self.frozen_shardings = jax.tree_util.tree_map(lambda _: one, self.abstract_frozen)
+        self.frozen = {}  # global layout (first device); replicated for the step
+        if getattr(objective, "aux_spec", None) is not None or aux is not None:
+            check_aux(aux, getattr(objective, "aux_spec", None))
         mesh = jax.sharding.Mesh(np.asarray(self.devices), (AXIS,))
         self._split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+        self._replicated = {}  # id of a global tree -> its per-device copies
+        self.aux = aux
         self.traces = 0
         bound = functools.partial(
-            pmap_train_step, loss_fn=functools.partial(objective.loss, setup.model), tx=tx,
+            pmap_train_step, objective=objective, model=setup.model, split=self.split, tx=tx,
             schedule=schedule, microbatches=setup.cfg.train.microbatches,
-            metrics=objective.metrics, clip_norm=setup.cfg.optimizer.grad_clip_norm)
+            clip_norm=setup.cfg.optimizer.grad_clip_norm)
 
-        def counted(state, batch, rng):
+        def counted(state, frozen, aux, batch, rng):
             self.traces += 1
-            return bound(state, batch, rng)
+            return bound(state, frozen, aux, batch, rng)
         counted.__name__ = counted.__qualname__ = "train_step"  # names the HLO and its dumps
-        self._pmapped = jax.pmap(counted, axis_name=AXIS, in_axes=(0, 0, None),
+        self._pmapped = jax.pmap(counted, axis_name=AXIS, in_axes=(0, 0, 0, 0, None),
                                  donate_argnums=(0,))
 
     def __call__(self, state, batch, rng):
-        state, metrics = self._pmapped(state, batch, rng)
+        frozen, aux = self._replicas("frozen", self.frozen), self._replicas("aux", self.aux)
+        state, metrics = self._pmapped(state, frozen, aux, batch, rng)
         return state, jax.tree_util.tree_map(lambda x: x[0], metrics)  # identical on all
 
+    def _replicas(self, name: str, tree):
+        """`tree` copied to every local device, once (it does not change between steps)."""
+        if name not in self._replicated or self._replicated[name][0] is not tree:
+            self._replicated[name] = (tree, self.place_state(tree))
+        return self._replicated[name][1]
+
     def init_state(self, params=None):
-        return fresh_state(self.setup, self.tx, self.state_shardings, params)
+        state, self.frozen = fresh_state(self.setup, self.split, self.tx,
+                                         (self.state_shardings, self.frozen_shardings), params)
+        return state
+
+    def params(self, state):
+        return self.split.merge(self.global_state(state).params, self.frozen)
 
     def place_batch(self, local_batch: dict) -> dict:
         """Rows [B, ...] -> [devices, B / devices, ...], one slice per device."""

@@ -1,16 +1,28 @@
 """The train state, the pure train step, and the step jitted over the mesh.
 
-`train_step(state, batch, rng, ...) -> (state, metrics)` is a module-level function of its
-inputs only. `JitTrainStep` binds model, objective and optimizer and jits it once with
-explicit shardings and a donated state. jaxlm.train.pmap has the same interface for the
-classic pmap path, so the loop never asks which one it drives:
+`train_step(state, frozen, aux, batch, rng, ...) -> (state, metrics)` is a module-level
+function of its inputs only. `JitTrainStep` binds model, objective and optimizer and jits
+it once with explicit shardings and a donated state. jaxlm.train.pmap has the same
+interface for the classic pmap path, so the loop never asks which one it drives:
 
     step.init_state(params=None)          -> a fresh state, global layout (as checkpointed)
     step.abstract_state, .state_shardings -> restore target of a checkpoint, same layout
+    step.frozen                           -> the frozen base (config.train.trainable)
     step.place_state(state)               -> the state in the layout the step runs on
     step.place_batch(numpy rows)          -> device batch (this process's rows)
     step(state, batch, rng)               -> (state, metrics), in the step's layout
     step.global_state(state)              -> back to the global layout, e.g. to save it
+    step.params(state)                    -> the whole params tree (trainable + frozen)
+
+The gradient is made in two phases so that plain, accumulated, data-parallel and (later)
+differentially private training share one path:
+  1. `local_sums`: per microbatch, the gradient of the *summed* loss, added up in a scan
+     (`grad_fn` computes one microbatch's; per-example work such as DP clipping replaces
+     it and runs inside the scan, never holding every example's gradient at once);
+  2. the cross-device reduction: XLA's under jit (the batch is sharded), a psum under pmap;
+  3. `finalize`: the one place that owns the denominator (the total token weight), the
+     global-norm clip and the non-finite check, and where DP noise will be added.
+The optimizer update then runs on the finalized gradient, unchanged by any of this.
 """
 
 from __future__ import annotations
@@ -27,141 +39,227 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import sharding
+from jaxlm.errors import ConfigError
 from jaxlm.train import optimizer
+from jaxlm.trainable import Trainable
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array       # int32 scalar: optimizer steps taken
-    params: Any
-    opt_state: Any
+    params: Any           # the trainable parameters (all of them unless config.train.trainable)
+    opt_state: Any        # the optimizer's state, for the trainable parameters only
+    extra: Any = None     # state that is not parameters (e.g. pruning masks); saved, not trained
 
 
-def accumulate_gradients(params, batch: dict, rng: jax.Array, *, loss_fn: Callable,
-                         microbatches: int, metrics: tuple[str, ...] = ()):
-    """Sums over microbatches of (gradients of the summed loss, summed loss, token weight,
-    {metric: summed value}). `loss_fn(params, batch, rng, deterministic=...) -> (loss sum,
-    (weight sum, {metric: sum}))` (jaxlm.train.objectives); `metrics` names those sums.
+@flax.struct.dataclass
+class GradSums:
+    """What microbatches and devices add up: sums, never means, so that M microbatches (or
+    N devices) equal one M-times larger batch up to float summation order."""
+    grads: Any            # gradient of the summed loss w.r.t. the trainable parameters
+    loss: jax.Array       # summed loss
+    weight: jax.Array     # summed token (or example) weight: the denominator
+    metrics: dict         # {name: summed value}
+
+
+def value_and_grad(loss_fn: Callable) -> Callable:
+    """One microbatch's (loss sum, (weight, metrics)), gradient: the default `grad_fn`."""
+    return jax.value_and_grad(functools.partial(loss_fn, deterministic=False), has_aux=True)
+
+
+def local_sums(params, batch: dict, rng: jax.Array, *, grad_fn: Callable, microbatches: int,
+               metrics: tuple[str, ...] = ()) -> GradSums:
+    """Phase 1: the sums of this device's (jit: the global) batch over `microbatches`.
+    `grad_fn(params, microbatch, rng) -> ((loss sum, (weight sum, {metric: sum})), grads)`.
 
     Microbatch i takes rows i, i+M, i+2M, ... so that every data-parallel shard keeps its
     own rows (a contiguous split would move data between devices).
     """
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, deterministic=False), has_aux=True)
-
-    def accumulate(carry, xs):
-        grads, loss, weight, sums = carry
+    def accumulate(carry: GradSums, xs):
         i, micro = xs
-        (l, (w, m)), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
-        sums = {k: sums[k] + m[k] for k in sums}
-        return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, weight + w, sums), None
+        (loss, (weight, sums)), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
+        return jax.tree_util.tree_map(jnp.add, carry, GradSums(grads, loss, weight, sums)), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zero = jnp.float32(0)
+    init = GradSums(jax.tree_util.tree_map(jnp.zeros_like, params), zero, zero,
+                    {k: zero for k in metrics})
     micro_batches = jax.tree_util.tree_map(
         lambda x: einops.rearrange(x, "(n m) ... -> m n ...", m=microbatches), batch)
-    (grads, loss, weight, sums), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.float32(0), jnp.float32(0), {k: jnp.float32(0) for k in metrics}),
-        (jnp.arange(microbatches), micro_batches))
-    return grads, loss, weight, sums
+    sums, _ = jax.lax.scan(accumulate, init, (jnp.arange(microbatches), micro_batches))
+    return sums
 
 
-def apply_gradients(state: TrainState, grads, loss, weight, sums=None, *,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    clip_norm: float = 0.0) -> tuple[TrainState, dict]:
-    """Normalises the summed gradients (and the loss and metric sums) by the total weight,
-    clips them to global norm `clip_norm` (0: no clipping) and takes the step.
+@flax.struct.dataclass
+class Finalized:
+    """The step's gradient is `grads * scale`; `scale` is applied inside the update so that
+    it fuses into the optimizer's pass over the parameters (no extra copy of the gradient)."""
+    grads: Any
+    scale: jax.Array
+    finite: jax.Array
+    metrics: dict
 
-    Dividing once, after summing, makes M microbatches (or N pmap devices) equal to one
-    M-times larger batch up to float summation order.
+
+def finalize(sums: GradSums, *, clip_norm: float = 0.0) -> Finalized:
+    """Phase 3, on the reduced sums: divides by the total weight, clips the mean gradient to
+    global norm `clip_norm` (0: no clipping), and flags a non-finite loss or gradient norm.
+    Differentially private noise is added to `sums.grads` here, before the division."""
+    denom = jnp.maximum(sums.weight, 1.0)
+    loss, grad_norm = sums.loss / denom, optax.tree.norm(sums.grads) / denom  # of the mean
+    scale = optimizer.clip_factor(grad_norm, clip_norm) / denom
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": sums.weight,
+               **{k: v / denom for k, v in sums.metrics.items()}}
+    return Finalized(sums.grads, scale, jnp.isfinite(loss) & jnp.isfinite(grad_norm), metrics)
+
+
+def apply_update(state: TrainState, final: Finalized, *, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule) -> tuple[TrainState, dict]:
+    """The optimizer step on the finalized gradient.
 
     A step whose loss or gradient norm is not finite is not applied: params and optimizer
     state stay as they were (the step counter still advances past the bad batch), and
     metrics["nonfinite"] says so. The loop then stops or skips (config.train.nonfinite).
     """
-    denom = jnp.maximum(weight, 1.0)
-    loss, grad_norm = loss / denom, optax.tree.norm(grads) / denom  # of the mean gradient
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    scale = optimizer.clip_factor(grad_norm, clip_norm) / denom
-
-    def update(params, opt_state):  # the scaling fuses into the optimizer's pass
-        scaled = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
+    def update(params, opt_state):
+        scaled = jax.tree_util.tree_map(lambda g: g * final.scale.astype(g.dtype), final.grads)
         updates, opt_state = tx.update(scaled, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     # A branch, not jnp.where(finite, new, old) on every leaf: the select kept the old
     # params and moments alive beside the new ones, and XLA copied all of them each step.
-    params, opt_state = jax.lax.cond(finite, update, lambda *old: old,
+    params, opt_state = jax.lax.cond(final.finite, update, lambda *old: old,
                                      state.params, state.opt_state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "tokens": weight, "nonfinite": ~finite,
-               **{k: v / denom for k, v in (sums or {}).items()}}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    metrics = {**final.metrics, "learning_rate": schedule(state.step), "nonfinite": ~final.finite}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: Callable,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int, metrics: tuple[str, ...] = (),
+def bind_loss(objective, model, split: Trainable, frozen, aux) -> Callable:
+    """loss(trainable params, batch, rng, deterministic) of the whole model: the frozen base
+    joins the trainables inside the differentiated function (so it gets no gradient), and
+    auxiliary inputs (e.g. a teacher's params) reach the objective as constants."""
+    def loss(trainable, batch, rng, *, deterministic):
+        return objective.loss(model, split.merge(trainable, frozen), batch, rng,
+                              deterministic=deterministic, aux=aux)
+    return loss
+
+
+def train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array, *, objective,
+               model, split: Trainable, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, microbatches: int,
                clip_norm: float = 0.0) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch (jit path: XLA inserts the collectives)."""
+    """One optimizer step on a global batch (jit path: XLA inserts the collectives, so the
+    sums of phase 1 are already reduced over devices)."""
     rng = jax.random.fold_in(rng, state.step)
-    sums = accumulate_gradients(state.params, batch, rng, loss_fn=loss_fn,
-                                microbatches=microbatches, metrics=metrics)
-    return apply_gradients(state, *sums, tx=tx, schedule=schedule, clip_norm=clip_norm)
+    grad_fn = value_and_grad(bind_loss(objective, model, split, frozen, aux))
+    sums = local_sums(state.params, batch, rng, grad_fn=grad_fn, microbatches=microbatches,
+                      metrics=objective.metrics)
+    return apply_update(state, finalize(sums, clip_norm=clip_norm), tx=tx, schedule=schedule)
 
 
-def boxed_state(boxed_params, tx):
+def boxed_state(boxed_trainable, tx):
     """Abstract train state whose optimizer moments carry their parameters' logical axis
     names (tx.init on boxed params boxes the moments alike), so they shard the same way."""
     return jax.eval_shape(
         lambda p: TrainState(step=jnp.array(0, jnp.int32), params=p, opt_state=tx.init(p)),
-        boxed_params)
+        boxed_trainable)
 
 
-def fresh_state(setup, tx: optax.GradientTransformation, shardings, params=None) -> TrainState:
-    """A new state (seed config.train.seed), created straight into `shardings`: no host
-    ever holds the full model. `params` (e.g. a pretrained encoder) replace the fresh
-    parameters of the same top-level names; the others (a new head) stay fresh."""
+def fresh_state(setup, split: Trainable, tx: optax.GradientTransformation, shardings,
+                params=None) -> tuple[TrainState, dict]:
+    """(a new state, the frozen base) for seed config.train.seed, created straight into
+    `shardings` (of both): no host ever holds the full model. `params` (e.g. a pretrained
+    encoder) replace the fresh parameters of the same top-level names; the others (a new
+    head) stay fresh."""
     def init(rng, given):
         fresh = setup.init_params(rng)
         fresh = {**fresh, **given} if given is not None else fresh
-        return TrainState(step=jnp.array(0, jnp.int32), params=fresh, opt_state=tx.init(fresh))
+        trainable, frozen = split.split(fresh)
+        state = TrainState(step=jnp.array(0, jnp.int32), params=trainable,
+                           opt_state=tx.init(trainable))
+        return state, frozen
     return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(setup.cfg.train.seed), params)
 
 
+def check_aux(aux, spec, where: str = "auxiliary input") -> None:
+    """Refuses auxiliary inputs whose structure, shapes or dtypes differ from what the
+    objective declares (`objective.aux_spec`: a tree of ShapeDtypeStructs), naming the
+    first difference."""
+    got = dict(jax.tree_util.tree_leaves_with_path(aux))
+    want = dict(jax.tree_util.tree_leaves_with_path(spec))
+    for path in sorted(set(got) | set(want), key=jax.tree_util.keystr):
+        name = f"{where} {jax.tree_util.keystr(path)}"
+        if path not in got or path not in want:
+            raise ConfigError(f"{name} is {'missing' if path not in got else 'not expected'}: "
+                              "the auxiliary model does not fit the objective")
+        g, w = got[path], want[path]
+        if (g.shape, g.dtype) != (w.shape, w.dtype):
+            raise ConfigError(f"{name} has shape {g.shape} {g.dtype}, the objective expects "
+                              f"{w.shape} {w.dtype}: the auxiliary model does not fit")
+
+
 class JitTrainStep:
-    """The train step compiled once over the mesh (see the module docstring)."""
+    """The train step compiled once over the mesh (see the module docstring).
+
+    `aux`: inputs the objective reads besides the batch (e.g. {"teacher": params} of a
+    distillation teacher built on the same mesh), as placed arrays: jit arguments with
+    their own shardings, never donated, never differentiated or seen by the optimizer."""
 
     def __init__(self, setup, objective, tx: optax.GradientTransformation,
-                 schedule: optax.Schedule):
+                 schedule: optax.Schedule, aux=None):
         self.setup, self.objective, self.tx = setup, objective, tx
         cfg, mesh = setup.cfg, setup.mesh
-        boxed = boxed_state(setup.boxed_params, tx)
+        self.split = Trainable(cfg.train.trainable, setup.abstract_params)
+        boxed_trainable, boxed_frozen = self.split.split(setup.boxed_params)
+        boxed = boxed_state(boxed_trainable, tx)
         self.abstract_state = nn.meta.unbox(boxed)
         self.state_shardings = sharding.logical_shardings(boxed, mesh, cfg.mesh)
+        self.abstract_frozen = nn.meta.unbox(boxed_frozen)
+        self.frozen_shardings = sharding.logical_shardings(boxed_frozen, mesh, cfg.mesh)
+        self.frozen = {}  # set by init_state or a restore (jaxlm.train.loop)
+        if getattr(objective, "aux_spec", None) is not None or aux is not None:
+            check_aux(aux, getattr(objective, "aux_spec", None))
+        self.aux = aux
+        aux_shardings = jax.tree_util.tree_map(lambda x: x.sharding, aux)
         # One sharding per batch key (the objective's batch spec): rows split over the mesh.
         self.batch_shardings = {k: sharding.batch_sharding(mesh, cfg.mesh, len(v.shape))
                                 for k, v in objective.batch_spec(cfg.train.batch_size).items()}
         self.data_parallel = sharding.data_parallel_size(mesh, cfg.mesh)
         self.num_devices = mesh.size
         self.traces = 0  # how often the step was traced: more than once means it recompiled
-        bound = functools.partial(train_step, loss_fn=functools.partial(objective.loss, setup.model),
-                                  tx=tx, schedule=schedule, microbatches=cfg.train.microbatches,
-                                  metrics=objective.metrics,
+        bound = functools.partial(train_step, objective=objective, model=setup.model,
+                                  split=self.split, tx=tx, schedule=schedule,
+                                  microbatches=cfg.train.microbatches,
                                   clip_norm=cfg.optimizer.grad_clip_norm)
 
-        def counted(state, batch, rng):
+        def counted(state, frozen, aux, batch, rng):
             self.traces += 1
-            return bound(state, batch, rng)
+            return bound(state, frozen, aux, batch, rng)
         counted.__name__ = counted.__qualname__ = "train_step"  # names the HLO and its dumps
         rep = sharding.replicated(mesh)
-        self.jitted = jax.jit(counted, in_shardings=(self.state_shardings, self.batch_shardings, rep),
+        self.jitted = jax.jit(counted, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                                     aux_shardings, self.batch_shardings, rep),
                               out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
     def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
         with sharding.activate(self.setup.mesh, self.setup.cfg.mesh):
-            return self.jitted(state, batch, rng)
+            return self.jitted(state, self.frozen, self.aux, batch, rng)
+
+    def lower(self, state, batch, rng):
+        """The step lowered for abstract (ShapeDtypeStruct) arguments, e.g. for a TPU
+        topology (jaxlm.plan); the frozen base and aux inputs as this step holds them."""
+        frozen = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.abstract_frozen, self.frozen_shardings)
+        with sharding.activate(self.setup.mesh, self.setup.cfg.mesh):
+            return self.jitted.lower(state, frozen, self.aux, batch, rng)
 
     def init_state(self, params=None) -> TrainState:
-        return fresh_state(self.setup, self.tx, self.state_shardings, params)
+        state, self.frozen = fresh_state(self.setup, self.split, self.tx,
+                                         (self.state_shardings, self.frozen_shardings), params)
+        return state
+
+    def params(self, state: TrainState):
+        """The whole params tree of a state in the step's layout."""
+        return self.split.merge(self.global_state(state).params, self.frozen)
 
     def place_batch(self, local_batch: dict) -> dict:
         """This process's numpy rows -> global arrays sharded over the batch axes."""
