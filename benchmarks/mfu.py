@@ -94,22 +94,22 @@ def measure_step(spec: dict) -> dict:
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     with sharding.activate(run.setup.mesh, cfg.mesh):  # as the step's own calls lower it
-        compiled = run.jitted.lower(state, batch, key).compile()
+        compiled = run.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
-        state, metrics = compiled(state, batch, key)
+        state, metrics = compiled(state, run.frozen, run.aux, batch, key)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, key)
+        state, metrics = compiled(state, run.frozen, run.aux, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     if spec.get("profile"):
         with jax.profiler.trace(spec["profile"]):
             for _ in range(3):
-                state, metrics = compiled(state, batch, key)
+                state, metrics = compiled(state, run.frozen, run.aux, batch, key)
             jax.block_until_ready(metrics)
     stats = jax.devices()[0].memory_stats() or {}
     flops = model_flops(cfg, jax.device_count())

@@ -57,7 +57,7 @@ def jaxlm_step(args):
     state = run.place_state(run.init_state())
     batch = common.random_batch(run, args.batch, args.vocab)
     key = jax.random.PRNGKey(0)
-    compiled = run.jitted.lower(state, batch, key).compile()
+    compiled = run.lower(state, batch, key).compile()
 
     def step(state):
         state, metrics = run(state, batch, key)

@@ -30,6 +30,7 @@ import json
 import os
 import pathlib
 import socket
+import time
 
 from jaxlm.errors import ConfigError
 
@@ -105,10 +106,16 @@ def claim(workdir: pathlib.Path) -> Claim:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = _read(fd)
-        os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
             raise
+        holder = _read(fd)
+        for _ in range(20):  # the holder writes its name right after locking: give it 1 s
+            if holder:
+                break
+            time.sleep(0.05)
+            holder = _read(fd)
+        os.close(fd)
         who = (f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since "
                f"{holder.get('started', '?')}" if holder else "another process (starting up)")
         raise ConfigError(f"--workdir={workdir} is in use by {who}: one run per workdir; wait "
