@@ -59,6 +59,22 @@ def test_frozen_half_never_changes_has_no_moments_and_trains_like_the_whole_mode
          if k[0] in ("embed", "block_0")}), frozen_before)
 
 
+def test_a_frozen_base_under_pmap_takes_the_jit_steps():
+    cfg = tiny_config()
+    cfg.train.trainable = ("block_1/",)
+    batch = random_batch(cfg)
+    out = []
+    for parallelism, devices in (("jit", jax.devices()[:1]), ("pmap", None)):
+        cfg.parallelism = parallelism
+        state, run = fresh_step(cfg, devices)
+        for _ in range(2):
+            state, m = run(state, run.place_batch(batch), jax.random.PRNGKey(0))
+        out.append((float(m["loss"]), jax.device_get(run.params(state))))
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           out[1][1], out[0][1])
+
+
 def _frozen_cfg(steps):
     cfg = tiny_config(dropout=0.1)
     cfg.train.update(steps=steps, trainable=("block_1/", "ln_final"))
@@ -123,8 +139,9 @@ class WithTeacher(objectives.CausalLM):
     """Next-token loss plus the cross-entropy against a second model's predictions (the
     shape of distillation), the teacher's params arriving as the step's aux input."""
 
-    def __init__(self, cfg, teacher_setup):
-        super().__init__(cfg.data.seq_len, False)
+    def __init__(self, setup, teacher_setup):
+        objectives.check_aux_model("teacher", setup, teacher_setup)
+        super().__init__(setup.cfg.data.seq_len, False)
         self.teacher = teacher_setup.model
         self.aux_spec = {"teacher": teacher_setup.abstract_params}
 
@@ -150,7 +167,7 @@ def test_an_auxiliary_model_is_read_never_trained_nor_donated():
     assert teacher_params["block_0"]["mlp"]["fc_in"]["kernel"].sharding.spec == \
         teacher.param_shardings["block_0"]["mlp"]["fc_in"]["kernel"].spec
     student = build(cfg, devices)
-    objective = WithTeacher(cfg, teacher)
+    objective = WithTeacher(student, teacher)
     from jaxlm.train import optimizer
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
@@ -183,6 +200,33 @@ def test_an_auxiliary_model_is_read_never_trained_nor_donated():
                               aux={"teacher": jax.jit(wrong.init_params)(jax.random.PRNGKey(0))})
     with pytest.raises(ConfigError, match=r"auxiliary input \['teacher'\].* is missing"):
         step_lib.JitTrainStep(student, objective, tx, schedule, aux={})
+    # A teacher that reads other tokens does not fit the objective at all.
+    other_cfg = tiny_config(d_model=16, num_heads=2, mlp_dim=32, vocab_size=300)
+    other_cfg.data.tokenizer = "byte:bert"
+    with pytest.raises(ConfigError, match=r"auxiliary model 'teacher' reads tokenizer"):
+        WithTeacher(student, build(other_cfg, devices[:1]))
+
+
+def test_extra_state_is_made_carried_and_saved(tmp_path):
+    """State that is not parameters (here one mask per kernel, as pruning keeps) is made
+    sharded like its parameters, goes through every step untouched, and round-trips a
+    checkpoint."""
+    cfg = tiny_config()
+    cfg.mesh.update(strategy="fsdp", data=1, fsdp=2)
+    masks = lambda params: jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, jnp.bool_), params)
+    run = build_train(cfg, jax.devices()[:2], init_extra=masks)
+    state = run.init_state()
+    kernel = ("block_0", "mlp", "fc_in", "kernel")
+    get = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]][kernel[3]]
+    assert get(state.extra).sharding.spec == get(state.params).sharding.spec
+    state, _ = run(state, run.place_batch(random_batch(cfg)), jax.random.PRNGKey(0))
+    assert_trees_equal(state.extra, masks(jax.device_get(run.params(state))))
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state, {"layout": checkpoint.STATE_LAYOUT})
+    ckpt.wait()
+    restored, _ = ckpt.restore(1, run.abstract_state, run.state_shardings)
+    ckpt.close()
+    assert_trees_equal(restored, state)
 
 
 # ----------------------------------------------------------------------------- two-phase gradient

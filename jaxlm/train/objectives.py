@@ -323,6 +323,20 @@ class Classification:
         return total, (weight, {"accuracy": _correct(logits_BxC, batch["labels"], batch["weights"])})
 
 
+def check_aux_model(name: str, setup, aux_setup) -> None:
+    """An auxiliary model whose predictions an objective compares with the trained model's
+    (a distillation teacher; both jaxlm.setup.Setup) must predict over the same tokens:
+    the same tokenizer and vocabulary size. Refused in one line otherwise."""
+    ours, theirs = setup.tokenizer.to_dict(), aux_setup.tokenizer.to_dict()
+    if ours != theirs:
+        raise ConfigError(f"auxiliary model {name!r} reads tokenizer {theirs}, the trained model "
+                          f"config.data.tokenizer gives {ours}: their predictions do not compare")
+    if aux_setup.cfg.model.vocab_size != setup.cfg.model.vocab_size:
+        raise ConfigError(f"auxiliary model {name!r} has vocab_size "
+                          f"{aux_setup.cfg.model.vocab_size}, the trained model "
+                          f"config.model.vocab_size={setup.cfg.model.vocab_size}")
+
+
 def _token_spec(batch_size: int, seq_len: int, packed: bool) -> dict:
     spec = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
     if packed:

@@ -43,15 +43,17 @@ def pmap_train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array,
 
 class PmapTrainStep:
     def __init__(self, setup, objective, tx: optax.GradientTransformation,
-                 schedule: optax.Schedule, aux=None):
+                 schedule: optax.Schedule, aux=None, init_extra=None):
         self.setup, self.objective, self.tx = setup, objective, tx
+        self.init_extra = init_extra
         self.devices = jax.local_devices()
         self.data_parallel = len(self.devices)
         self.num_devices = jax.device_count()
         self.split = Trainable(setup.cfg.train.trainable, setup.abstract_params)
-        boxed_trainable, boxed_frozen = self.split.split(setup.boxed_params)
+        boxed_frozen = self.split.split(setup.boxed_params)[1]
         # Inits and restores happen on the first device; `place_state` replicates.
-        self.abstract_state = nn.meta.unbox(boxed_state(boxed_trainable, tx))
+        self.abstract_state = nn.meta.unbox(boxed_state(setup.boxed_params, self.split, tx,
+                                                        init_extra))
         self.abstract_frozen = nn.meta.unbox(boxed_frozen)
         one = jax.sharding.SingleDeviceSharding(self.devices[0])
         self.state_shardings = jax.tree_util.tree_map(lambda _: one, self.abstract_state)
@@ -89,7 +91,8 @@ class PmapTrainStep:
 
     def init_state(self, params=None):
         state, self.frozen = fresh_state(self.setup, self.split, self.tx,
-                                         (self.state_shardings, self.frozen_shardings), params)
+                                         (self.state_shardings, self.frozen_shardings), params,
+                                         self.init_extra)
         return state
 
     def params(self, state):

@@ -49,7 +49,9 @@ class TrainState:
     step: jax.Array       # int32 scalar: optimizer steps taken
     params: Any           # the trainable parameters (all of them unless config.train.trainable)
     opt_state: Any        # the optimizer's state, for the trainable parameters only
-    extra: Any = None     # state that is not parameters (e.g. pruning masks); saved, not trained
+    extra: Any = None     # state that is not parameters (e.g. pruning masks): made by the
+                          # step's `init_extra(params)`, carried through every step and saved
+                          # with the state; what owns it (a transform) reads and updates it
 
 
 @flax.struct.dataclass
@@ -155,16 +157,25 @@ def train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array, *, o
     return apply_update(state, finalize(sums, clip_norm=clip_norm), tx=tx, schedule=schedule)
 
 
-def boxed_state(boxed_trainable, tx):
+def boxed_state(boxed_params, split: Trainable, tx, init_extra=None):
     """Abstract train state whose optimizer moments carry their parameters' logical axis
-    names (tx.init on boxed params boxes the moments alike), so they shard the same way."""
-    return jax.eval_shape(
-        lambda p: TrainState(step=jnp.array(0, jnp.int32), params=p, opt_state=tx.init(p)),
-        boxed_trainable)
+    names (tx.init on boxed params boxes the moments alike), so they shard the same way;
+    so does `extra` when init_extra maps over the params (e.g. one mask per kernel)."""
+    return jax.eval_shape(functools.partial(new_state, split=split, tx=tx,
+                                            init_extra=init_extra), boxed_params)[0]
+
+
+def new_state(params, *, split: Trainable, tx, init_extra=None) -> tuple[TrainState, Any]:
+    """(the state at step 0 for `params`, the frozen base): the trainables get optimizer
+    state, `init_extra(params)` (if given) makes the extra state."""
+    trainable, frozen = split.split(params)
+    extra = init_extra(params) if init_extra is not None else None
+    return TrainState(step=jnp.array(0, jnp.int32), params=trainable,
+                      opt_state=tx.init(trainable), extra=extra), frozen
 
 
 def fresh_state(setup, split: Trainable, tx: optax.GradientTransformation, shardings,
-                params=None) -> tuple[TrainState, dict]:
+                params=None, init_extra=None) -> tuple[TrainState, dict]:
     """(a new state, the frozen base) for seed config.train.seed, created straight into
     `shardings` (of both): no host ever holds the full model. `params` (e.g. a pretrained
     encoder) replace the fresh parameters of the same top-level names; the others (a new
@@ -172,10 +183,7 @@ def fresh_state(setup, split: Trainable, tx: optax.GradientTransformation, shard
     def init(rng, given):
         fresh = setup.init_params(rng)
         fresh = {**fresh, **given} if given is not None else fresh
-        trainable, frozen = split.split(fresh)
-        state = TrainState(step=jnp.array(0, jnp.int32), params=trainable,
-                           opt_state=tx.init(trainable))
-        return state, frozen
+        return new_state(fresh, split=split, tx=tx, init_extra=init_extra)
     return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(setup.cfg.train.seed), params)
 
 
@@ -201,15 +209,17 @@ class JitTrainStep:
 
     `aux`: inputs the objective reads besides the batch (e.g. {"teacher": params} of a
     distillation teacher built on the same mesh), as placed arrays: jit arguments with
-    their own shardings, never donated, never differentiated or seen by the optimizer."""
+    their own shardings, never donated, never differentiated or seen by the optimizer.
+    `init_extra(params) -> tree`: the state's `extra` (TrainState)."""
 
     def __init__(self, setup, objective, tx: optax.GradientTransformation,
-                 schedule: optax.Schedule, aux=None):
+                 schedule: optax.Schedule, aux=None, init_extra=None):
         self.setup, self.objective, self.tx = setup, objective, tx
+        self.init_extra = init_extra
         cfg, mesh = setup.cfg, setup.mesh
         self.split = Trainable(cfg.train.trainable, setup.abstract_params)
-        boxed_trainable, boxed_frozen = self.split.split(setup.boxed_params)
-        boxed = boxed_state(boxed_trainable, tx)
+        boxed_frozen = self.split.split(setup.boxed_params)[1]
+        boxed = boxed_state(setup.boxed_params, self.split, tx, init_extra)
         self.abstract_state = nn.meta.unbox(boxed)
         self.state_shardings = sharding.logical_shardings(boxed, mesh, cfg.mesh)
         self.abstract_frozen = nn.meta.unbox(boxed_frozen)
@@ -254,7 +264,8 @@ class JitTrainStep:
 
     def init_state(self, params=None) -> TrainState:
         state, self.frozen = fresh_state(self.setup, self.split, self.tx,
-                                         (self.state_shardings, self.frozen_shardings), params)
+                                         (self.state_shardings, self.frozen_shardings), params,
+                                         self.init_extra)
         return state
 
     def params(self, state: TrainState):
