@@ -12,6 +12,7 @@ resumed from the converted workdir continues exactly as the old jaxlm would have
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import shutil
 
@@ -74,6 +75,8 @@ def upgrade(src: pathlib.Path, output: pathlib.Path) -> list:
         raise ConfigError(f"--output={output} already exists; not overwriting it")
     if not output.parent.is_dir():
         raise ConfigError(f"--output={output}: its folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output={output}: {output.parent} is not a writable folder")
     if (src / "meta").is_dir() and (src / "params").is_dir():  # a params export
         meta = checkpoint.read_export_meta(src, any_layout=True)
         _check_old(meta, f"export {src}")
