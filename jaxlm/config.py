@@ -221,10 +221,10 @@ SCHEMA = {
         "shots": Field((0, 1, 4, 8), NONNEGATIVE, "numbers of demonstrations k", each=True),
         "num_examples": Field(200, POSITIVE, "the first N documents of each task (fewer if "
                               "the task has fewer; lm-eval's --limit)"),
-        "data_dir": Field("", None, "standard tasks: folder of <task>/validation.jsonl (test."
-                          "jsonl for lambada_openai; train.jsonl, when present, gives the "
-                          "demonstrations); relative to the repository; empty: "
-                          "../shared/data/fewshot"),
+        "data_dir": Field("", None, "standard tasks: folder of <task>/<split>.jsonl, the "
+                          "splits lm-eval's config names (validation or test scored, train "
+                          "demonstrates; a missing one falls back, marked non-standard); "
+                          "relative to the repository; empty: ../shared/data/fewshot"),
         "source": Field("files", ("files", "tfds"), "standard tasks: JSONL files under "
                         "data_dir, or prepared TFDS datasets (piqa, ai2_arc, super_glue/copa "
                         "and boolq, glue/sst2; nothing is downloaded)"),
@@ -239,6 +239,10 @@ SCHEMA = {
         "seed": Field(0, NONNEGATIVE, "synthetic tasks' demonstrations, and the samples"),
         "fewshot_seed": Field(1234, NONNEGATIVE, "standard tasks: seed of lm-eval's "
                               "demonstration sampler (1234 is lm-eval's default)"),
+        "fewshot_exclude_self": Field(False, None, "standard tasks demonstrated from the split "
+                                      "they score (lambada_openai): never show a document as "
+                                      "its own demonstration, as lm-eval does; results are "
+                                      "marked non-standard"),
         "log_samples": Field(False, None, "also write every request and its scores to "
                              "WORKDIR/samples/<task>_<k>shot.jsonl"),
         "every": Field(0, NONNEGATIVE, "during training, every N steps (and at the end): "

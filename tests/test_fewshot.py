@@ -1,9 +1,10 @@
 """Few-shot scores equal lm-evaluation-harness's, and cannot drift.
 
-The reference is lm-eval 0.4 itself (an optional test dependency): its own task definitions,
-pointed at the local development slices in ../shared/data/fewshot, run through jaxlm's
-lm-eval adapter; jaxlm's in-process evaluator runs on the same model and files. Requests
-must be the same strings, log-likelihoods equal within 1e-4, accuracies identical.
+The reference is lm-eval 0.4 itself (an optional test dependency): its own task definitions
+as shipped, pointed at files cut from the development slices in ../shared/data/fewshot, run
+through jaxlm's lm-eval adapter; jaxlm's in-process evaluator runs on the same model and
+files. Requests must be the same strings, log-likelihoods equal to a relative 1e-6,
+accuracies identical.
 """
 
 import json
@@ -18,7 +19,7 @@ from jaxlm.errors import ConfigError, DataError
 from jaxlm.evaluate import fewshot, tasks as tasks_lib
 from jaxlm.evaluate.scoring import Scorer
 from jaxlm.evaluate.tasks import hellaswag
-from jaxlm.evaluate.tasks.base import contexts, requests
+from jaxlm.evaluate.tasks.base import contexts, demonstration, requests
 from jaxlm.setup import build
 
 FEWSHOT = SHARED_DATA / "fewshot"
@@ -57,33 +58,52 @@ def write_jsonl(path: pathlib.Path, docs):
 
 # ----------------------------------------------------------------------------- lm-eval
 
+LIMIT = 12
+
+
 @pytest.fixture(scope="module")
-def all_tasks(tmp_path_factory):
-    """The nine standard tasks: the shared slices, and HellaSwag from the lines above."""
-    root = tmp_path_factory.mktemp("fewshot")
-    write_jsonl(root / "hellaswag" / "validation.jsonl", HELLASWAG)
+def split_folder(tmp_path_factory):
+    """The nine standard tasks with all three splits, cut from the shared slices (HellaSwag:
+    the four lines above in each): validation and test hold different documents, and the
+    train split holds some of both, so that whichever split a task scores, lm-eval's rule
+    for dropping the scored document from its demonstrations is exercised."""
+    root = tmp_path_factory.mktemp("splits")
     for name in tasks_lib.STANDARD:
-        if name != "hellaswag":
-            (root / name).symlink_to(FEWSHOT / name)
-    return tasks_lib.get_tasks(eval_config(root, list(tasks_lib.STANDARD)).evaluate)
+        if name == "hellaswag":
+            docs = {split: HELLASWAG for split in ("train", "validation", "test")}
+        else:
+            (only,) = (FEWSHOT / name).glob("*.jsonl")
+            rows = [json.loads(x) for x in only.read_text().splitlines()]
+            docs = {"validation": rows[:LIMIT], "test": rows[LIMIT:2 * LIMIT],
+                    "train": rows[2 * LIMIT:5 * LIMIT] + rows[:3] + rows[LIMIT:LIMIT + 3]}
+        for split, rows in docs.items():
+            write_jsonl(root / name / f"{split}.jsonl", rows)
+    return root
 
 
 @needs_data
 @pytest.mark.parametrize("k", [0, 2])
-def test_scores_equal_lm_evaluation_harness(scorer, all_tasks, tmp_path, k):
+def test_scores_equal_lm_evaluation_harness(scorer, split_folder, tmp_path, k):
+    """lm-eval's task YAMLs as shipped (only the data's location replaced) and jaxlm's
+    tasks on the same files: each picks its own scored split, demonstration pool and
+    sampler, and the requests come out the same strings. Log-likelihoods are fp32 sums of
+    up to a few hundred terms scored in differently composed batches: equal to a relative
+    1e-6. Accuracies (and their standard errors) are then identical."""
     pytest.importorskip("lm_eval", reason="lm-eval is in the test extra: pip install -e '.[test]'")
     from jaxlm.evaluate.lm_eval_adapter import JaxlmLM, evaluate_local
-    limit = 12
-    cfg = eval_config("", [], limit)
-    reference = evaluate_local(JaxlmLM(scorer), all_tasks, tmp_path, k, limit)
+    names = list(tasks_lib.STANDARD)
+    cfg = eval_config(split_folder, names, LIMIT)
+    all_tasks = tasks_lib.get_tasks(cfg.evaluate)
+    reference = evaluate_local(JaxlmLM(scorer), names, split_folder, tmp_path, k, LIMIT)
     for name, task in all_tasks.items():
         result, records = fewshot.score_task(scorer, task, k, cfg.evaluate)
+        assert "nonstandard" not in result, (name, result.get("nonstandard"))
         samples = sorted(reference["samples"][f"{name}_local"], key=lambda s: s["doc_id"])
-        assert len(samples) == len(records) == min(limit, len(task.docs)), name
+        assert len(samples) == len(records) == min(LIMIT, len(task.docs)), name
         for ours_r, theirs_r in zip(records, samples):
             assert [tuple(a) for a in ours_r["arguments"]] == [tuple(a) for a in theirs_r["arguments"]], name
             their_lls = [float(r[0][0]) for r in theirs_r["resps"]]
-            np.testing.assert_allclose(ours_r["loglikelihoods"], their_lls, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(ours_r["loglikelihoods"], their_lls, rtol=1e-6, atol=0)
         metrics = reference["results"][f"{name}_local"]
         for metric in task.metrics:
             want = metrics[f"{metric},none"]
@@ -91,6 +111,58 @@ def test_scores_equal_lm_evaluation_harness(scorer, all_tasks, tmp_path, k):
             if metric != "perplexity":  # lm-eval bootstraps perplexity's standard error
                 want = metrics[f"{metric}_stderr,none"]
                 assert result[f"{metric}_stderr"] == pytest.approx(want, rel=1e-9), (name, metric)
+
+
+def _own_demonstrations(task, k):
+    """How many documents are shown as their own demonstration at k shots."""
+    shown = contexts(task, k, 1234, LIMIT)
+    return sum(demonstration(task, doc) in ctx for doc, ctx in zip(task.docs, shown))
+
+
+@needs_data
+def test_lambada_shows_a_passage_its_own_demonstration_unless_told_not_to(split_folder, scorer):
+    """lm-eval's lambada_openai has no few-shot split: demonstrations come from the scored
+    test split and may include the passage itself (the cross-check above shows jaxlm does
+    the same). config.evaluate.fewshot_exclude_self forbids it and marks the results."""
+    cfg = eval_config(split_folder, ["lambada_openai", "piqa"], LIMIT)
+    cfg.evaluate.shots = (0, 2)
+    lam = tasks_lib.get_tasks(cfg.evaluate)["lambada_openai"]
+    assert lam.fewshot_from_docs and not lam.exclude_self and _own_demonstrations(lam, 2) > 0
+    cfg.evaluate.fewshot_exclude_self = True
+    tasks = tasks_lib.get_tasks(cfg.evaluate)
+    assert _own_demonstrations(tasks["lambada_openai"], 2) == 0
+    assert not tasks["piqa"].nonstandard_shots       # demonstrated from train: unchanged
+    results = fewshot.run_fewshot(scorer, {"lambada_openai": tasks["lambada_openai"]}, cfg.evaluate)
+    shots = results["lambada_openai"]["shots"]
+    assert "nonstandard" not in shots["0"] and "fewshot_exclude_self" in shots["2"]["nonstandard"][0]
+    table = fewshot.format_table(results, [0, 2])
+    assert "lambada_openai*" in table and "* lambada_openai: config.evaluate.fewshot_exclude_self" in table
+
+
+def test_missing_splits_fall_back_and_say_so(tmp_path, scorer):
+    """Without the split lm-eval's config names, jaxlm scores validation for test (ARC) and
+    demonstrates from the scored split, never a document's own; the results, the log and
+    the table say how they depart from lm-eval's protocol."""
+    arc_doc = lambda i: {"id": str(i), "answerKey": "A", "question": {
+        "stem": f"q{i}", "choices": [{"text": f"a{i}", "label": "A"}, {"text": f"b{i}", "label": "B"}]}}
+    write_jsonl(tmp_path / "arc_easy" / "validation.jsonl", [arc_doc(i) for i in range(4)])
+    write_jsonl(tmp_path / "sst2" / "validation.jsonl",
+                [{"sentence": f"s{i}", "label": i % 2} for i in range(4)])
+    write_jsonl(tmp_path / "sst2" / "train.jsonl", [{"sentence": "t", "label": 1}] * 3)
+    cfg = eval_config(tmp_path, ["arc_easy", "sst2"])
+    cfg.evaluate.shots = (0, 2)
+    tasks = tasks_lib.get_tasks(cfg.evaluate)
+    arc = tasks["arc_easy"]
+    assert arc.source.endswith("arc_easy/validation.jsonl") and arc.fewshot_from_docs and arc.exclude_self
+    assert _own_demonstrations(arc, 2) == 0
+    sst2 = tasks["sst2"]                             # lm-eval's layout: nothing to say
+    assert sst2.fewshot_source.endswith("train.jsonl") and not sst2.nonstandard + sst2.nonstandard_shots
+    results = fewshot.run_fewshot(scorer, tasks, cfg.evaluate)
+    k0, k2 = results["arc_easy"]["shots"]["0"]["nonstandard"], results["arc_easy"]["shots"]["2"]["nonstandard"]
+    assert k0 == [k2[0]] and "scored on validation: lm-eval's arc_easy scores test" in k0[0]
+    assert "demonstrations from validation, never a document's own: lm-eval draws them from train" in k2[1]
+    assert "nonstandard" not in results["sst2"]["shots"]["2"]
+    assert "arc_easy*" in fewshot.format_table(results, [0, 2])
 
 
 def test_rolling_windows_match_lm_evaluation_harness(scorer):
@@ -203,6 +275,9 @@ def test_more_shots_than_the_pool_and_unknown_tasks_are_refused(tmp_path):
         fewshot.make_tasks(cfg)
     cfg.evaluate.tasks = ("sst2", "mmlu")
     with pytest.raises(ConfigError, match=r"unknown task\(s\) \['mmlu'\]; known tasks: rule_mc"):
+        fewshot.make_tasks(cfg)
+    cfg.evaluate.tasks = ("lambada",)                # lm-eval's group name
+    with pytest.raises(ConfigError, match=r"unknown task\(s\) \['lambada'\] \(near: lambada_openai\)"):
         fewshot.make_tasks(cfg)
     cfg.evaluate.update(tasks=("piqa",), data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="nowhere/piqa/validation.jsonl: no such task file"):

@@ -15,7 +15,9 @@ Metrics per task and k (names as lm-eval's):
                 sequences, equals the target delimiter + target
 and `<metric>_stderr`: the standard error of the mean with the sample standard deviation,
 as lm-eval; for perplexity lm-eval bootstraps, jaxlm reports the delta-method estimate
-perplexity x stderr(log-likelihood), which the bootstrap approximates.
+perplexity x stderr(log-likelihood), which the bootstrap approximates. A result that
+departs from lm-eval's protocol for its task (a split the files lack, or
+config.evaluate.fewshot_exclude_self; tasks/base.py) lists why under `nonstandard`.
 """
 
 from __future__ import annotations
@@ -91,9 +93,13 @@ def score_task(scorer: Scorer, task: Task, k: int, cfg_evaluate) -> tuple[dict, 
     # Requests whose context was cut on the left to fit model.max_len: fewer shots seen.
     result["truncated_requests"] = scorer.truncated - truncated_before
     if result["truncated_requests"]:
+        lost = f"so they saw fewer than {k} shots" if k else "losing the start of the question"
         log.warning("eval %s k=%d: %d requests did not fit model.max_len=%d and were cut on the "
-                    "left, so they saw fewer than %d shots (results.json: truncated_requests)",
-                    task.name, k, result["truncated_requests"], scorer.max_len, k)
+                    "left, %s (results.json: truncated_requests)",
+                    task.name, k, result["truncated_requests"], scorer.max_len, lost)
+    # How this differs from lm-eval's protocol for the task (empty: it does not).
+    if nonstandard := list(task.nonstandard) + (list(task.nonstandard_shots) if k else []):
+        result["nonstandard"] = nonstandard
     return result, records
 
 
@@ -110,6 +116,8 @@ def run_fewshot(scorer: Scorer, tasks: dict[str, Task], cfg_evaluate,
             r = per_k[str(k)]
             log.info("eval %-16s k=%d  %s %.4f ± %.4f  (chance %.3f, n=%d)", name, k, headline,
                      r[headline], r[f"{headline}_stderr"], task.chance, r["num_examples"])
+            for note in r.get("nonstandard", ()):
+                log.warning("eval %s k=%d is not lm-eval's protocol: %s", name, k, note)
             if samples_dir is not None and jax.process_index() == 0:
                 samples_dir.mkdir(parents=True, exist_ok=True)
                 workdir_lib.write_text(samples_dir / f"{name}_{k}shot.jsonl",
@@ -135,7 +143,11 @@ def format_table(results: dict, shots) -> str:
             cells = " ".join(f"{_num(r['shots'][str(k)][m]):>7} ± {_num(r['shots'][str(k)][m + '_stderr']):<6}"
                              for k in shots)
             chance = f"{r['chance']:>7.3f}" if m in ("acc", "acc_norm", "exact_match") else " " * 7
-            lines.append(f"{name if i == 0 else '':<16} {m:<12} {chance} {cells}")
+            marked = name + ("*" if any("nonstandard" in r["shots"][str(k)] for k in shots) else "")
+            lines.append(f"{marked if i == 0 else '':<16} {m:<12} {chance} {cells}")
+    notes = {(name, note) for name, r in results.items() for k in shots
+             for note in r["shots"][str(k)].get("nonstandard", ())}
+    lines += [f"* {name}: {note}" for name, note in sorted(notes)]
     return "\n".join(lines)
 
 

@@ -95,12 +95,14 @@ def hf_layout(name: str, doc: dict) -> dict:
     return doc
 
 
-def evaluate_local(lm, tasks: dict, folder, k: int, limit: int | None = None) -> dict:
-    """lm-eval's own definitions of jaxlm's standard `tasks` (name -> jaxlm Task), run by
-    lm-eval on the same documents: each evaluated and demonstrated from one split (the
-    document itself never a demonstration), as jaxlm does without a train.jsonl. Writes
-    the documents and task files into `folder`; returns simple_evaluate's results (with
-    every request: res["samples"][f"{name}_local"])."""
+def evaluate_local(lm, names, data_dir, folder, k: int, limit: int | None = None) -> dict:
+    """lm-eval's own definitions of jaxlm's standard tasks `names`, as shipped, run by
+    lm-eval on the files jaxlm reads (`data_dir`/<task>/<split>.jsonl). The task files
+    written into `folder` include the shipped YAML and replace only where the data is
+    (dataset_path, dataset_name, dataset_kwargs: the local splits in lm-eval's field
+    layout); which split is scored, where demonstrations come from and how they are drawn
+    stay lm-eval's. Returns simple_evaluate's results (every request in
+    res["samples"][f"{name}_local"])."""
     import json
     import os
     import pathlib
@@ -112,15 +114,19 @@ def evaluate_local(lm, tasks: dict, folder, k: int, limit: int | None = None) ->
     # a process running JAX threads can hang).
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", DISABLE_MULTIPROC="1")
     folder, installed = pathlib.Path(folder), pathlib.Path(lm_eval.__file__).parent / "tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, task in tasks.items():
-        data = folder / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(hf_layout(name, d)) + "\n" for d in task.docs))
+    for name in names:
+        files = {}
+        for split in ("train", "validation", "test"):
+            source = pathlib.Path(data_dir) / name / f"{split}.jsonl"
+            if source.is_file():
+                docs = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+                files[split] = folder / name / f"{split}.jsonl"
+                files[split].parent.mkdir(parents=True, exist_ok=True)
+                files[split].write_text("".join(json.dumps(hf_layout(name, d)) + "\n" for d in docs))
         (folder / f"{name}_local.yaml").write_text(
-            f"include: {installed / TASK_YAMLS[name]}\ntask: {name}_local\ntag: []\n"
-            f"dataset_path: json\ndataset_name: null\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-            "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: test\n")
-    return lm_eval.simple_evaluate(model=lm, tasks=[f"{n}_local" for n in tasks],
+            f"include: {installed / TASK_YAMLS[name]}\ntask: {name}_local\n"
+            "dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
+            + "".join(f"    {split}: {path}\n" for split, path in files.items()))
+    return lm_eval.simple_evaluate(model=lm, tasks=[f"{n}_local" for n in names],
                                    num_fewshot=k, limit=limit, log_samples=True,
                                    bootstrap_iters=10, task_manager=TaskManager(include_path=str(folder)))

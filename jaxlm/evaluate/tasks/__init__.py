@@ -10,12 +10,13 @@ training data.
 
 from __future__ import annotations
 
+import difflib
 import pathlib
 
 from jaxlm.data import synthetic as synthetic_data
 from jaxlm.errors import ConfigError
 from jaxlm.evaluate.tasks import arc, glue, hellaswag, lambada, piqa, superglue, synthetic, winogrande
-from jaxlm.evaluate.tasks.base import JsonlFolder, Task, TfdsDataset
+from jaxlm.evaluate.tasks.base import JsonlFolder, Task, TfdsDataset, never_own_demonstration
 
 # name -> loader(reader, name) of the standard tasks (a JsonlFolder or TfdsDataset reader)
 STANDARD = {
@@ -43,8 +44,11 @@ def get_tasks(cfg_evaluate, names=None) -> dict[str, Task]:
     """The named tasks (default: config.evaluate.tasks), in the order given."""
     names = list(cfg_evaluate.tasks if names is None else names)
     if unknown := [n for n in names if n not in NAMES]:
-        raise ConfigError(f"config.evaluate.tasks: unknown task(s) {unknown}; known tasks: "
-                          f"{', '.join(NAMES)}")
+        near = sorted({m for n in unknown for m in difflib.get_close_matches(n, NAMES, 3, 0.6)
+                       + [m for m in NAMES if m.startswith(n)]})
+        raise ConfigError(f"config.evaluate.tasks: unknown task(s) {unknown}"
+                          + (f" (near: {', '.join(near)})" if near else "")
+                          + f"; known tasks: {', '.join(NAMES)}")
     tasks: dict[str, Task] = {}
     if wanted := [n for n in names if n in synthetic.NAMES]:
         built = synthetic.synthetic_tasks(synthetic_data.World(cfg_evaluate.world_seed),
@@ -63,4 +67,6 @@ def get_tasks(cfg_evaluate, names=None) -> dict[str, Task]:
         else:
             reader = JsonlFolder(root / name)
         tasks[name] = STANDARD[name](reader, name)
+        if cfg_evaluate.fewshot_exclude_self:
+            tasks[name] = never_own_demonstration(tasks[name])
     return {n: tasks[n] for n in names}

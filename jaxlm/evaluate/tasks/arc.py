@@ -2,15 +2,17 @@
 
 lm-eval tasks `arc_easy`, `arc_challenge`: "Question: {question}\\nAnswer:", choices the
 answer texts, gold the position of `answerKey` among the choice labels; target delimiter
-" ", demonstrations separated by "\\n\\n"; acc and acc_norm. Files: FOLDER/validation.jsonl
-in AllenAI's original layout (id, question{stem, choices[{text, label}]}, answerKey;
-lm-eval's copy flattens it to question, choices{text, label}); demonstrations from
-FOLDER/train.jsonl when present (lm-eval: the train split). TFDS
+" ", demonstrations separated by "\\n\\n"; acc and acc_norm. lm-eval scores the test split:
+FOLDER/test.jsonl (FOLDER/validation.jsonl when there is no test file, marked
+non-standard), in AllenAI's original layout (id, question{stem, choices[{text, label}]},
+answerKey; lm-eval's copy flattens it to question, choices{text, label}); demonstrations
+from FOLDER/train.jsonl (lm-eval's train split; without it, from the scored split, marked
+non-standard). TFDS
 (config.evaluate.source=tfds): `ai2_arc/ARC-Easy`, `ai2_arc/ARC-Challenge`, converted by
 `from_tfds`.
 """
 
-from jaxlm.evaluate.tasks.base import choice_problems, local_task
+from jaxlm.evaluate.tasks.base import Splits, choice_problems, local_task
 
 
 def from_tfds(example: dict, features) -> dict:
@@ -41,7 +43,7 @@ def _check(doc):
 def load(reader, name="arc_easy"):
     level = "Challenge" if "challenge" in name else "Easy"
     return local_task(
-        name, reader, "validation", ("question", "answerKey"), check=_check,
+        name, reader, ("question", "answerKey"), check=_check, splits=Splits(test="test"),
         kind="multiple_choice", text=lambda d: f"Question: {d['question']['stem']}\nAnswer:",
         choices=lambda d: [c["text"] for c in d["question"]["choices"]],
         target=lambda d: [c["label"] for c in d["question"]["choices"]].index(d["answerKey"]),

@@ -19,10 +19,18 @@ continuation. Partial scoring turns it around: one context per choice (demonstra
 the sentence up to the blank, filled with that choice) and one continuation, the rest of
 the sentence.
 
-Demonstrations (`default_shots`) follow lm-eval's default sampler: for each (task, k) a
-`random.Random(fewshot_seed)`, advanced over the documents in order; when the pool is the
-evaluated split itself, k + 1 are drawn and the document itself dropped, so no example is
-its own demonstration.
+Which split is scored and which gives the demonstrations follow each task's lm-eval
+config (`Splits`): the test split when the config names one, else validation; the
+demonstrations from its few-shot split, else train, else validation, else test. The sampler
+(`default_shots`) is lm-eval's default: for each (task, k) a `random.Random(fewshot_seed)`,
+advanced over the documents in order, drawing k documents; or k + 1 with the scored document
+dropped when lm-eval's config has the few-shot split equal to the test split (both unset
+counts: PIQA, HellaSwag, ...). So a task scored and demonstrated from one split without a
+few-shot split (lambada_openai) can show a document as its own demonstration, as lm-eval
+does; `config.evaluate.fewshot_exclude_self` forbids that, and marks the results
+non-standard. Where the files lack a split lm-eval's config needs, jaxlm falls back (scores
+validation instead of test; demonstrates from the scored split, never a document's own) and
+says so in `Task.nonstandard`, which the results and the table carry.
 """
 
 from __future__ import annotations
@@ -54,12 +62,17 @@ class Task:
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     until: tuple[str, ...] = ("\n\n",)            # generate_until: stop sequences
-    fewshot_from_docs: bool = True                # pool = the evaluated split (drop the doc)
+    fewshot_from_docs: bool = False               # the pool is the scored split itself
+    exclude_self: bool = False                    # draw k + 1, drop the scored document
     # (task, doc index, k, rng) -> demonstrations; None: lm-eval's default sampler.
     sampler: Callable | None = None
     description: str = ""
     source: str = ""                              # where the documents were read
+    fewshot_source: str = ""                      # where the demonstrations were read
     baseline: float | None = None                 # accuracy of a no-skill strategy
+    # How scoring departs from lm-eval's config: at every k, and (demonstrations) at k > 0.
+    nonstandard: tuple[str, ...] = ()
+    nonstandard_shots: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -100,10 +113,11 @@ def demonstration(task: Task, doc: dict) -> str:
 def default_shots(task: Task, index: int, k: int, rng: random.Random) -> list[dict]:
     """lm-eval's default sampler (module docstring); `rng` carries over between documents."""
     pool, doc = task.fewshot_docs, task.docs[index]
-    if k > len(pool) - (1 if task.fewshot_from_docs else 0):
+    if k + task.exclude_self > len(pool):
         raise ValueError(f"task {task.name}: {k} demonstrations requested, the pool "
-                         f"({task.source or 'few-shot documents'}) has {len(pool)}")
-    if not task.fewshot_from_docs:
+                         f"({task.fewshot_source or 'few-shot documents'}) has {len(pool)}"
+                         + (" (one of them the scored document)" if task.exclude_self else ""))
+    if not task.exclude_self:
         return [pool[j] for j in rng.sample(range(len(pool)), k)]
     shots = [pool[j] for j in rng.sample(range(len(pool)), k + 1) if pool[j] != doc][:k]
     if len(shots) < k:  # the document appears twice in the pool: lm-eval draws again
@@ -245,16 +259,66 @@ def _plain(value):
     return value
 
 
-def local_task(name: str, reader, split: str, fields: Sequence[str],
-               check: Callable[[dict], str | None] | None = None, **task) -> Task:
-    """A task whose documents `reader` (JsonlFolder or TfdsDataset) reads from `split`.
-    Demonstrations come from its train split when there is one (lm-eval's default), else
-    from the evaluated split itself (never a document's own)."""
-    docs = tuple(reader.read(split, fields, check))
-    own = split == "train" or not reader.has("train")
-    pool = docs if own else tuple(reader.read("train", fields, check))
-    return Task(name=name, docs=docs, fewshot_docs=pool, fewshot_from_docs=own,
-                source=reader.where(split), **task)
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A task's splits as its lm-eval config names them (training_split, validation_split,
+    test_split, fewshot_split; None: the config has none)."""
+    train: str | None = "train"
+    validation: str | None = "validation"
+    test: str | None = None
+    fewshot: str | None = None
+
+    @property
+    def scored(self) -> str:
+        return self.test or self.validation
+
+    @property
+    def demonstrations(self) -> str:
+        return self.fewshot or self.train or self.validation or self.test
+
+    @property
+    def drops_scored_document(self) -> bool:
+        """lm-eval's sampler drops the scored document only when the config's few-shot
+        split equals its test split (both None counts)."""
+        return self.fewshot == self.test
+
+
+def local_task(name: str, reader, fields: Sequence[str],
+               check: Callable[[dict], str | None] | None = None, *,
+               splits: Splits = Splits(), **task) -> Task:
+    """A task whose documents `reader` (JsonlFolder or TfdsDataset) reads from the splits
+    lm-eval's config names (`splits`). A missing split falls back, and the task says so
+    (`Task.nonstandard`): test -> validation for the scored split; the demonstrations from
+    the scored split itself, never a document's own."""
+    scored, notes, shot_notes = splits.scored, [], []
+    fallback = splits.validation if scored == splits.test else None
+    if not reader.has(scored) and fallback and reader.has(fallback):
+        notes.append(f"scored on {fallback}: lm-eval's {name} scores {scored}, which "
+                     f"{reader.where(scored)} does not hold")
+        scored = fallback
+    docs = tuple(reader.read(scored, fields, check))
+    pool_split, exclude = splits.demonstrations, splits.drops_scored_document
+    if pool_split != scored and not reader.has(pool_split):
+        shot_notes.append(f"demonstrations from {scored}, never a document's own: lm-eval "
+                          f"draws them from {pool_split}, which {reader.where(pool_split)} "
+                          "does not hold")
+        pool_split, exclude = scored, True
+    pool = docs if pool_split == scored else tuple(reader.read(pool_split, fields, check))
+    return Task(name=name, docs=docs, fewshot_docs=pool, fewshot_from_docs=pool_split == scored,
+                exclude_self=exclude, source=reader.where(scored),
+                fewshot_source=reader.where(pool_split), nonstandard=tuple(notes),
+                nonstandard_shots=tuple(shot_notes), **task)
+
+
+def never_own_demonstration(task: Task) -> Task:
+    """config.evaluate.fewshot_exclude_self: a task demonstrated from its scored split never
+    shows a document as its own demonstration (lm-eval does where its config has no few-shot
+    split, e.g. lambada_openai); marked non-standard where that changes the protocol."""
+    if not task.fewshot_from_docs or task.exclude_self:
+        return task
+    return dataclasses.replace(task, exclude_self=True, nonstandard_shots=task.nonstandard_shots + (
+        "config.evaluate.fewshot_exclude_self: a document is never its own demonstration "
+        "(lm-eval's config allows it)",))
 
 
 def choice_problems(choices: Sequence[str], gold: int) -> str | None:

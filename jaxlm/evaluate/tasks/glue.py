@@ -1,7 +1,8 @@
 """SST-2 (Socher et al. 2013), as lm-eval's GLUE task `sst2` prompts it:
 "{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:", choices
 ["negative", "positive"], gold `label`; acc. Files: FOLDER/validation.jsonl (sentence,
-label); demonstrations from FOLDER/train.jsonl when present (lm-eval: the train split).
+label); demonstrations from FOLDER/train.jsonl (lm-eval's train split; without it,
+from the scored split, marked non-standard).
 TFDS (config.evaluate.source=tfds): `glue/sst2`.
 """
 
@@ -13,7 +14,7 @@ TFDS = {"sst2": ("glue/sst2", None)}
 
 def load(reader, name="sst2"):
     return local_task(
-        name, reader, "validation", ("sentence", "label"),
+        name, reader, ("sentence", "label"),
         check=lambda d: None if d["label"] in (0, 1) else f"label {d['label']!r} must be 0 or 1",
         kind="multiple_choice",
         text=lambda d: f"{d['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",

@@ -6,7 +6,8 @@ choices are the four endings, both cleaned the same way (stripped, " [title]" be
 ". ", other bracketed tags removed, double spaces made single); gold `label`; target
 delimiter " ", demonstrations separated by "\\n\\n"; acc and acc_norm. Files:
 FOLDER/validation.jsonl in the original fields (activity_label, ctx_a, ctx_b, endings,
-label); demonstrations from FOLDER/train.jsonl when present (lm-eval: the train split).
+label); demonstrations from FOLDER/train.jsonl (lm-eval's train split; without it,
+from the scored split, marked non-standard).
 """
 
 import re
@@ -26,7 +27,7 @@ def query(doc) -> str:
 def load(reader, name="hellaswag"):
     fields = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
     return local_task(
-        name, reader, "validation", fields,
+        name, reader, fields,
         check=lambda d: choice_problems([clean(e) for e in d["endings"]], int(d["label"])),
         kind="multiple_choice", text=query, choices=lambda d: [clean(e) for e in d["endings"]],
         target=lambda d: int(d["label"]), metrics=("acc", "acc_norm"),

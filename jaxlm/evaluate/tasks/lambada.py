@@ -5,10 +5,12 @@ lm-eval task `lambada_openai`: context = the text up to its last space, continua
 " " + the last word; one log-likelihood request per passage. acc: greedy decoding gives
 exactly the last word's tokens; perplexity: exp(-mean log-likelihood of the last word).
 Demonstrations (rarely used) repeat the passage with the target after a " " delimiter,
-as lm-eval writes them. Files: FOLDER/test.jsonl (text); lm-eval has no other split.
+as lm-eval writes them. Files: FOLDER/test.jsonl (text); lm-eval has no other split,
+so demonstrations come from the test split and a passage can be its own demonstration, as
+in lm-eval (config.evaluate.fewshot_exclude_self forbids it, marked non-standard).
 """
 
-from jaxlm.evaluate.tasks.base import local_task
+from jaxlm.evaluate.tasks.base import Splits, local_task
 
 
 def _check(doc):
@@ -17,7 +19,8 @@ def _check(doc):
 
 def load(reader, name="lambada_openai"):
     return local_task(
-        name, reader, "test", ("text",), check=_check, kind="loglikelihood",
+        name, reader, ("text",), check=_check, splits=Splits(train=None, validation=None, test="test"),
+        kind="loglikelihood",
         text=lambda d: d["text"].rsplit(" ", 1)[0], choices=None,
         target=lambda d: " " + d["text"].rsplit(" ", 1)[1], metrics=("acc", "perplexity"),
         description="last word of a passage")

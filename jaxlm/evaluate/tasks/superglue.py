@@ -10,7 +10,8 @@ boolq (Clark et al. 2019): "{passage}\\nQuestion: {question}?\\nAnswer:", choice
 ["no", "yes"], gold 1 for a true answer; acc. Files: FOLDER/validation.jsonl (question,
 passage, answer: a JSON boolean, or label 0/1).
 
-Demonstrations come from FOLDER/train.jsonl when present (lm-eval: the train split).
+Demonstrations come from FOLDER/train.jsonl (lm-eval's train split; without it, from
+the scored split, marked non-standard).
 TFDS (config.evaluate.source=tfds): `super_glue/copa`, `super_glue/boolq`.
 """
 
@@ -41,7 +42,7 @@ def _copa_choices(doc):
 def load_copa(reader, name="copa"):
     connector = {"cause": "because", "effect": "therefore"}
     return local_task(
-        name, reader, "validation", ("premise", "choice1", "choice2", "question", "label"),
+        name, reader, ("premise", "choice1", "choice2", "question", "label"),
         check=_copa_check, kind="multiple_choice",
         text=lambda d: d["premise"].strip()[:-1] + " " + connector[d["question"]],
         choices=_copa_choices, target=lambda d: _copa_choices(d)[int(d["label"])],
@@ -63,7 +64,7 @@ def _boolq_check(doc):
 
 def load_boolq(reader, name="boolq"):
     return local_task(
-        name, reader, "validation", ("question", "passage"), check=_boolq_check,
+        name, reader, ("question", "passage"), check=_boolq_check,
         kind="multiple_choice",
         text=lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
         choices=lambda d: ["no", "yes"], target=_boolq_label,

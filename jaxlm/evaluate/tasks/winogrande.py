@@ -6,7 +6,8 @@ option in it; one continuation, " " + the rest of the sentence after the blank
 (stripped); the option whose context makes that continuation most likely wins; acc.
 Demonstrations show the whole sentence with the right option, separated by "\\n\\n".
 Files: FOLDER/validation.jsonl (sentence, option1, option2, answer "1" or "2");
-demonstrations from FOLDER/train.jsonl when present (lm-eval: the train split).
+demonstrations from FOLDER/train.jsonl (lm-eval's train split; without it,
+from the scored split, marked non-standard).
 """
 
 from jaxlm.evaluate.tasks.base import local_task
@@ -29,7 +30,7 @@ def _options(doc):
 
 def load(reader, name="winogrande"):
     return local_task(
-        name, reader, "validation", ("sentence", "option1", "option2", "answer"), check=_check,
+        name, reader, ("sentence", "option1", "option2", "answer"), check=_check,
         kind="multiple_choice", partial=True, text=lambda d: int(d["answer"]) - 1,
         choices=_options,
         target=lambda d: d["sentence"][d["sentence"].index("_") + 1:].strip(),
