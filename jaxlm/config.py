@@ -280,6 +280,16 @@ SCHEMA = {
         "best_metric": Field("accuracy", ("accuracy", "f1", "f1_macro", "mcc", "roc_auc"),
                              "validation metric that picks the best epoch (kept in WORKDIR/best)"),
     },
+    "serve": {
+        "slots": Field(8, POSITIVE, "python -m jaxlm.serve: requests decoded together (KV-cache "
+                       "rows, preallocated)"),
+        "max_queue": Field(64, POSITIVE, "requests waiting for a slot before new ones get 429"),
+        "max_logprobs": Field(5, POSITIVE, "most alternatives per token a request may ask for "
+                              "(logprobs)"),
+        "max_n": Field(8, POSITIVE, "most completions per prompt (n)"),
+        "shutdown_s": Field(30.0, NONNEGATIVE, "on SIGTERM: how long running requests may take "
+                            "to finish"),
+    },
     "distributed": {
         "auto_detect": Field(False, None, "let JAX read the cluster (SLURM, Cloud TPU, GKE, MPI)"),
         "coordinator_address": Field("", None, "host:port of process 0 (launch/local.py sets "

@@ -67,13 +67,17 @@ def split_folder(tmp_path_factory):
     the four lines above in each): validation and test hold different documents, and the
     train split holds some of both, so that whichever split a task scores, lm-eval's rule
     for dropping the scored document from its demonstrations is exercised."""
-    root = tmp_path_factory.mktemp("splits")
+    return write_splits(tmp_path_factory.mktemp("splits"))
+
+
+def write_splits(root, keep=lambda name, doc: True):
+    """split_folder's files under `root`, of the shared documents `keep` accepts."""
     for name in tasks_lib.STANDARD:
         if name == "hellaswag":
             docs = {split: HELLASWAG for split in ("train", "validation", "test")}
         else:
             (only,) = (FEWSHOT / name).glob("*.jsonl")
-            rows = [json.loads(x) for x in only.read_text().splitlines()]
+            rows = [d for d in map(json.loads, only.read_text().splitlines()) if keep(name, d)]
             docs = {"validation": rows[:LIMIT], "test": rows[LIMIT:2 * LIMIT],
                     "train": rows[2 * LIMIT:5 * LIMIT] + rows[:3] + rows[LIMIT:LIMIT + 3]}
         for split, rows in docs.items():

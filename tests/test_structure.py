@@ -14,7 +14,7 @@ PACKAGE = REPO / "jaxlm"
 # python -m <command>: the entry points, each a leaf that parses flags and calls one function.
 COMMANDS = ["jaxlm.main", "jaxlm.train", "jaxlm.evaluate", "jaxlm.export", "jaxlm.plan",
             "jaxlm.finetune", "jaxlm.data.prepare", "jaxlm.data.tokenizers", "jaxlm.interop",
-            "jaxlm.upgrade"]
+            "jaxlm.upgrade", "jaxlm.serve"]
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -38,6 +38,8 @@ LAYERS = [
     [("jaxlm.data.*",), ("jaxlm.models.*",)],
     # Decoding with a model and params it is given.
     [("jaxlm.inference.*",)],
+    # The HTTP layer over an inference Service (its command, jaxlm.serve.__main__, loads it).
+    [("jaxlm.serve.*",)],
     # What every command builds (nothing of training), and the checkpoint files.
     [("jaxlm.setup", "jaxlm.checkpoint")],
     # Training and evaluation are siblings: the callers wire evaluation into training.

@@ -95,14 +95,16 @@ def hf_layout(name: str, doc: dict) -> dict:
     return doc
 
 
-def evaluate_local(lm, names, data_dir, folder, k: int, limit: int | None = None) -> dict:
+def evaluate_local(lm, names, data_dir, folder, k: int, limit: int | None = None,
+                   model_args: str | None = None) -> dict:
     """lm-eval's own definitions of jaxlm's standard tasks `names`, as shipped, run by
     lm-eval on the files jaxlm reads (`data_dir`/<task>/<split>.jsonl). The task files
     written into `folder` include the shipped YAML and replace only where the data is
     (dataset_path, dataset_name, dataset_kwargs: the local splits in lm-eval's field
     layout); which split is scored, where demonstrations come from and how they are drawn
     stay lm-eval's. Returns simple_evaluate's results (every request in
-    res["samples"][f"{name}_local"])."""
+    res["samples"][f"{name}_local"]). `lm` is an lm-eval model, or the name of one of
+    lm-eval's own (e.g. "local-completions", with `model_args`: a served jaxlm model)."""
     import json
     import os
     import pathlib
@@ -127,6 +129,6 @@ def evaluate_local(lm, names, data_dir, folder, k: int, limit: int | None = None
             f"include: {installed / TASK_YAMLS[name]}\ntask: {name}_local\n"
             "dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
             + "".join(f"    {split}: {path}\n" for split, path in files.items()))
-    return lm_eval.simple_evaluate(model=lm, tasks=[f"{n}_local" for n in names],
+    return lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=[f"{n}_local" for n in names],
                                    num_fewshot=k, limit=limit, log_samples=True,
                                    bootstrap_iters=10, task_manager=TaskManager(include_path=str(folder)))

@@ -110,7 +110,11 @@ class Generator:
         logits_BxPxV, variables = self.model.apply(
             {"params": params}, prompt_BxP, positions_BxP, valid_BxP.astype(jnp.int32),
             decode=True, mutable=["cache"])
-        pick = functools.partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
+
+        def pick(logits_BxV, key):  # greedy skips the sampling path (a sort of the vocabulary)
+            return jax.lax.cond(
+                temperature > 0, lambda: next_token(logits_BxV, key, temperature, top_k, top_p),
+                lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
 
         def step(carry, key):
             cache, token_B, pos_B = carry
