@@ -147,7 +147,8 @@ SCHEMA = {
     },
     "train": {
         "objective": Field("causal_lm", None, "what is learned from the token windows "
-                           "(jaxlm.train.objectives): causal_lm, masked_lm, classification"),
+                           "(jaxlm.train.objectives): causal_lm, masked_lm, classification, "
+                           "distill (config.distill)"),
         "loss_chunk": Field(0, NONNEGATIVE, "causal_lm: cross-entropy over this many positions "
                             "at a time, recomputed in the backward pass, so the [batch, "
                             "seq_len, vocab] logits are never held whole (0: all at once)"),
@@ -279,6 +280,14 @@ SCHEMA = {
         "warmup_ratio": Field(0.1, Range(0, 1), "linear warmup over this share of the steps"),
         "best_metric": Field("accuracy", ("accuracy", "f1", "f1_macro", "mcc", "roc_auc"),
                              "validation metric that picks the best epoch (kept in WORKDIR/best)"),
+    },
+    "distill": {
+        "teacher": Field("", None, "config.train.objective=distill: the teacher, a workdir (its "
+                         "latest checkpoint) or a params export, of the same tokenizer"),
+        "temperature": Field(2.0, POSITIVE, "softens both predictions (T; the soft loss is "
+                             "scaled by T^2)"),
+        "alpha": Field(0.5, Range(0, 1), "weight of the teacher's term; 1 - alpha: the usual "
+                       "loss's"),
     },
     "serve": {
         "slots": Field(8, POSITIVE, "python -m jaxlm.serve: requests decoded together (KV-cache "

@@ -58,7 +58,9 @@ def run_config(cfg: ml_collections.ConfigDict, train_examples: int) -> ml_collec
     run = copy.deepcopy(cfg)
     steps_per_epoch = math.ceil(train_examples / ft.batch_size)
     steps = ft.epochs * steps_per_epoch
-    run.train.update(objective="classification", steps=steps, batch_size=ft.batch_size,
+    # A fine-tuning run learns the labels, or with objective=distill a teacher's too.
+    objective = "distill" if cfg.train.objective == "distill" else "classification"
+    run.train.update(objective=objective, steps=steps, batch_size=ft.batch_size,
                      log_every=min(run.train.log_every, steps_per_epoch))
     run.optimizer.update(learning_rate=ft.learning_rate, warmup_steps=int(ft.warmup_ratio * steps))
     run.checkpoint.every = steps_per_epoch

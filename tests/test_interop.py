@@ -5,6 +5,7 @@ tokenizers give the Hugging Face ids."""
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -396,12 +397,24 @@ def test_import_then_evaluate_and_export_commands(tmp_path):
                            num_examples=4, num_samples=1, sample_len=8)
     out = fewshot.evaluate(loaded, tmp_path / "eval")
     assert out["tasks"]["rule_mc"]["num_examples"] == 4
-    cli.run(interop_main.main, ["export", f"--workdir={tmp_path / 'jx'}", f"--out={tmp_path / 'back'}"])
-    ref = transformers.FlaxGPT2LMHeadModel.from_pretrained(str(tmp_path / "back"), from_pt=True)
-    assert (tmp_path / "back" / "vocab.json").is_file()
     tokens, _ = tokens_and_types(301)
-    first = transformers.FlaxGPT2LMHeadModel.from_pretrained(str(folder), from_pt=True)
-    np.testing.assert_array_equal(ref(tokens).logits, first(tokens).logits)
+    first = transformers.FlaxGPT2LMHeadModel.from_pretrained(str(folder), from_pt=True)(tokens).logits
+    # Self-contained: moved elsewhere, the import still loads (its own tokenizer files).
+    shutil.rmtree(folder)  # the source of the import is gone
+    (tmp_path / "jx").rename(tmp_path / "moved")
+    moved = load_config(tmp_path / "moved" / "config.py")
+    assert moved.data.tokenizer == f"gpt2:{(tmp_path / 'moved' / 'tokenizer').resolve()}"
+    build(moved, jax.devices()[:1])
+    cli.run(interop_main.main, ["export", f"--workdir={tmp_path / 'moved'}", f"--out={tmp_path / 'back'}"])
+    ref = transformers.FlaxGPT2LMHeadModel.from_pretrained(str(tmp_path / "back"), from_pt=True)
+    vocab = json.loads((tmp_path / "back" / "vocab.json").read_text())
+    hf_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    # 264 tokens in a 301-row table: the special-token ids are the vocabulary's.
+    assert hf_cfg["eos_token_id"] == hf_cfg["bos_token_id"] == vocab["<|endoftext|>"] == 263
+    with pytest.raises(ConfigError, match=r"the folder .*nowhere does not exist"):
+        interop_main.main(["export", f"--workdir={tmp_path / 'moved'}",
+                           f"--out={tmp_path / 'nowhere' / 'hf'}"])
+    np.testing.assert_array_equal(ref(tokens).logits, first)
 
 
 @pytest.mark.parametrize("family", ["gpt", "bert"])

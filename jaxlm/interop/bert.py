@@ -39,7 +39,7 @@ def model_config(hf: dict) -> dict:
             "num_classes": classes if hf_class == "BertForSequenceClassification" else 0}
 
 
-def hf_config(m) -> dict:
+def hf_config(m, eos_id: int | None = None) -> dict:
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}[m.activation]
     hf_class = "BertForSequenceClassification" if m.num_classes else "BertForPreTraining"
     out = {"architectures": [hf_class], "model_type": "bert", "vocab_size": m.vocab_size,

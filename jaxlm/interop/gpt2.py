@@ -39,16 +39,18 @@ def model_config(hf: dict) -> dict:
             "tie_embeddings": hf.get("tie_word_embeddings", True), "type_vocab_size": 0}
 
 
-def hf_config(m) -> dict:
-    """config.json of a GPT2LMHeadModel for jaxlm config.model `m`."""
+def hf_config(m, eos_id: int | None = None) -> dict:
+    """config.json of a GPT2LMHeadModel for jaxlm config.model `m`; its end-of-text id is
+    the tokenizer's `eos_id` (the last row of GPT-2's own table when not given)."""
+    eos = m.vocab_size - 1 if eos_id is None else eos_id
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[m.activation]
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": m.vocab_size, "n_positions": m.max_len, "n_embd": m.d_model,
             "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
             "activation_function": act, "layer_norm_epsilon": m.layer_norm_eps,
             "tie_word_embeddings": m.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0, "initializer_range": m.init_std, "bos_token_id": m.vocab_size - 1,
-            "eos_token_id": m.vocab_size - 1, "scale_attn_weights": True, "use_cache": True}
+            "attn_pdrop": 0.0, "initializer_range": m.init_std, "bos_token_id": eos,
+            "eos_token_id": eos, "scale_attn_weights": True, "use_cache": True}
 
 
 def check_model(m) -> None:

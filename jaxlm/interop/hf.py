@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm import models
+from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.interop import bert, gpt2
 from jaxlm.interop.convert import check_tensors, export_tensors, import_params
@@ -34,6 +35,7 @@ log = logging.getLogger("jaxlm")
 
 FAMILIES = {"gpt": gpt2, "bert": bert}
 GPT2_TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+TOKENIZER = "tokenizer"  # an import's copy of the tokenizer files
 
 
 def family_of(hf: dict, where) -> object:
@@ -124,6 +126,8 @@ def _fresh_output(out) -> tuple[pathlib.Path, pathlib.Path]:
     if out.exists():
         raise ConfigError(f"--out={out} already exists; not overwriting it")
     parent = out.absolute().parent
+    if not parent.exists():
+        raise ConfigError(f"--out={out}: the folder {parent} does not exist (create it first)")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out={out}: {parent} is not a writable folder")
     return out, pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
@@ -139,20 +143,29 @@ def import_folder(src, out, cfg: ml_collections.ConfigDict) -> ml_collections.Co
         cfg, setup, params = read(src, cfg)
         shutil.rmtree(tmp)  # export_params creates its folder
         checkpoint.export_params(tmp, params, checkpoint.make_export_meta(cfg, setup.tokenizer, 0))
+        kind = cfg.data.tokenizer.partition(":")[0]
         if jax.process_index() == 0:
-            (tmp / "config.py").write_text(_config_file(to_dict(cfg), src))
+            # Self-contained: the tokenizer files go inside, and config.py finds them
+            # beside itself wherever the folder is moved.
+            _copy_tokenizer(cfg.data.tokenizer, tmp / TOKENIZER)
+            (tmp / "config.py").write_text(_config_file(to_dict(cfg), src, kind))
             os.rename(tmp, out)
+        cfg.data.tokenizer = f"{kind}:{out.resolve() / TOKENIZER}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cfg
 
 
-def _config_file(values: dict, src) -> str:
+def _config_file(values: dict, src, tokenizer_kind: str) -> str:
     lines = [f'"""The jaxlm config of the Hugging Face weights imported from {src}.',
              "", "    python -m jaxlm.evaluate --config=THIS --workdir=DIR "
-             "--config.evaluate.params=THIS_FOLDER", '"""', "",
-             "from jaxlm.config import from_dict", "", "", "def get_config():",
-             f"    return from_dict({values!r})", ""]
+             "--config.evaluate.params=THIS_FOLDER", "",
+             f"The tokenizer is the folder {TOKENIZER}/ beside this file.", '"""', "",
+             "import pathlib", "", "from jaxlm.config import from_dict", "", "",
+             "def get_config():", f"    cfg = from_dict({values!r})",
+             "    here = pathlib.Path(__file__).resolve().parent",
+             f"    cfg.data.tokenizer = {tokenizer_kind + ':'!r} + str(here / {TOKENIZER!r})",
+             "    return cfg", ""]
     return "\n".join(lines)
 
 
@@ -173,7 +186,9 @@ def export_folder(cfg: ml_collections.ConfigDict, params, tokenizer_spec_: str, 
         tensors = export_tensors(params, rules, dtype)
         if jax.process_index() == 0:
             write_folder(tmp, tensors, shard_bytes)
-            (tmp / "config.json").write_text(json.dumps(fam.hf_config(m), indent=2))
+            # The end-of-text id is the vocabulary's, which a padded table puts below its end.
+            eos = get_tokenizer(tokenizer_spec_).eos_id if tokenizer_spec_.startswith("gpt2:") else None
+            (tmp / "config.json").write_text(json.dumps(fam.hf_config(m, eos), indent=2))
             _copy_tokenizer(tokenizer_spec_, tmp)
             os.rename(tmp, out)
         else:
@@ -190,6 +205,7 @@ def _copy_tokenizer(spec: str, out: pathlib.Path) -> None:
     if names is None:
         log.warning("tokenizer %s has no Hugging Face files; the export holds weights only", spec)
         return
+    out.mkdir(exist_ok=True)
     for name in names:
         if (pathlib.Path(where) / name).is_file():
             shutil.copy(pathlib.Path(where) / name, out / name)
@@ -214,6 +230,8 @@ def load_jaxlm(path: pathlib.Path, devices=None):
         finally:
             ckpt.close()
     cfg = from_dict(meta["config"], f"{path}")
+    if (path / TOKENIZER).is_dir():  # an import's own tokenizer files, wherever it is now
+        cfg.data.tokenizer = f"{cfg.data.tokenizer.partition(':')[0]}:{path.resolve() / TOKENIZER}"
     cfg.mesh = base_config().mesh  # whatever mesh wrote it: load on this machine's default
     cfg.evaluate.params = str(path) if (path / "meta").is_dir() else ""
     cfg.checkpoint.step = -1

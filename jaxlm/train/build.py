@@ -3,9 +3,14 @@ compiled step (jaxlm.train.step.JitTrainStep, or the pmap adapter)."""
 
 from __future__ import annotations
 
+import copy
+import pathlib
+
 import ml_collections
 
-from jaxlm.errors import ConfigError
+from jaxlm import checkpoint
+from jaxlm import config as config_lib
+from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.setup import build
 from jaxlm.train import objectives, optimizer, pmap, step
 
@@ -17,14 +22,58 @@ def build_train(cfg: ml_collections.ConfigDict, devices=None, aux=None, init_ext
     params); `init_extra(params) -> tree` its extra state (both: JitTrainStep)."""
     setup = build(cfg, devices)
     objective = objectives.make_objective(cfg, setup.tokenizer)
+    inputs = aux(setup) if aux else None
+    if isinstance(objective, objectives.Distill):
+        teacher, teacher_params = load_teacher(cfg, setup)
+        objective.with_teacher(teacher.model, teacher.abstract_params)
+        inputs = {**(inputs or {}), "teacher": teacher_params}
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     kind = pmap.PmapTrainStep if cfg.parallelism == "pmap" else step.JitTrainStep
-    train_step = kind(setup, objective, tx, schedule, aux=aux(setup) if aux else None,
-                      init_extra=init_extra)
+    train_step = kind(setup, objective, tx, schedule, aux=inputs, init_extra=init_extra)
     dp, micro = train_step.data_parallel, cfg.train.microbatches
     if cfg.train.batch_size % (dp * micro):
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"the data-parallel size {dp} x config.train.microbatches={micro}")
     return train_step
 
+
+def load_teacher(cfg: ml_collections.ConfigDict, setup):
+    """(Setup, params) of config.distill.teacher, a workdir (its latest checkpoint) or a
+    params export, built on the student's devices with the student's mesh rules (so its
+    params are sharded as the student's are), after checking that its predictions compare
+    with the student's: the same tokenizer and vocabulary, a causal model for a causal
+    student, as many classes for a classifier."""
+    spec = cfg.distill.teacher
+    what = f"config.distill.teacher={spec!r}"
+    if not spec:
+        raise ConfigError("config.train.objective='distill' needs config.distill.teacher (a "
+                          "workdir or a params export)")
+    path = pathlib.Path(spec).expanduser()
+    export = (path / "meta").is_dir() and (path / "params").is_dir()
+    if export:
+        meta = checkpoint.read_export_meta(path)
+    elif (path / "checkpoints").is_dir():
+        ckpt = checkpoint.Checkpointer(path, cfg.checkpoint, read_only=True)
+        try:
+            step_ = ckpt.select(-1)
+            if step_ is None:
+                raise CheckpointError(f"{what}: the workdir holds no checkpoint")
+            meta = ckpt.read_meta(step_)
+        finally:
+            ckpt.close()
+    else:
+        raise ConfigError(f"{what}: not a jaxlm workdir or params export")
+    tcfg = config_lib.from_dict(meta["config"], what)
+    tcfg.mesh = copy.deepcopy(cfg.mesh)
+    tcfg.evaluate.params, tcfg.checkpoint.step = (str(path) if export else ""), -1
+    teacher = build(tcfg, setup.mesh.devices.flatten())
+    objectives.check_aux_model(what, setup, teacher)
+    if teacher.family.causal != setup.family.causal or \
+            tcfg.model.num_classes != cfg.model.num_classes:
+        kind = lambda c, s: f"{c.model.num_classes} classes" if c.model.num_classes else (  # noqa: E731
+            "a causal LM" if s.family.causal else "a masked LM")
+        raise ConfigError(f"{what} is {kind(tcfg, teacher)} ({tcfg.model.arch}); the student "
+                          f"is {kind(cfg, setup)}: their predictions do not compare")
+    params, _ = checkpoint.load_params(tcfg, teacher, path)
+    return teacher, params

@@ -32,6 +32,8 @@ Objectives, by `config.train.objective`:
                   [CLS] learns to tell (next-sentence prediction, BERT's second task).
   classification  a label per sequence (fine-tuning): examples carry `tokens`, `types`,
                   `segments` and `label`; the loss is the cross-entropy of the class logits.
+  distill         the model's own objective (causal_lm, or classification with a class
+                  head) taught by a frozen teacher as well (`Distill`, config.distill).
 """
 
 from __future__ import annotations
@@ -323,6 +325,62 @@ class Classification:
         return total, (weight, {"accuracy": _correct(logits_BxC, batch["labels"], batch["weights"])})
 
 
+class Distill:
+    """Knowledge distillation (Hinton et al. 2015): a frozen teacher's predictions, softened
+    by a temperature T, teach the student beside the usual targets. Summed over the base
+    objective's weighted targets (every token of causal_lm, each example of classification):
+
+        loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+               + (1 - alpha) * cross-entropy(student, targets)
+
+    (T^2 keeps the soft term's gradient the same size as T changes). The teacher's params
+    are the step's auxiliary input {"teacher": params} (jaxlm.train.build loads them from
+    config.distill.teacher): a jit argument, sharded like the student's, never donated nor
+    in the optimizer state; it runs in inference mode (no dropout) inside the step.
+    Examples, batches and metrics are the base objective's, plus `distill_kl`: the KL term
+    per target, at temperature T."""
+
+    name = "distill"
+
+    def __init__(self, base, temperature: float, alpha: float):
+        if not isinstance(base, (CausalLM, Classification)):
+            raise ConfigError(f"config.train.objective='distill' distils next-token or class "
+                              f"predictions; the model's objective here is {base.name}")
+        self.base, self.temperature, self.alpha = base, temperature, alpha
+        self.extra_tokens, self.metrics = base.extra_tokens, base.metrics + ("distill_kl",)
+        self.teacher, self.aux_spec = None, None
+
+    def with_teacher(self, model, abstract_params) -> "Distill":
+        self.teacher, self.aux_spec = model, {"teacher": abstract_params}
+        return self
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return self.base.batch_spec(batch_size)
+
+    def example(self, window: dict, index: int = 0, read=None) -> dict:
+        return self.base.example(window, index, read)
+
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool,
+             aux=None):
+        classes = isinstance(self.base, Classification)
+        output, targets = ("classes", batch["labels"]) if classes else ("logits", batch["targets"])
+        student = _apply(model, params, batch, rng, deterministic, output).astype(jnp.float32)
+        teacher = jax.lax.stop_gradient(
+            _apply(self.teacher, aux["teacher"], batch, rng, True, output).astype(jnp.float32))
+        hard, weight = cross_entropy(student, targets, batch["weights"])
+        kl = jnp.sum(kl_divergence(teacher, student, self.temperature) * batch["weights"])
+        total = self.alpha * self.temperature ** 2 * kl + (1 - self.alpha) * hard
+        return total, (weight, {"accuracy": _correct(student, targets, batch["weights"]),
+                                "distill_kl": kl})
+
+
+def kl_divergence(teacher_logits, student_logits, temperature: float) -> jax.Array:
+    """KL(softmax(teacher / T) || softmax(student / T)) over the last axis, per position."""
+    log_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    log_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    return jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+
+
 def check_aux_model(name: str, setup, aux_setup) -> None:
     """An auxiliary model whose predictions an objective compares with the trained model's
     (a distillation teacher; both jaxlm.setup.Setup) must predict over the same tokens:
@@ -357,9 +415,16 @@ def _with_packing(out: dict, window: dict, packed: bool, L: int) -> dict:
 def make_objective(cfg, tokenizer):
     """The objective `config.train.objective` names, checked against the model family."""
     name, arch = cfg.train.objective, cfg.model.arch
-    if name not in ("causal_lm", "masked_lm", "classification"):
+    if name not in ("causal_lm", "masked_lm", "classification", "distill"):
         raise ConfigError(f"config.train.objective={name!r}: expected one of "
-                          "['causal_lm', 'classification', 'masked_lm']")
+                          "['causal_lm', 'classification', 'distill', 'masked_lm']")
+    if name == "distill":  # the model's own objective, taught by a teacher (build_train)
+        if cfg.train.loss_chunk:
+            raise ConfigError("config.train.loss_chunk: distillation compares whole logits; "
+                              "set it to 0 with config.train.objective='distill'")
+        own = "classification" if cfg.model.num_classes else models.family(arch).objectives[0]
+        return Distill(make_objective(_with_objective(cfg, own), tokenizer),
+                       cfg.distill.temperature, cfg.distill.alpha)
     supported = models.family(arch).objectives
     if name not in supported:
         raise ConfigError(f"config.train.objective={name!r} does not fit config.model.arch="
@@ -371,3 +436,10 @@ def make_objective(cfg, tokenizer):
                         cfg.train.mask_prob, cfg.train.whole_word_masking,
                         cfg.train.sentence_pairs, cfg.train.next_sentence)
     return Classification(cfg.data.seq_len, cfg.model.num_classes)
+
+
+def _with_objective(cfg, name: str):
+    import copy
+    out = copy.deepcopy(cfg)
+    out.train.objective = name
+    return out
