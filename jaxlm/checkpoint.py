@@ -498,6 +498,25 @@ def export_params(path: pathlib.Path, params, meta: dict) -> None:
                                                  meta=ocp.args.JsonSave(meta)))
 
 
+def is_export(path: pathlib.Path) -> bool:
+    return (path / "meta").is_dir() and (path / "params").is_dir()
+
+
+def latest_meta(path: pathlib.Path, what: str) -> dict:
+    """The metadata (config, tokenizer, ...) of a params export, or of a workdir's latest
+    checkpoint; `what` names the path in errors."""
+    if is_export(path):
+        return read_export_meta(path)
+    ckpt = Checkpointer(path, read_only=True)
+    try:
+        step = ckpt.select(-1)
+        if step is None:
+            raise CheckpointError(f"{what}: no checkpoint and not a params export")
+        return ckpt.read_meta(step)
+    finally:
+        ckpt.close()
+
+
 def read_export_meta(path: pathlib.Path, any_layout: bool = False) -> dict:
     path = pathlib.Path(path).absolute()
     if not (path / "meta").is_dir():

@@ -218,17 +218,7 @@ def load_jaxlm(path: pathlib.Path, devices=None):
     from jaxlm.config import base_config, from_dict
     from jaxlm.setup import build
     path = pathlib.Path(path)
-    if (path / "meta").is_dir() and (path / "params").is_dir():
-        meta = checkpoint.read_export_meta(path)
-    else:
-        ckpt = checkpoint.Checkpointer(path, read_only=True)
-        try:
-            step = ckpt.select(-1)
-            if step is None:
-                raise CheckpointError(f"--workdir={path}: no checkpoint and not a params export")
-            meta = ckpt.read_meta(step)
-        finally:
-            ckpt.close()
+    meta = checkpoint.latest_meta(path, f"--workdir={path}")
     cfg = from_dict(meta["config"], f"{path}")
     if (path / TOKENIZER).is_dir():  # an import's own tokenizer files, wherever it is now
         cfg.data.tokenizer = f"{cfg.data.tokenizer.partition(':')[0]}:{path.resolve() / TOKENIZER}"

@@ -10,7 +10,7 @@ import ml_collections
 
 from jaxlm import checkpoint
 from jaxlm import config as config_lib
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.setup import build
 from jaxlm.train import objectives, optimizer, pmap, step
 
@@ -50,23 +50,13 @@ def load_teacher(cfg: ml_collections.ConfigDict, setup):
         raise ConfigError("config.train.objective='distill' needs config.distill.teacher (a "
                           "workdir or a params export)")
     path = pathlib.Path(spec).expanduser()
-    export = (path / "meta").is_dir() and (path / "params").is_dir()
-    if export:
-        meta = checkpoint.read_export_meta(path)
-    elif (path / "checkpoints").is_dir():
-        ckpt = checkpoint.Checkpointer(path, cfg.checkpoint, read_only=True)
-        try:
-            step_ = ckpt.select(-1)
-            if step_ is None:
-                raise CheckpointError(f"{what}: the workdir holds no checkpoint")
-            meta = ckpt.read_meta(step_)
-        finally:
-            ckpt.close()
-    else:
+    if not (checkpoint.is_export(path) or (path / "checkpoints").is_dir()):
         raise ConfigError(f"{what}: not a jaxlm workdir or params export")
+    meta = checkpoint.latest_meta(path, what)
     tcfg = config_lib.from_dict(meta["config"], what)
     tcfg.mesh = copy.deepcopy(cfg.mesh)
-    tcfg.evaluate.params, tcfg.checkpoint.step = (str(path) if export else ""), -1
+    tcfg.evaluate.params = str(path) if checkpoint.is_export(path) else ""
+    tcfg.checkpoint.step = -1
     teacher = build(tcfg, setup.mesh.devices.flatten())
     objectives.check_aux_model(what, setup, teacher)
     if teacher.family.causal != setup.family.causal or \
