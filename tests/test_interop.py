@@ -304,10 +304,20 @@ def varied_strings(n=300):
     return STRINGS + ["".join(rng.choice(pieces, rng.integers(1, 12))) for _ in range(n - len(STRINGS))]
 
 
-def test_gpt2_bpe_ids_equal_transformers(tmp_path):
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpt2_bpe_ids_equal_transformers(tmp_path, padded):
+    """Also with a vocabulary padded past <|endoftext|> by unused tokens (as some uploads
+    are, to a round size): loaded as transformers loads it, never produced by encoding."""
     gpt2_vocab(tmp_path)
+    if padded:
+        vocab = json.loads((tmp_path / "vocab.json").read_text())
+        vocab.update({"<|pad0|>": 264, "Ġunused": 265})
+        (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     ours = get_tokenizer(f"gpt2:{tmp_path}")
     theirs = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    assert ours.vocab_size == len(theirs) == (266 if padded else 264) and ours.eos_id == 263
+    if padded:
+        assert ours.decode([264, 265, 97]) == theirs.decode([264, 265, 97]) == "<|pad0|> unuseda"
     for text in varied_strings():
         assert ours.encode(text) == theirs.encode(text), repr(text)
         assert ours.decode(ours.encode(text)) == text

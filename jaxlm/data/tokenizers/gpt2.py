@@ -49,18 +49,21 @@ class GPT2Tokenizer(Tokenizer):
             raise ConfigError(f"config.data.tokenizer: {d} holds no GPT-2 vocabulary ({names}); "
                               "copy the files there (nothing is downloaded)")
         vocab_path, merges_path = found[0]
-        ranks, eos = self._load(vocab_path, merges_path)
+        ranks, eos, self.unused = self._load(vocab_path, merges_path)
         self.encoding = tiktoken.Encoding(f"gpt2-{d.name}", pat_str=GPT2_SPLIT,
                                           mergeable_ranks=ranks,
                                           special_tokens={GPT2_EOS: eos})
-        self.vocab_size = eos + 1
+        self.vocab_size = max([eos, *self.unused]) + 1
         self.eos_id = self.pad_id = eos
         self.sha256 = sha256_of(vocab_path, merges_path)
 
     @staticmethod
-    def _load(vocab_path: pathlib.Path, merges_path: pathlib.Path) -> tuple[dict[bytes, int], int]:
-        """(token bytes -> id, EOS id), after checking that the vocabulary and the merges
-        agree: in GPT-2 the i-th merge creates token 256 + i, so ids are merge ranks."""
+    def _load(vocab_path: pathlib.Path, merges_path: pathlib.Path):
+        """(token bytes -> id, EOS id, unused id -> bytes), after checking that the
+        vocabulary and the merges agree: in GPT-2 the i-th merge creates token 256 + i, so
+        ids are merge ranks. Tokens past the merges (a vocabulary padded to a round size)
+        are kept as transformers keeps them: never made by encoding, decoded to their
+        bytes."""
         alphabet = byte_alphabet()
 
         def to_bytes(token: str, where: str) -> bytes:
@@ -74,28 +77,34 @@ class GPT2Tokenizer(Tokenizer):
         if GPT2_EOS not in vocab:
             raise ConfigError(f"{vocab_path}: no {GPT2_EOS} token")
         eos = vocab.pop(GPT2_EOS)
-        ranks = {to_bytes(tok, str(vocab_path)): i for tok, i in vocab.items()}
-        if sorted(ranks.values()) != list(range(len(ranks))) or eos != len(ranks):
-            raise ConfigError(f"{vocab_path}: ids are not 0..{len(ranks) - 1} followed by {GPT2_EOS}")
         lines = merges_path.read_text("utf-8").split("\n")
         merges = [ln.split(" ") for ln in lines if ln and not ln.startswith("#version")]
+        n = 256 + len(merges)
+        ranks = {to_bytes(tok, str(vocab_path)): i for tok, i in vocab.items() if i < n}
+        unused = {i: to_bytes(tok, str(vocab_path)) for tok, i in vocab.items() if i >= n}
+        if sorted(ranks.values()) != list(range(n)) or eos < n or eos in unused or \
+                len(unused) != len(vocab) - len(ranks):
+            raise ConfigError(f"{vocab_path}: ids are not 0..{n - 1} (256 bytes and "
+                              f"{len(merges)} merges) and then {GPT2_EOS} and unused tokens, "
+                              "each once")
         for i, (a, b) in enumerate(merges):
             merged = to_bytes(a + b, f"{merges_path}:{i + 2}")
             if ranks.get(merged) != 256 + i:
                 raise ConfigError(f"{merges_path}:{i + 2}: merge {a!r} {b!r} is not token "
                                   f"{256 + i} of {vocab_path.name}; the files do not belong together")
-        if len(ranks) != 256 + len(merges):
-            raise ConfigError(f"{vocab_path} has {len(ranks)} tokens, expected 256 bytes + "
-                              f"{len(merges)} merges")
-        return ranks, eos
+        return ranks, eos, unused
 
     def encode(self, text: str) -> list[int]:
         self._check_text(text)
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = self._checked_ids(ids)
-        return self.encoding.decode([i for i in ids if i != self.eos_id], errors="replace")
+        ids = [i for i in self._checked_ids(ids) if i != self.eos_id]
+        if self.unused and any(i in self.unused for i in ids):
+            data = b"".join(self.unused[i] if i in self.unused
+                            else self.encoding.decode_single_token_bytes(i) for i in ids)
+            return data.decode("utf-8", errors="replace")
+        return self.encoding.decode(ids, errors="replace")
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "sha256": self.sha256}
