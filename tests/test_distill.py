@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import random_batch, tiny_bert_config, tiny_config
-from test_state import assert_trees_equal
+from test_state import assert_trees_equal, restored
 
 from jaxlm import checkpoint
 from jaxlm.errors import ConfigError
@@ -104,11 +104,7 @@ def test_a_distilled_run_resumes_bitwise_and_leaves_the_teacher(tmp_path):
     loop.train(distill_cfg(tmp_path / "teacher", 4), tmp_path / "halves", devices)
     run = build_train(distill_cfg(tmp_path / "teacher", 4), devices)
     assert_trees_equal(run.aux["teacher"], teacher_params)  # read from the export, as it was
-    states = []
-    for name in ("whole", "halves"):
-        ckpt = checkpoint.Checkpointer(tmp_path / name, read_only=True)
-        states.append(ckpt.restore(4, run.abstract_state, run.state_shardings)[0])
-        ckpt.close()
+    states = restored(run, [tmp_path / "whole", tmp_path / "halves"], 4)
     assert_trees_equal(states[0], states[1])
 
 

@@ -194,3 +194,15 @@ def test_a_classifier_is_served_as_its_model_scores_each_text_alone(tmp_path):
                 want = np.asarray(jax.nn.softmax(logits, axis=-1))[0]
                 np.testing.assert_allclose(out[i]["probabilities"], want, rtol=1e-5, atol=1e-6)
                 assert out[i]["label_name"] == "abc"[int(want.argmax())]
+
+
+def test_a_port_in_use_is_named_before_anything_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(serve_command(f"--workdir={tmp_path}", f"--port={port}"), cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: --host=127.0.0.1 --port={port}: cannot listen there (Address already in use)")

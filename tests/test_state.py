@@ -23,6 +23,16 @@ def flat(tree) -> dict:
             flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(tree))).items()}
 
 
+def restored(run, workdirs, step: int) -> list:
+    """The train state of checkpoint `step` in each workdir, as `run` lays it out."""
+    states = []
+    for workdir in workdirs:
+        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+        states.append(ckpt.restore(step, run.abstract_state, run.state_shardings)[0])
+        ckpt.close()
+    return states
+
+
 def assert_trees_equal(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
@@ -88,11 +98,7 @@ def test_frozen_run_resumes_bitwise_and_saves_the_base_once(tmp_path):
     loop.train(_frozen_cfg(2), tmp_path / "halves", devices)
     loop.train(_frozen_cfg(4), tmp_path / "halves", devices)
     run = build_train(_frozen_cfg(4), devices)
-    states = []
-    for name in ("whole", "halves"):
-        ckpt = checkpoint.Checkpointer(tmp_path / name, read_only=True)
-        states.append(ckpt.restore(4, run.abstract_state, run.state_shardings)[0])
-        ckpt.close()
+    states = restored(run, [tmp_path / "whole", tmp_path / "halves"], 4)
     assert_trees_equal(states[0], states[1])
     # The checkpoint holds the trainables; the frozen base is one export beside them.
     assert not any(k.startswith(("block_0", "embed")) for k in flat(states[0].params))

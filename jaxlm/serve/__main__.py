@@ -16,6 +16,7 @@ import contextlib
 import os
 import pathlib
 import signal
+import socket
 
 import uvicorn
 
@@ -107,6 +108,12 @@ def main(argv):
         assert 0 < port < 65536
     except (ValueError, AssertionError):
         raise ConfigError(f"--port={flags['port']}: expected a port number 1-65535") from None
+    with socket.socket() as probe:  # a taken port is said now, not after the compiles
+        try:
+            probe.bind((flags["host"], port))
+        except OSError as e:
+            raise ConfigError(f"--host={flags['host']} --port={port}: cannot listen there "
+                              f"({e.strerror})") from None
     cli.start(cfg)
     from jaxlm.serve.app import make_app
     service = load(cfg, pathlib.Path(flags["workdir"] or "."), flags["name"])
