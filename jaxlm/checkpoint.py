@@ -51,7 +51,8 @@ import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
 from jaxlm import models
-from jaxlm.errors import CheckpointError
+from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.models import transforms
 from jaxlm.trainable import Trainable
 
 log = logging.getLogger("jaxlm")
@@ -61,7 +62,8 @@ log = logging.getLogger("jaxlm")
 # change of the code makes old checkpoints restore into the wrong places.
 #   1 (meta without "layout"): three query/key/value parameters per attention layer, and
 #     with config.optimizer.grad_clip_norm > 0 an empty first element in the optimizer state.
-#   2: one fused qkv parameter; the optimizer state is AdamW's alone; `extra` in the state.
+#   2: one fused qkv parameter; the optimizer state is AdamW's alone, or (AdamW's,
+#     jaxlm.train.prune.PruneState) with config.prune on; `extra` in the state.
 STATE_LAYOUT = 2
 FROZEN = "frozen"  # WORKDIR/frozen: the frozen base of a run (config.train.trainable)
 
@@ -124,8 +126,8 @@ def _unreadable(what: str, error: Exception) -> CheckpointError:
     if "tree structures do not match" in first_line:
         return CheckpointError(
             f"{what} holds a train state of another structure than this config builds: "
-            "config.optimizer (e.g. grad_clip_norm on/off) or the model code differs from "
-            "the run that wrote it")
+            "config.optimizer (e.g. grad_clip_norm on/off), config.prune (pruning on/off, "
+            "prune.params) or the model code differs from the run that wrote it")
     if "not compatible with the stored shape" in first_line:  # same config, other model code
         return CheckpointError(
             f"{what} holds arrays of other shapes than this config builds ({first_line.split('. ')[0]}): "
@@ -555,13 +557,28 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
     """(params, step) that evaluation and export read: the export config.evaluate.params,
     or checkpoint config.checkpoint.step (default: the latest) of `workdir`, checked
     against the config and against their checksums. Creates nothing."""
+    quant = setup.cfg.quant.mode if transforms.is_quantized(setup.cfg) else "none"
     if cfg.evaluate.params:
         path = pathlib.Path(cfg.evaluate.params)
         meta = read_export_meta(path)
-        check_meta(meta, cfg, setup.tokenizer, f"export {path}")
+        check_meta(meta, setup.cfg, setup.tokenizer, f"export {path}")
+        saved = config_lib.from_dict(meta["config"], f"export {path}")
+        saved_quant = saved.quant.mode if transforms.is_quantized(saved) else "none"
+        if saved_quant != quant:
+            raise ConfigError(
+                f"config.quant.mode={quant!r}, but config.evaluate.params={str(path)!r} holds "
+                + (f"{saved_quant} weights: drop --config.quant.mode to run it as made"
+                   if saved_quant != "none" else "float weights: quantize them first with "
+                   f"python -m jaxlm.quantize --params={path} --out=DIR "
+                   f"--config.quant.mode={quant}"))
         params = load_export(path, setup.abstract_params, setup.param_shardings, meta,
                               cfg.checkpoint.verify)
         return params, meta["step"]
+    if quant != "none":
+        raise ConfigError(f"config.quant.mode={quant!r} runs quantized weights, which a "
+                          "training checkpoint does not hold: make them with python -m "
+                          f"jaxlm.quantize --workdir={workdir} --out=DIR "
+                          f"--config.quant.mode={quant} and pass --config.evaluate.params=DIR")
     ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
     try:
         step = ckpt.select(cfg.checkpoint.step)

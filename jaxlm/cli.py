@@ -55,6 +55,9 @@ class Flag:
 CONFIG = Flag("config", "config file whose get_config() returns the run's config "
               "(configs/gpt/*.py)", None, metavar="FILE")
 WORKDIR = Flag("workdir", "the run's folder: checkpoints, metrics, results", None, metavar="DIR")
+# A command that reads its source's saved config (config="saved") takes --config optionally.
+SAVED_CONFIG = Flag("config", "config file (default: the config saved with the source, "
+                    "then the --config.FIELD overrides)", "", metavar="FILE")
 
 
 @dataclasses.dataclass
@@ -64,6 +67,22 @@ class Args:
     config_path: str | None
     flags: dict                      # the command's own flags by name
     command: str | None = None       # the subcommand, for commands that have them
+    overrides: tuple = ()            # (field, value) of --config.FIELD=VALUE, in order
+
+    def saved_config(self, saved: dict, where: str):
+        """With config="saved" and no --config: the config a checkpoint or export saved
+        (`saved`, its JSON form), with the overrides applied and validated."""
+        if self.config is not None:
+            return self.config
+        cfg = config_lib.from_dict(saved, where)
+        return with_overrides(cfg, self.overrides)
+
+
+def with_overrides(cfg, overrides):
+    for field, value in overrides:
+        config_lib.apply_override(cfg, field, value)
+    config_lib.validate(cfg)
+    return cfg
 
 
 def _usage(prog: str, flags: Sequence[Flag], takes_config: bool, command: str | None) -> str:
@@ -95,12 +114,13 @@ def _help(prog: str, doc: str, flags: Sequence[Flag], takes_config: bool,
     return "\n".join(lines)
 
 
-def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool = True,
+def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool | str = True,
           workdir: bool = True, flags: Sequence[Flag] = (),
           commands: dict[str, Sequence[Flag]] | None = None) -> Args:
     """Parses a command line; raises ConfigError (one line) for anything wrong with it.
 
-    config/workdir: whether the command takes --config (and the overrides) and --workdir.
+    config/workdir: whether the command takes --config (and the overrides) and --workdir;
+    config="saved": --config is optional (Args.saved_config reads the source's).
     commands: subcommand name -> its flags (the first argument picks one).
     """
     argv = list(argv)
@@ -155,17 +175,16 @@ def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool = True,
     config_path = values.pop("config", None) if config else None
     workdir_value = values.pop("workdir", None) if workdir else None
     cfg = None
-    if config:
-        cfg = config_lib.load_config(config_path)
-        for field, value in overrides:
-            config_lib.apply_override(cfg, field, value)
-        config_lib.validate(cfg)
+    if config and config_path:
+        cfg = with_overrides(config_lib.load_config(config_path), overrides)
     return Args(config=cfg, workdir=pathlib.Path(workdir_value) if workdir else None,
-                config_path=config_path, flags=values, command=command)
+                config_path=config_path, flags=values, command=command,
+                overrides=tuple(overrides))
 
 
-def _own(config: bool, workdir: bool) -> tuple[Flag, ...]:
-    return (CONFIG,) * config + (WORKDIR,) * workdir
+def _own(config: bool | str, workdir: bool) -> tuple[Flag, ...]:
+    return ((SAVED_CONFIG if config == "saved" else CONFIG),) * bool(config) + \
+        (WORKDIR,) * workdir
 
 
 def start(cfg) -> None:

@@ -289,6 +289,34 @@ SCHEMA = {
         "alpha": Field(0.5, Range(0, 1), "weight of the teacher's term; 1 - alpha: the usual "
                        "loss's"),
     },
+    "quant": {
+        "mode": Field("none", ("none", "int8_weight", "int8"), "int8 quantization (qwix) of "
+                      "every weight matmul: int8_weight keeps int8 weights with per-channel "
+                      "scales; int8 also quantizes the matmuls' inputs, per token, as they "
+                      "run. Set by python -m jaxlm.quantize and read from its export"),
+        "train": Field(False, None, "quantization-aware training: training runs the matmuls "
+                       "fake-quantized as quant.mode will (straight-through gradients); "
+                       "python -m jaxlm.quantize exports the result"),
+        "skip": Field(("^embed/",), None, "regular expressions of module paths whose matmuls "
+                      "stay in float (re.search). Default: the token table, which is both the "
+                      "input lookup (a gather) and the tied output head"),
+    },
+    "prune": {
+        "sparsity": Field(0.0, FRACTION, "magnitude pruning: the share of each pruned weight "
+                          "set to zero by prune.end_step (0: no pruning)"),
+        "pattern": Field("unstructured", None, "unstructured, or N:M (e.g. 2:4): of every M "
+                         "consecutive weights along a kernel's input axis, N are kept "
+                         "(pruned at prune.start_step, at once; sparsity, scope, end_step and every "
+                         "are then unused)"),
+        "scope": Field("layer", ("layer", "global"), "unstructured: each kernel pruned to the "
+                       "sparsity (layer) or one threshold over all of them (global)"),
+        "start_step": Field(0, NONNEGATIVE, "the first pruning step"),
+        "end_step": Field(0, NONNEGATIVE, "the sparsity is reached here (cubic schedule from "
+                          "start_step; equal to start_step: all at once)"),
+        "every": Field(100, POSITIVE, "steps between mask updates in the schedule"),
+        "params": Field(("kernel$",), None, "regular expressions of parameter paths that are "
+                        "pruned (re.search); default: every matmul kernel"),
+    },
     "serve": {
         "slots": Field(8, POSITIVE, "python -m jaxlm.serve: requests decoded together (KV-cache "
                        "rows, preallocated)"),
@@ -493,6 +521,25 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              f"config.evaluate.{f}={e[f]} leaves no room for a prompt within {where}")
     need(cfg.optimizer.warmup_steps <= t.steps,
          f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be in [0, train.steps]")
+    pr = cfg.prune
+    need(pr.end_step >= pr.start_step,
+         f"config.prune.end_step={pr.end_step} is before config.prune.start_step="
+         f"{pr.start_step}: the schedule would end before it starts")
+    need(pr.pattern == "unstructured" or n_of_m(pr.pattern) is not None,
+         f"config.prune.pattern={pr.pattern!r}: expected 'unstructured' or N:M with "
+         "0 < N < M (e.g. 2:4)")
+    need(not cfg.quant.train or cfg.quant.mode != "none",
+         "config.quant.train=true needs config.quant.mode (int8_weight or int8): the "
+         "quantization that training prepares for")
+
+
+def n_of_m(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of an N:M sparsity pattern such as "2:4"; None if `pattern` is not one."""
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return None
+    n, m = (int(p) for p in parts)
+    return (n, m) if 0 < n < m else None
 
 
 # ----------------------------------------------------------------------------- serialised form

@@ -11,13 +11,12 @@ Evaluate it with `python -m jaxlm.evaluate --config=FILE --workdir=OUT
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 
 from jaxlm import checkpoint, cli
 from jaxlm import workdir as workdir_lib
-from jaxlm.errors import ConfigError
 from jaxlm.setup import build
+from jaxlm.train import prune
 
 log = logging.getLogger("jaxlm")
 
@@ -26,16 +25,16 @@ OUTPUT = cli.Flag("output", "where the export goes (must not exist)", None, meta
 
 def export(cfg, workdir: pathlib.Path, output: pathlib.Path) -> int:
     """Exports checkpoint config.checkpoint.step (-1: latest) of `workdir`; returns the step."""
-    output = pathlib.Path(output)
-    if output.exists():  # checked before the (possibly long) restore
-        raise ConfigError(f"--output={output} already exists; not overwriting it")
-    parent = output.absolute().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output={output}: {parent} is not a writable folder")
+    output = workdir_lib.check_output(output)
     workdir = workdir_lib.check(workdir, must_exist=not cfg.evaluate.params)
     setup = build(cfg)
     params, step = checkpoint.load_params(cfg, setup, pathlib.Path(workdir))
     meta = checkpoint.make_export_meta(cfg, setup.tokenizer, step)
+    if prune.enabled(cfg.prune):  # zeros are stored as zeros: the export is as large
+        meta["sparsity"] = prune.sparsity_of(params, cfg.prune)
+        log.info("pruned parameters: %.1f%% zeros on average over %d of them",
+                 100 * sum(meta["sparsity"].values()) / len(meta["sparsity"]),
+                 len(meta["sparsity"]))
     checkpoint.export_params(output, params, meta)
     log.info("exported the params of step %d from %s to %s", step, workdir, output)
     return step

@@ -17,7 +17,8 @@ epoch, and keeps the params of the best epoch by config.finetune.best_metric in 
 WORKDIR/results.json and WORKDIR/plots/{curves,roc,confusion}.png.
 
 `--evaluate=DATA` scores the best params of WORKDIR (or its latest checkpoint, when it has
-no best yet) on any labelled data (same forms as config.finetune.validation_data) and
+no best yet; or the export --config.evaluate.params, e.g. WORKDIR/best quantized by
+python -m jaxlm.quantize) on any labelled data (same forms as config.finetune.validation_data) and
 writes WORKDIR/evaluation-<DATA>.json.
 """
 
@@ -43,6 +44,7 @@ from jaxlm.data import labelled
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.runlog import read_history
+from jaxlm.models import transforms
 
 log = logging.getLogger("jaxlm")
 
@@ -95,6 +97,7 @@ def load_pretrained(cfg, setup):
             raise CheckpointError(f"{what}: the workdir holds no checkpoint")
         meta = ckpt.read_meta(step)
     saved = config_lib.from_dict(meta["config"], what)
+    transforms.refuse_quantized(saved, what)
     if saved.model.arch != cfg.model.arch:
         raise CheckpointError(f"{what} holds a {saved.model.arch.upper()} model, and this config "
                               f"fine-tunes config.model.arch={cfg.model.arch!r}")
@@ -172,9 +175,10 @@ class Validation:
 
 
 def _best_params(cfg, setup, workdir: pathlib.Path):
-    """(params, step) of WORKDIR/best, else of the checkpoint config.checkpoint.step."""
+    """(params, step) of the export config.evaluate.params (e.g. an int8 one, python -m
+    jaxlm.quantize), else of WORKDIR/best, else of the checkpoint config.checkpoint.step."""
     best = workdir / "best"
-    if not (best / "meta").is_dir():
+    if cfg.evaluate.params or not (best / "meta").is_dir():
         return checkpoint.load_params(cfg, setup, workdir)
     meta = checkpoint.read_export_meta(best)
     checkpoint.check_meta(meta, cfg, setup.tokenizer, f"export {best}")

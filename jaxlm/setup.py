@@ -13,8 +13,10 @@ created or restored straight into their shardings.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -24,7 +26,7 @@ import ml_collections
 from jaxlm import models, sharding
 from jaxlm.data.tokenizers import Tokenizer, get_tokenizer
 from jaxlm.errors import ConfigError
-from jaxlm.models import attention
+from jaxlm.models import attention, transforms
 
 log = logging.getLogger("jaxlm")
 
@@ -47,7 +49,13 @@ class Setup:
 
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
-    """Tokenizer, model, mesh (over `devices`, default all) and parameter shardings."""
+    """Tokenizer, model, mesh (over `devices`, default all) and parameter shardings.
+
+    With config.quant the model is wrapped (jaxlm.models.transforms) and, after
+    post-training quantization, its params are the quantized ones. An int8 export as
+    config.evaluate.params brings its quantization along (`adopt_export`), so Setup.cfg
+    may differ from `cfg` there."""
+    cfg = adopt_export(cfg)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size} is smaller than the "
@@ -77,7 +85,36 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
                           f"by the {heads} parts config.mesh.strategy={cfg.mesh.strategy!r} "
                           "splits heads into")
     tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(0))
+    init = lambda model: jax.eval_shape(  # noqa: E731
+        lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(0))
+    boxed = init(model)
+    if cfg.quant.mode != "none":
+        model = transforms.transform(model, cfg, boxed)
+        boxed = init(model)
     sharding.check_divisible(boxed, mesh, cfg.mesh)
     return Setup(cfg, tokenizer, family, model, mesh, boxed, nn.meta.unbox(boxed),
                  sharding.logical_shardings(boxed, mesh, cfg.mesh))
+
+
+def adopt_export(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`cfg`, or when config.evaluate.params is a quantized export (python -m
+    jaxlm.quantize) and config.quant.mode is unset or the export's, a copy that evaluates it as it was
+    made: its config.quant, and unrolled blocks (quantized models run unrolled). Another
+    config.quant.mode than the export's is refused when the params load."""
+    if not cfg.evaluate.params:
+        return cfg
+    from jaxlm import checkpoint
+    from jaxlm import config as config_lib
+    path = pathlib.Path(cfg.evaluate.params)
+    if not checkpoint.is_export(path):
+        return cfg  # named by whatever reads it
+    meta = checkpoint.read_export_meta(path)
+    saved = config_lib.from_dict(meta["config"], f"export {path}")
+    if not transforms.is_quantized(saved) or cfg.quant.mode not in ("none", saved.quant.mode):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.quant = saved.quant
+    cfg.model.scan_layers = False
+    log.info("config.evaluate.params=%s holds %s-quantized weights: the model runs so "
+             "(config.quant.mode=%s, unrolled blocks)", path, saved.quant.mode, saved.quant.mode)
+    return cfg

@@ -12,7 +12,6 @@ resumed from the converted workdir continues exactly as the old jaxlm would have
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import shutil
 
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from jaxlm import checkpoint, cli
 from jaxlm import config as config_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.models.upgrade import upgrade_tree
 
@@ -71,12 +71,7 @@ def upgrade(src: pathlib.Path, output: pathlib.Path) -> list:
     from jaxlm.setup import build  # JAX and friends: after the flags are known good
     from jaxlm.train.build import build_train
     src, output = pathlib.Path(src).absolute(), pathlib.Path(output).absolute()
-    if output.exists():
-        raise ConfigError(f"--output={output} already exists; not overwriting it")
-    if not output.parent.is_dir():
-        raise ConfigError(f"--output={output}: its folder {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output={output}: {output.parent} is not a writable folder")
+    workdir_lib.check_output(output)
     if (src / "meta").is_dir() and (src / "params").is_dir():  # a params export
         meta = checkpoint.read_export_meta(src, any_layout=True)
         _check_old(meta, f"export {src}")

@@ -93,6 +93,21 @@ class Claim:
                     break
 
 
+def check_output(output, flag: str = "--output") -> pathlib.Path:
+    """The path an export will be written to, refused now (before a possibly long restore)
+    if it exists or its folder is not writable."""
+    output = pathlib.Path(output)
+    if output.exists():
+        raise ConfigError(f"{flag}={output} already exists; not overwriting it")
+    parent = output.absolute().parent
+    if not parent.exists():
+        raise ConfigError(f"{flag}={output}: the folder {parent} does not exist (create it "
+                          "first)")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}={output}: {parent} is not a writable folder")
+    return output
+
+
 def claim(workdir: pathlib.Path) -> Claim:
     """Locks `workdir` for this process (creating it if needed); ConfigError naming the
     holder if another process has it."""

@@ -14,7 +14,7 @@ PACKAGE = REPO / "jaxlm"
 # python -m <command>: the entry points, each a leaf that parses flags and calls one function.
 COMMANDS = ["jaxlm.main", "jaxlm.train", "jaxlm.evaluate", "jaxlm.export", "jaxlm.plan",
             "jaxlm.finetune", "jaxlm.data.prepare", "jaxlm.data.tokenizers", "jaxlm.interop",
-            "jaxlm.upgrade", "jaxlm.serve"]
+            "jaxlm.upgrade", "jaxlm.serve", "jaxlm.quantize"]
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -13,6 +13,8 @@ the confusion matrix (rows: true class, columns: predicted).
 
 from __future__ import annotations
 
+import functools
+
 import pathlib
 
 import jax
@@ -31,7 +33,9 @@ def predict(setup, params, source, batch_size: int) -> tuple[np.ndarray, np.ndar
     model, mesh, cfg_mesh = setup.model, setup.mesh, setup.cfg.mesh
     rep = sharding.replicated(mesh)
 
-    @jax.jit
+    # Replicated out: under a data-parallel mesh the model's batch-sharded output would
+    # leave each device (and addressable_data(0)) only its share of the rows.
+    @functools.partial(jax.jit, out_shardings=rep)
     def probs(params, inputs, types, segments):
         logits = model.apply({"params": params}, inputs, None, segments, types, output="classes")
         return jax.nn.softmax(logits, axis=-1)

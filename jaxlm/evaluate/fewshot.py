@@ -38,6 +38,7 @@ from jaxlm.errors import ConfigError, DataError
 from jaxlm.evaluate import plots, tasks as tasks_lib
 from jaxlm.evaluate.scoring import Scorer, make_scorer
 from jaxlm.evaluate.tasks.base import Task, contexts, mean_stderr, requests
+from jaxlm.models import transforms
 from jaxlm.setup import build
 
 log = logging.getLogger("jaxlm")
@@ -216,11 +217,13 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     results = run_fewshot(scorer, tasks, e, workdir / "samples" if e.log_samples else None)
     table = format_table(results, list(e.shots))
+    quant = setup.cfg.quant.mode if transforms.is_quantized(setup.cfg) else None
     out = {"step": step, "tasks": results, "samples": samples,
-           "truncated_requests": scorer.truncated}
+           "truncated_requests": scorer.truncated, **({"quant": quant} if quant else {})}
     if jax.process_index() == 0:
         if results:  # config.evaluate.tasks = () writes samples only
-            print(f"\nFew-shot results at step {step}:\n{table}\n", flush=True)
+            print(f"\nFew-shot results at step {step}{f' ({quant} weights)' if quant else ''}"
+                  f":\n{table}\n", flush=True)
         workdir.mkdir(parents=True, exist_ok=True)
         workdir_lib.write_text(workdir / "results.json", json.dumps(out, indent=2))
         plots.write_plots(workdir, results, list(e.shots))

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm import models
+from jaxlm import workdir as workdir_lib
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.interop import bert, gpt2
@@ -122,14 +123,8 @@ def _fill_missing(params: dict, setup, seed: int) -> list[str]:
 
 
 def _fresh_output(out) -> tuple[pathlib.Path, pathlib.Path]:
-    out = pathlib.Path(out)
-    if out.exists():
-        raise ConfigError(f"--out={out} already exists; not overwriting it")
+    out = workdir_lib.check_output(out, "--out")
     parent = out.absolute().parent
-    if not parent.exists():
-        raise ConfigError(f"--out={out}: the folder {parent} does not exist (create it first)")
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out={out}: {parent} is not a writable folder")
     return out, pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
 
 

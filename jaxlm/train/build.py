@@ -11,8 +11,10 @@ import ml_collections
 from jaxlm import checkpoint
 from jaxlm import config as config_lib
 from jaxlm.errors import ConfigError
+from jaxlm.models import transforms
 from jaxlm.setup import build
 from jaxlm.train import objectives, optimizer, pmap, step
+from jaxlm.trainable import Trainable
 
 
 def build_train(cfg: ml_collections.ConfigDict, devices=None, aux=None, init_extra=None):
@@ -21,13 +23,20 @@ def build_train(cfg: ml_collections.ConfigDict, devices=None, aux=None, init_ext
     `aux(setup) -> tree` makes the step's auxiliary inputs on its mesh (e.g. a teacher's
     params); `init_extra(params) -> tree` its extra state (both: JitTrainStep)."""
     setup = build(cfg, devices)
+    if transforms.is_quantized(setup.cfg):
+        raise ConfigError(f"config.quant.mode={setup.cfg.quant.mode!r} without "
+                          "config.quant.train: training needs float weights; pass "
+                          "--config.quant.train=true (quantization-aware training), or "
+                          "quantize after training with python -m jaxlm.quantize")
     objective = objectives.make_objective(cfg, setup.tokenizer)
     inputs = aux(setup) if aux else None
     if isinstance(objective, objectives.Distill):
         teacher, teacher_params = load_teacher(cfg, setup)
         objective.with_teacher(teacher.model, teacher.abstract_params)
         inputs = {**(inputs or {}), "teacher": teacher_params}
-    tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
+    split = Trainable(cfg.train.trainable, setup.abstract_params)  # pruning: trainables only
+    tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps, cfg.prune,
+                                  split.split(setup.abstract_params)[0])
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     kind = pmap.PmapTrainStep if cfg.parallelism == "pmap" else step.JitTrainStep
     train_step = kind(setup, objective, tx, schedule, aux=inputs, init_extra=init_extra)
@@ -54,6 +63,7 @@ def load_teacher(cfg: ml_collections.ConfigDict, setup):
         raise ConfigError(f"{what}: not a jaxlm workdir or params export")
     meta = checkpoint.latest_meta(path, what)
     tcfg = config_lib.from_dict(meta["config"], what)
+    transforms.refuse_quantized(tcfg, what)
     tcfg.mesh = copy.deepcopy(cfg.mesh)
     tcfg.evaluate.params = str(path) if checkpoint.is_export(path) else ""
     tcfg.checkpoint.step = -1

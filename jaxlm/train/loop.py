@@ -28,6 +28,7 @@ from jaxlm.data import sources
 from jaxlm.errors import CheckpointError, ConfigError, Interrupted, JaxlmError
 from jaxlm.train.build import build_train
 from jaxlm.train import metrics as metrics_lib
+from jaxlm.train import prune
 from jaxlm.train.nonfinite import NonfiniteGuard
 from jaxlm.train.preemption import Preemption
 from jaxlm.watchdog import Watchdog
@@ -73,6 +74,7 @@ def restore_or_init(step, ckpt: checkpoint.Checkpointer, init_params: Callable |
         raise CheckpointError(f"config.train.trainable={tuple(setup.cfg.train.trainable)!r}, but "
                               f"the checkpoints in {ckpt.directory} train {tuple(saved)!r}; pass "
                               "the same value to resume, or use another --workdir")
+    prune.check_resume(meta["config"], setup.cfg.prune, ckpt.directory)
     restore = lambda s: ckpt.restore(s, step.abstract_state, step.state_shardings)
     try:
         state, meta = restore(latest)

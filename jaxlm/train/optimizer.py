@@ -1,5 +1,6 @@
 """AdamW with linear warmup, cosine decay and a weight-decay mask; global-norm clipping
-(applied by the train step's finalize with the norm it computes anyway)."""
+(applied by the train step's finalize with the norm it computes anyway); magnitude pruning
+after AdamW when config.prune asks for it (jaxlm.train.prune)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxlm.train import prune
 
 
 def learning_rate_schedule(cfg_opt, total_steps: int) -> optax.Schedule:
@@ -37,14 +40,23 @@ def adamw(cfg_opt, total_steps: int) -> optax.GradientTransformation:
                        mask=lambda params: decay_mask(params, tuple(cfg_opt.no_decay)))
 
 
-def make_optimizer(cfg_opt, total_steps: int) -> optax.GradientTransformation:
-    """What the train step applies after clipping. Global-norm clipping
+def make_optimizer(cfg_opt, total_steps: int, cfg_prune=None,
+                   params=None) -> optax.GradientTransformation:
+    """What the train step applies after clipping: AdamW, then pruning (config.prune, of
+    the trainable `params`, abstract or not) when it is on. Without pruning the optimizer
+    is AdamW alone, so the optimizer state has the layout of checkpoints made before
+    pruning existed (jaxlm.checkpoint.STATE_LAYOUT 2). Global-norm clipping
     (cfg_opt.grad_clip_norm) is done by the step itself (jaxlm.train.step.finalize, with
     `clip_factor`), which has the gradient norm already (for its metrics and the non-finite
     check) and scales the gradients in the same pass that averages them; computing the norm
     again in an optax clip cost a second pass over every gradient (measured: 100 more
     reductions per step for a 6-layer GPT)."""
-    return adamw(cfg_opt, total_steps)
+    tx = adamw(cfg_opt, total_steps)
+    if cfg_prune is None or not prune.enabled(cfg_prune):
+        return tx
+    if params is None:
+        raise ValueError("make_optimizer: pruning needs the trainable params (their paths)")
+    return optax.chain(tx, prune.prune(cfg_prune, params))
 
 
 def clip_factor(grad_norm: jax.Array, max_norm: float) -> jax.Array:

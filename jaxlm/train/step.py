@@ -49,9 +49,9 @@ class TrainState:
     step: jax.Array       # int32 scalar: optimizer steps taken
     params: Any           # the trainable parameters (all of them unless config.train.trainable)
     opt_state: Any        # the optimizer's state, for the trainable parameters only
-    extra: Any = None     # state that is not parameters (e.g. pruning masks): made by the
-                          # step's `init_extra(params)`, carried through every step and saved
-                          # with the state; what owns it (a transform) reads and updates it
+    extra: Any = None     # state that is not parameters nor an optimizer's (pruning's masks
+                          # live in its optax state): made by the step's `init_extra(params)`,
+                          # carried through every step and saved with the state
 
 
 @flax.struct.dataclass
