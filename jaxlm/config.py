@@ -20,8 +20,11 @@ import difflib
 import importlib.util
 import json
 import math
+import os
 import pathlib
+import re
 import sys
+import traceback
 from typing import Any
 
 import ml_collections
@@ -301,6 +304,19 @@ SCHEMA = {
                       "stay in float (re.search). Default: the token table, which is both the "
                       "input lookup (a gather) and the tied output head"),
     },
+    "lora": {
+        "rank": Field(0, NONNEGATIVE, "low-rank adapters (qwix LoRA, jaxlm.models.transforms): "
+                      "each targeted kernel W [in, *out] gets A [in, rank] and B [rank, out], "
+                      "B = 0 at the start, and runs as W + (alpha/rank) A B; only the adapters "
+                      "(and a classification head) train, the rest is a frozen base. 0: off"),
+        "alpha": Field(16.0, POSITIVE, "the adapters' scale is alpha / rank"),
+        "dropout": Field(0.0, FRACTION, "dropout on the adapters' input, in training only"),
+        "targets": Field(("attn/qkv", "attn/out", "mlp/fc_in", "mlp/fc_out"), None,
+                         "regular expressions of the module paths adapted (re.search): "
+                         "block_<i>/attn/qkv, .../attn/out, .../mlp/fc_in, .../mlp/fc_out "
+                         "(blocks/... scanned), lm_head (GPT, untied), mlm_dense, pooler, "
+                         "next_sentence (BERT), classifier/out; never the token table"),
+    },
     "prune": {
         "sparsity": Field(0.0, FRACTION, "magnitude pruning: the share of each pruned weight "
                           "set to zero by prune.end_step (0: no pruning)"),
@@ -394,6 +410,12 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
         if not hasattr(module, "get_config"):
             raise ConfigError(f"--config: {path} defines no get_config()")
         cfg = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # the file's own mistake: one line (JAXLM_TRACEBACK=1: all of it)
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        raise ConfigError(_config_file_error(e, path.resolve().parent)) from None
     finally:
         sys.path.remove(folder)
         for name in set(sys.modules) - before:  # helpers are re-read with the next file
@@ -402,6 +424,33 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
                 del sys.modules[name]
     cfg.lock()
     return cfg
+
+
+def _config_file_error(e: Exception, folder: pathlib.Path) -> str:
+    """One line for an exception raised while a config file (or a helper in its folder)
+    loaded: the file and line, and for a field the schema lacks, the name it may mean."""
+    if isinstance(e, SyntaxError):
+        return f"--config: {e.filename}:{e.lineno}: {e.msg}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if pathlib.Path(f.filename).resolve().parent == folder]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(folder)
+    code = f" ({frames[-1].line.strip()})" if frames and frames[-1].line else ""
+    name = re.search(r"""Key "(\w+)" does not exist|^'?\\?'(\w+)\\?'""", str(e).strip("'\""))
+    if isinstance(e, (AttributeError, KeyError)) and name:
+        field = name.group(1) or name.group(2)
+        known = _leaf_paths(base_config()) + list(SCHEMA)
+        chain = re.findall(r"\.(\w+)", code)  # c.model.num_layer: look under "model"
+        if field in chain and chain.index(field) > 0 and chain[chain.index(field) - 1] in SCHEMA:
+            parent = chain[chain.index(field) - 1]
+            known = [k for k in known if k.startswith(parent + ".")]
+        elif field in chain:
+            known = [k for k in known if "." not in k]
+        close = difflib.get_close_matches(field, [k.rpartition(".")[2] for k in known], n=1)
+        hint = next((f" (did you mean config.{k}?)" for k in known
+                     if close and k.rpartition(".")[2] == close[0]), "")
+        return f"--config: {where}{code}: no config field {field!r}{hint}"
+    return (f"--config: {where}{code}: {type(e).__name__}: {e} (JAXLM_TRACEBACK=1 shows the "
+            "traceback)")
 
 
 def _leaf_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -531,6 +580,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(not cfg.quant.train or cfg.quant.mode != "none",
          "config.quant.train=true needs config.quant.mode (int8_weight or int8): the "
          "quantization that training prepares for")
+    lo = cfg.lora
+    if lo.rank:
+        need(len(lo.targets) > 0, f"config.lora.rank={lo.rank} needs config.lora.targets "
+             "(the module paths to adapt, e.g. attn/qkv,mlp/fc_in)")
+        need(not cfg.quant.train, "config.quant.train (quantization-aware training) with "
+             "config.lora.rank: LoRA trains adapters over a frozen base, which QAT would "
+             "quantize as it trains; use one of them (QLoRA: config.quant.mode=int8_weight "
+             "without quant.train, over a python -m jaxlm.quantize export)")
+        need(cfg.quant.mode != "int8", "config.quant.mode='int8' with config.lora.rank: int8 "
+             "inputs are rounded, which stops the adapters' gradients; QLoRA takes "
+             "config.quant.mode=int8_weight")
+        need(pr.sparsity == 0 and pr.pattern == "unstructured",
+             "config.prune with config.lora.rank: pruning masks the trained kernels, and "
+             "LoRA freezes them; prune the merged model (python -m jaxlm.export --merge) "
+             "in a run of its own")
 
 
 def n_of_m(pattern: str) -> tuple[int, int] | None:

@@ -153,6 +153,33 @@ def test_bad_values_are_refused_before_anything_starts(tmp_path, args, match):
     assert not (tmp_path / "new").exists()
 
 
+CONFIG_FILES = {  # a config file's own mistakes: one line with the file, line and field
+    "undeclared": ("from jaxlm.config import base_config\ndef get_config():\n    c = base_config()\n"
+                   "    c.model.num_layer = 3\n    return c\n",
+                   "undeclared.py:4 (c.model.num_layer = 3): no config field 'num_layer' (did "
+                   "you mean config.model.num_layers?)"),
+    "section": ("from jaxlm.config import base_config\ndef get_config():\n    c = base_config()\n"
+                "    c.modle.d_model = 3\n    return c\n",
+                "section.py:4 (c.modle.d_model = 3): no config field 'modle' (did you mean "
+                "config.model?)"),
+    "syntax": ("def get_config(:\n    pass\n", "syntax.py:1: invalid syntax"),
+    "raises": ("def get_config():\n    raise ValueError('no such size')\n",
+               "raises.py:2 (raise ValueError('no such size')): ValueError: no such size"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_FILES))
+def test_a_config_file_that_fails_is_one_line_naming_file_and_line(tmp_path, monkeypatch, name):
+    text, match = CONFIG_FILES[name]
+    (tmp_path / f"{name}.py").write_text(text)
+    code, errors = command("train", f"--config={tmp_path / name}.py", f"--workdir={tmp_path / 'w'}")
+    assert code == 2 and len(errors) == 1 and match in errors[0], errors
+    assert not (tmp_path / "w").exists()
+    monkeypatch.setenv("JAXLM_TRACEBACK", "1")  # for debugging: the whole traceback
+    with pytest.raises((SyntaxError, AttributeError, ValueError)):
+        command("train", f"--config={tmp_path / name}.py", f"--workdir={tmp_path / 'w'}")
+
+
 # ----------------------------------------------------------------------------- paths
 
 
