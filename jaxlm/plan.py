@@ -50,7 +50,10 @@ HBM_BYTES = (
 def topology_devices(spec: str) -> list:
     kind, _, rest = spec.partition(":")
     if kind == "cpu":
-        n = int(rest or 1)
+        if not rest.isdigit() or int(rest) < 1:
+            raise ConfigError(f"--topology={spec}: expected cpu:N with N a whole number of "
+                              "devices >= 1 (e.g. cpu:8), or tpu:<name> (e.g. tpu:v5e:4x4)")
+        n = int(rest)
         jax.config.update("jax_num_cpu_devices", n)
         if jax.device_count() != n:
             raise ConfigError(f"--topology={spec}: JAX already started with "

@@ -100,8 +100,16 @@ def rules(cfg_mesh) -> tuple:
         raise ConfigError(f"config.mesh.strategy={cfg_mesh.strategy!r}: expected one of "
                           f"{sorted(STRATEGIES)}")
     extra = []
-    for name, axes in cfg_mesh.rules:
+    for rule in cfg_mesh.rules:
+        if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+            raise ConfigError(f"config.mesh.rules: {rule!r} is not a (logical axis, mesh axes) "
+                              "pair; e.g. (('embed', 'fsdp'), ('mlp', ('tensor', 'fsdp')), "
+                              "('heads', None))")
+        name, axes = rule
         axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        if not (axes is None or isinstance(axes, (str, tuple))):
+            raise ConfigError(f"config.mesh.rules: ({name!r}, {axes!r}): the mesh axes are a "
+                              "name, a tuple of names or None")
         if name not in LOGICAL_AXES:
             raise ConfigError(f"config.mesh.rules: unknown logical axis {name!r}; "
                               f"known: {', '.join(LOGICAL_AXES)}")

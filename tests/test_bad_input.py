@@ -180,6 +180,22 @@ def test_a_config_file_that_fails_is_one_line_naming_file_and_line(tmp_path, mon
         command("train", f"--config={tmp_path / name}.py", f"--workdir={tmp_path / 'w'}")
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--topology=cpu:eight"], "--topology=cpu:eight: expected cpu:N with N a whole number"),
+    (["--topology=cpu:0"], "--topology=cpu:0: expected cpu:N"),
+    (["--topology=cpu:"], "--topology=cpu:: expected cpu:N"),
+    (["--topology=cpu:-2"], "--topology=cpu:-2: expected cpu:N"),
+    (["--topology=cpu:2", "--config.mesh.rules=(('embed',),)"],
+     "config.mesh.rules: ('embed',) is not a (logical axis, mesh axes) pair"),
+    (["--topology=cpu:2", "--config.mesh.rules=(('embed','fsdp','x'),)"], "is not a (logical"),
+    (["--topology=cpu:2", "--config.mesh.rules=(('embed',3),)"],
+     "the mesh axes are a name, a tuple of names or None"),
+])
+def test_malformed_topologies_and_mesh_rules_are_named(tmp_path, args, match):
+    code, errors = command("plan", DEBUG, *args)
+    assert code == 2 and len(errors) == 1 and match in errors[0], errors
+
+
 # ----------------------------------------------------------------------------- paths
 
 
