@@ -79,7 +79,9 @@ def read_data(cfg, spec: str, what: str) -> labelled.Labelled:
 
 def load_pretrained(cfg, setup):
     """The params of config.finetune.init, placed on `setup`'s mesh, after checking that
-    they fit the config (everything but the classification head)."""
+    they fit the config (everything but the classification head and LoRA's adapters,
+    which start fresh). With config.lora.rank they are the frozen base; QLoRA's
+    (config.quant.mode too) is a python -m jaxlm.quantize export."""
     path = pathlib.Path(cfg.finetune.init).expanduser()
     what = f"config.finetune.init={cfg.finetune.init!r}"
     if (path / "meta").is_dir() and (path / "params").is_dir():
@@ -97,7 +99,15 @@ def load_pretrained(cfg, setup):
             raise CheckpointError(f"{what}: the workdir holds no checkpoint")
         meta = ckpt.read_meta(step)
     saved = config_lib.from_dict(meta["config"], what)
-    transforms.refuse_quantized(saved, what)
+    if transforms.is_quantized(cfg):  # QLoRA (config.lora.rank): its base is int8
+        if saved.quant.mode != cfg.quant.mode or saved.quant.train or saved.lora.rank:
+            raise ConfigError(f"{what}: config.quant.mode={cfg.quant.mode!r} with "
+                              "config.lora.rank (QLoRA) trains adapters over int8 weights; "
+                              "start from their export: python -m jaxlm.quantize "
+                              f"--config.quant.mode={cfg.quant.mode} (--workdir= or --params=) "
+                              "--out=DIR")
+    else:
+        transforms.refuse_quantized(saved, what)
     if saved.model.arch != cfg.model.arch:
         raise CheckpointError(f"{what} holds a {saved.model.arch.upper()} model, and this config "
                               f"fine-tunes config.model.arch={cfg.model.arch!r}")
@@ -113,19 +123,38 @@ def load_pretrained(cfg, setup):
                               f"config.data.tokenizer gives {setup.tokenizer.to_dict()}")
     from jaxlm.setup import build
     pre_cfg = copy.deepcopy(cfg)
-    pre_cfg.model = saved.model
+    pre_cfg.model, pre_cfg.lora, pre_cfg.quant = saved.model, saved.lora, saved.quant
     pre = build(pre_cfg, setup.mesh.devices.flatten())
     if ckpt is None:
         params = checkpoint.load_export(path, pre.abstract_params, pre.param_shardings, meta,
                                          cfg.checkpoint.verify)
     else:
+        restore = lambda s: ckpt.restore_params(s, pre.abstract_params, pre.param_shardings)  # noqa: E731
         try:
-            params = ckpt.restore_params(step, pre.abstract_params, pre.param_shardings)
+            params = restore(step)
+        except checkpoint.DamagedCheckpoint as e:
+            intact = ckpt.intact_before(step, restore)
+            hint = (f"; checkpoint {intact} is intact: start from it with "
+                    f"--config.finetune.init={ckpt.directory / str(intact)}"
+                    if intact is not None else "; no older checkpoint there is intact either")
+            raise CheckpointError(f"{what}: {e}{hint}") from None
         finally:
             ckpt.close()
+    if saved.lora.rank:  # a LoRA run: its adapters folded in (as python -m jaxlm.export --merge)
+        params = transforms.merge_lora(params, saved)
+        log.info("%s is a LoRA run: its adapters are folded into its weights", what)
     log.info("fine-tuning from %s: %s pretrained parameters, a fresh head of %d classes", path,
              f"{models.count_params(params):,}", cfg.model.num_classes)
     return params
+
+
+def init_hook(cfg):
+    """The training loop's Hooks.init_params for config.finetune.init (None when empty):
+    python -m jaxlm.train and jaxlm.main start from pretrained params with it too, e.g. a
+    LoRA run (config.lora) over a pretrained language model."""
+    if not cfg.finetune.init:
+        return None
+    return lambda setup: load_pretrained(cfg, setup)
 
 
 class Validation:
@@ -213,15 +242,24 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     if cfg.model.num_classes < 2:
         raise ConfigError(f"config.model.num_classes={cfg.model.num_classes}: fine-tuning needs "
                           "at least 2 classes")
+    if cfg.finetune.best_metric == "f1" and cfg.model.num_classes != 2:
+        raise ConfigError(f"config.finetune.best_metric='f1' is binary F1, defined for 2 "
+                          f"classes; config.model.num_classes={cfg.model.num_classes}: use "
+                          "f1_macro (or accuracy, mcc, roc_auc)")
     workdir = workdir_lib.check(workdir, must_exist=False)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     train_source, val_source = _sources(cfg, tokenizer)
+    missing = sorted(set(range(cfg.model.num_classes)) - {int(r["label"]) for r in val_source.encoded})
+    if cfg.finetune.best_metric == "roc_auc" and missing:
+        raise ConfigError(f"config.finetune.best_metric='roc_auc' needs every class among the "
+                          f"validation examples (config.finetune.validation_data="
+                          f"{cfg.finetune.validation_data!r} has none of class {missing[0]}): "
+                          "pick another metric or other validation data")
     run = run_config(cfg, len(train_source))
     validation = Validation(run, workdir, val_source)
     hooks = loop.Hooks(source=train_source, evaluate=validation,
                        evaluate_every=run.checkpoint.every,
-                       init_params=(lambda setup: load_pretrained(run, setup))
-                       if cfg.finetune.init else None)
+                       init_params=init_hook(run))
     summary = loop.train(run, workdir, hooks=hooks)
     if summary["preempted"]:
         return {"train": summary}

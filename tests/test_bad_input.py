@@ -28,7 +28,7 @@ from jaxlm.runlog import read_history
 
 COMMANDS = {"main": "jaxlm.main", "train": "jaxlm.train.__main__",
             "evaluate": "jaxlm.evaluate.__main__", "export": "jaxlm.export",
-            "plan": "jaxlm.plan"}
+            "plan": "jaxlm.plan", "finetune": "jaxlm.finetune"}
 DEBUG = f"--config={REPO}/configs/gpt/debug.py"
 
 
@@ -196,6 +196,32 @@ def test_malformed_topologies_and_mesh_rules_are_named(tmp_path, args, match):
     assert code == 2 and len(errors) == 1 and match in errors[0], errors
 
 
+def test_fine_tuning_refuses_what_it_cannot_honour(tmp_path):
+    """A selection metric the task lacks, a CSV row wider than its header, a slice that is
+    not [a:b]: one line each, before anything is written."""
+    from jaxlm import finetune
+    from jaxlm.config import load_config
+    from jaxlm.data import labelled
+    from jaxlm.errors import ConfigError, DataError
+    cfg = load_config(REPO / "configs/bert/facts.py")
+    cfg.model.num_classes, cfg.finetune.best_metric = 6, "f1"
+    with pytest.raises(ConfigError, match="'f1' is binary F1, defined for 2 classes"):
+        finetune.finetune(cfg, tmp_path / "ft")
+    cfg.model.num_classes, cfg.finetune.best_metric = 3, "roc_auc"  # the facts have 2 classes
+    with pytest.raises(ConfigError, match="needs every class among the validation examples"):
+        finetune.finetune(cfg, tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
+    ft = cfg.finetune
+    (tmp_path / "d.csv").write_text("sentence,label\nfine,1\nnot, quoted,0\n")
+    with pytest.raises(DataError, match=r"d.csv:3: 3 fields, the header has 2"):
+        labelled.read(str(tmp_path / "d.csv"), ft, 2)
+    for spec, match in ((f"{tmp_path / 'd.csv'}[-5:]", r"\[-5:\]: a slice of the examples is \[a:b\]"),
+                        (f"{tmp_path / 'd.csv'}[1]", r"\[1\]: a slice"),
+                        (f"{tmp_path / 'd.csv'}[3:1]", r"\[3:1\]: the slice is empty")):
+        with pytest.raises(ConfigError, match=match):
+            labelled.read(spec, ft, 2)
+
+
 # ----------------------------------------------------------------------------- paths
 
 
@@ -276,6 +302,10 @@ def test_a_flipped_byte_is_named_with_the_intact_checkpoint(run_dir):
     code, errors = command("evaluate", DEBUG, f"--workdir={run_dir}", *TINY,
                            "--config.checkpoint.step=2")
     assert code == 0, errors
+    # fine-tuning from it names the intact one as well, before anything is written
+    message = refused("finetune", run_dir.parent / "ft", f"--config.finetune.init={run_dir}",
+                      "--config.model.num_classes=2", match="damaged")
+    assert f"start from it with --config.finetune.init={run_dir / 'checkpoints' / '2'}" in message
 
 
 def test_a_changed_meta_file_is_named(run_dir):

@@ -83,7 +83,10 @@ def read(spec: str, cfg_ft, num_classes: int, data_dir: str = "") -> Labelled:
     if kind == "tfds":
         name, _, split = rest.rpartition(":")
         return _read_tfds(name, split, data_dir, cfg_ft, num_classes, spec)
-    piece = re.fullmatch(r"(.*)\[(\d*):(\d*)\]", spec)  # FILE[a:b]: a slice of the examples
+    piece = re.fullmatch(r"(.*)\[([^\]]*)\]", spec)  # FILE[a:b]: a slice of the examples
+    if piece and not re.fullmatch(r"\d*:\d*", piece.group(2)):
+        raise ConfigError(f"[{piece.group(2)}]: a slice of the examples is [a:b] with whole "
+                          "numbers 0 <= a < b, either one may be left out (e.g. data.csv[0:1000])")
     path = pathlib.Path(piece.group(1) if piece else spec).expanduser()
     if path.suffix not in (".csv", ".tsv", ".jsonl"):
         raise ConfigError("expected a .csv, .tsv or .jsonl file, tfds:NAME:SPLIT or "
@@ -92,7 +95,9 @@ def read(spec: str, cfg_ft, num_classes: int, data_dir: str = "") -> Labelled:
         raise DataError(f"{path}: no such file")
     rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _table_rows(path)
     if piece:
-        start, stop = (int(x) if x else None for x in piece.groups()[1:])
+        start, stop = (int(x) if x else None for x in piece.group(2).split(":"))
+        if start is not None and stop is not None and start >= stop:
+            raise ConfigError(f"[{piece.group(2)}]: the slice is empty (a >= b)")
         rows = itertools.islice(rows, start or 0, stop)
     return _checked(spec, rows, cfg_ft, num_classes)
 
@@ -113,8 +118,13 @@ def _jsonl_rows(path: pathlib.Path):
 def _table_rows(path: pathlib.Path):
     text = decode_utf8(path.read_bytes(), path)
     reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
-    for n, record in enumerate(reader, 2):  # line 1 is the header
-        yield f"{path}:{n}", record
+    for record in reader:
+        where = f"{path}:{reader.line_num}"  # the record's last line (a quoted field may span lines)
+        if None in record:  # DictReader keeps the fields past the header's under None
+            raise DataError(f"{where}: {len(reader.fieldnames) + len(record[None])} fields, the "
+                            f"header has {len(reader.fieldnames)} (a field holding the "
+                            "delimiter needs quotes)")
+        yield where, record
 
 
 def _label(value, where: str, cfg_ft, num_classes: int) -> int:
