@@ -107,11 +107,18 @@ def _help(prog: str, doc: str, flags: Sequence[Flag], takes_config: bool,
                                                                if f.default else "")
             lines.append(f"  {f.form()}\n      {f.help}{default}")
     if takes_config:
-        lines += ["  --config.FIELD=VALUE\n      set one config field (see below); applied in "
-                  "order after the config file", "",
-                  "config fields (declared in jaxlm/config.py; FIELD = default  [valid values]):",
-                  config_lib.describe_fields()]
+        lines += ["  --config.FIELD=VALUE\n      set one config field; applied in order after "
+                  "the config file",
+                  "  --help-config[=SECTION]\n      list the config fields (every one, or one "
+                  f"section: {', '.join(config_lib.sections())}) with their defaults, valid "
+                  "values and meaning"]
     return "\n".join(lines)
+
+
+def config_help(section: str = "") -> str:
+    """The config schema as --help-config[=SECTION] prints it."""
+    return ("config fields (declared in jaxlm/config.py; FIELD = default  [valid values]):\n"
+            + config_lib.describe_fields(section))
 
 
 def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool | str = True,
@@ -124,6 +131,10 @@ def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool | str = True
     commands: subcommand name -> its flags (the first argument picks one).
     """
     argv = list(argv)
+    for arg in argv:
+        if arg == "--help-config" or arg.startswith("--help-config="):
+            print(config_help(arg.partition("=")[2]))
+            raise SystemExit(0)
     if "--help" in argv or "-h" in argv:
         print(_help(prog, doc, list(_own(config, workdir)) + list(flags), config, commands))
         raise SystemExit(0)

@@ -21,3 +21,16 @@ jax_pin() {
   }
   printf '==%s' "$v"
 }
+
+# usage_and_exit_if_help ARGS...: with -h or --help among ARGS, prints the comment block at
+# the top of the calling script (its usage) and exits 0.
+usage_and_exit_if_help() {
+  local arg
+  for arg in "$@"; do
+    if [[ $arg == --help || $arg == -h ]]; then
+      echo "usage: launch/$(basename "$0")"
+      sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+      exit 0
+    fi
+  done
+}

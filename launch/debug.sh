@@ -7,6 +7,8 @@
 #   pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/_quote.sh
+usage_and_exit_if_help "$@"
 
 WORKDIR= DRY=0 OVERRIDES=()
 for arg in "$@"; do

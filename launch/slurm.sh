@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_quote.sh
+usage_and_exit_if_help "$@"
 
 NODES=1 GPUS=8 CONFIG= WORKDIR= PARTITION= TIME=24:00:00 VENV=.venv DRY=0 EXTRA=() SEEN_DASHES=0
 for arg in "$@"; do

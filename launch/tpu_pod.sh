@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_quote.sh
+usage_and_exit_if_help "$@"
 
 NAME= ZONE= ACCEL= CONFIG= WORKDIR= PROJECT= VERSION=tpu-ubuntu2204-base
 CREATE=0 DRY=0 WORKERS= EXTRA=() SEEN_DASHES=0

@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO
@@ -162,3 +164,144 @@ def test_remote_installs_need_a_known_jax_version(tmp_path):
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": "/bin/false", "JAX_VERSION": ""})
     assert proc.returncode == 2 and "cannot tell which jax to install" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+# Stands in for a jaxlm command: logs its argv; fails as a jaxlm command does (an "error:"
+# line, then other output, then its exit code) for the seeds in FAIL_SEEDS, else writes
+# results.json (roc_auc only for seeds > 0, as a metric some runs lack).
+FAKE_RUN = """
+import json, os, pathlib, signal, sys, time
+if os.environ.get("WAIT_FOR_CTRL_C"):  # as jaxlm: Ctrl-C saves, prints one line, exits 130
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("error: interrupted", file=sys.stderr) or 130))
+with open(os.environ["CALLS"], "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+while os.environ.get("WAIT_FOR_CTRL_C"):
+    time.sleep(0.05)
+seed = int(args.get("config.train.seed", 0))
+if str(seed) in os.environ["FAIL_SEEDS"].split(","):
+    print(f"error: seed {seed} went wrong", file=sys.stderr)
+    print("a line after the error", file=sys.stderr)
+    sys.exit(10 + seed)
+workdir = pathlib.Path(args["workdir"])
+workdir.mkdir(parents=True)
+(workdir / "results.json").write_text(json.dumps(
+    {"validation": {"accuracy": 0.5 + seed / 10, "roc_auc": 0.9 if seed else None}}))
+"""
+
+
+def sweep(tmp_path, *args, fail_seeds="", ctrl_c=False):
+    """Runs launch/sweep.py on configs/bert/facts.py with the fake command (with ctrl_c:
+    Ctrl-C, as a terminal sends it to the process group, once the first run has started);
+    returns the process and the fake's calls, one line each."""
+    (tmp_path / "fake_run.py").write_text(FAKE_RUN)
+    calls = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CALLS": str(calls), "FAIL_SEEDS": fail_seeds,
+           "WAIT_FOR_CTRL_C": "1" if ctrl_c else ""}
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch/sweep.py"),
+                             f"--config={REPO}/configs/bert/facts.py", f"--workdir={tmp_path / 'w'}",
+                             "--command=fake_run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                            start_new_session=True)
+    if ctrl_c:
+        deadline = time.monotonic() + 60
+        while not calls.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return (subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+            calls.read_text().splitlines() if calls.exists() else [])
+
+
+def _refused(proc, calls, tmp_path, message):
+    """Exit 2 with one line naming the problem, before printing or running anything."""
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
+    assert proc.stdout == "" and calls == [] and not (tmp_path / "w").exists()
+
+
+def _with_dry_run(args, dry_run):
+    at = args.index("--") if "--" in args else len(args)
+    return [*args[:at], *["--dry-run"] * dry_run, *args[at:]]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "train.seed=0,1,0"], "--grid train.seed=0,1,0: '0' is given twice; give each "
+     "value once"),
+    (["--grid", "train.seed=0,1", "--grid", "config.train.seed=2"],
+     "--grid train.seed is given twice; list all its values in one --grid"),
+    (["--grid", "finetune.learning_rate=1e-4,0.0001", "--grid", "train.seed=0,1"],
+     "--grid values finetune.learning_rate=1e-4 and finetune.learning_rate=0.0001 are the same "
+     "configuration: one run would count as two"),
+    (["--grid", "finetune.validation_data=a b,a_b"],
+     "--grid values finetune.validation_data=a b and finetune.validation_data=a_b would share "
+     "the run folder finetune.validation_data=a_b: one run would count as two"),
+    (["--grid", "train.seed=0,1", "--", "--config.train.seed=3"],
+     "--config.train.seed=3 after -- would override --grid train.seed in every run; drop one "
+     "of them"),
+])
+def test_sweep_refuses_a_grid_that_would_count_one_run_twice(tmp_path, args, message, dry_run):
+    """Statistics over seeds must be over distinct runs: before, a repeated value ran once
+    and counted twice (std 0)."""
+    proc, calls = sweep(tmp_path, *_with_dry_run(args, dry_run))
+    _refused(proc, calls, tmp_path, message)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "finetune.learnin_rate=1e-4,3e-4"], "--grid finetune.learnin_rate=1e-4: unknown "
+     "config field config.finetune.learnin_rate (did you mean config.finetune.learning_rate?)"),
+    (["--grid", "train.seed=0,x"], "--grid train.seed=x: config.train.seed: expected int, got 'x'"),
+    (["--grid", "train.seed=0,1", "--", "--config.train.stpes=3"], "--config.train.stpes=3 "
+     "(after --): unknown config field config.train.stpes (did you mean config.train.steps?)"),
+    (["--grid", "finetune.learning_rate=1e-4,-1"],
+     "run finetune.learning_rate=-1: config.finetune.learning_rate=-1.0 must be positive"),
+    (["--grid", "=1"], "--grid '=1': expected FIELD=V1,V2,..."),
+])
+def test_sweep_checks_every_override_before_printing_or_running_anything(tmp_path, args, message,
+                                                                         dry_run):
+    proc, calls = sweep(tmp_path, *_with_dry_run(args, dry_run))
+    _refused(proc, calls, tmp_path, message)
+
+
+def test_sweep_whose_every_run_fails_lists_them_and_exits_with_the_first_code(tmp_path):
+    proc, calls = sweep(tmp_path, "--grid", "train.seed=1,2", fail_seeds="1,2")
+    assert len(calls) == 2  # the second run is tried after the first failed
+    assert proc.returncode == 11, proc.stderr  # the first failure's own exit code
+    assert "Traceback" not in proc.stderr and "a line after the error" in proc.stderr  # passed on
+    assert proc.stderr.strip().splitlines()[-3:] == [
+        "sweep.py: 2 of 2 runs failed:",
+        "  train.seed=1 (exit code 11): error: seed 1 went wrong",
+        "  train.seed=2 (exit code 12): error: seed 2 went wrong"]
+    assert not (tmp_path / "w").exists()  # no run finished: no table, no empty folder
+
+
+def test_sweep_tabulates_the_finished_runs_and_says_how_many_each_statistic_is_over(tmp_path):
+    args = ["--grid", "finetune.learning_rate=1e-4,3e-4", "--grid", "train.seed=0,1,2"]
+    proc, calls = sweep(tmp_path, *args, fail_seeds="2")
+    assert len(calls) == 6 and proc.returncode == 12, proc.stderr
+    assert proc.stderr.strip().splitlines()[-3:] == [
+        "sweep.py: 2 of 6 runs failed:",
+        "  finetune.learning_rate=1e-4,train.seed=2 (exit code 12): error: seed 2 went wrong",
+        "  finetune.learning_rate=3e-4,train.seed=2 (exit code 12): error: seed 2 went wrong"]
+    # two runs finished per setting; roc_auc only in one of them
+    md = (tmp_path / "w" / "sweep.md").read_text()
+    assert "| 1e-4 | 2 | 0.550 ± 0.071 | - | - | - | 0.900 (n=1) |" in md and md in proc.stdout
+    csv_text = (tmp_path / "w" / "sweep.csv").read_text().splitlines()
+    assert csv_text[0].startswith("finetune.learning_rate,seeds,accuracy_mean,accuracy_std,accuracy_n,")
+    # re-running skips the finished runs and runs the failed ones again; all done: exit 0
+    proc, calls = sweep(tmp_path, *args)
+    assert proc.returncode == 0 and proc.stdout.count("skip (finished)") == 4, proc.stderr
+    assert len(calls) == 6 + 2 and "runs failed" not in proc.stderr
+    assert "| 3e-4 | 3 | 0.600 ± 0.100 | - | - | - | 0.900 ± 0.000 (n=2) |" in proc.stdout
+
+
+def test_sweep_stops_at_ctrl_c_after_the_run_has_saved(tmp_path):
+    proc, calls = sweep(tmp_path, "--grid", "train.seed=0,1", ctrl_c=True)
+    assert proc.returncode == 130 and len(calls) == 1, proc.stderr  # seed 1 never started
+    assert proc.stderr.strip().splitlines()[-3:] == [
+        "sweep.py: interrupted (Ctrl-C); the remaining runs were not started",
+        "sweep.py: 1 of 2 runs failed:",
+        "  train.seed=0 (exit code 130): error: interrupted"]

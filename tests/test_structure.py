@@ -47,7 +47,7 @@ LAYERS = [
     [("jaxlm.interop.*",)],
     # The commands (leaves, see test_commands_are_leaves: jaxlm.main, jaxlm.finetune,
     # jaxlm.plan, jaxlm.export, every __main__) and their parser.
-    [("jaxlm.cli", *sorted(ENTRY_POINTS))],
+    [("jaxlm.cli", "jaxlm.__main__", *sorted(ENTRY_POINTS))],
 ]
 
 
@@ -143,12 +143,44 @@ def test_every_command_has_help_without_a_config_file():
         assert proc.returncode == 0, f"{command}: {err[-2000:]}"
         assert out.startswith(f"usage: python -m {command}"), out[:200]
         assert "flags" in out
+        assert "config fields (declared" not in out  # the schema has its own flag
         if command.startswith("jaxlm.data") or command in ("jaxlm.interop", "jaxlm.upgrade"):
-            assert "config fields" not in out  # no --config
-        else:  # the schema: every field with its default, valid values and meaning
-            assert "--config=FILE" in out and "config fields (declared in jaxlm/config.py" in out
-            assert "  train.steps = 1000  [positive]\n" in out
-            assert "  model.dropout = 0.0  [in [0, 1)]\n" in out
+            assert "--help-config" not in out  # no --config
+        else:
+            assert "--config=FILE" in out and "--help-config[=SECTION]" in out
+
+
+def test_help_config_lists_the_schema_or_one_section():
+    """--help-config: every field with its default, valid values and meaning; =SECTION: one
+    section's; an unknown section is one line naming the sections."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "jaxlm.train", *args], cwd=REPO,
+                              text=True, capture_output=True, timeout=120)
+    every = run("--help-config")
+    assert every.returncode == 0 and every.stdout.startswith("config fields (declared in")
+    assert "  train.steps = 1000  [positive]\n" in every.stdout
+    assert "  model.dropout = 0.0  [in [0, 1)]\n" in every.stdout
+    train = run("--help-config=train")
+    assert "  train.steps = 1000" in train.stdout and "model.dropout" not in train.stdout
+    bad = run("--help-config=trian")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(
+        "error: --help-config=trian: no such section; sections: model, data, train")
+
+
+def test_python_m_jaxlm_lists_every_command():
+    proc = subprocess.run([sys.executable, "-m", "jaxlm"], cwd=REPO, text=True,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for command in COMMANDS:
+        assert f"python -m {command} " in proc.stdout, command
+
+
+@pytest.mark.parametrize("script", ["debug.sh", "tpu_pod.sh", "slurm.sh"])
+def test_launchers_answer_help(script):
+    proc = subprocess.run(["bash", str(REPO / "launch" / script), "--help"], cwd=REPO,
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
+    assert f"launch/{script}" in proc.stdout
 
 
 def _names_a_family(node: ast.AST) -> bool:
