@@ -20,7 +20,11 @@ A checkpoint that does not match the config (model shape, tokenizer) or cannot b
 in the workdir is changed by a refused restore.
 
 Exports (`python -m jaxlm.export`) hold the parameters only, for evaluation and inference
-on any mesh: EXPORT/{params, meta}.
+on any mesh: EXPORT/{params, meta}. Every folder of params or weight files (an export, a
+quantized export, an import from or export to Hugging Face, fine-tuning's best params, a
+run's frozen base) is written by `writing`: refused before anything is written when the
+disk lacks the room, staged beside its destination and renamed into place when complete;
+a failure (a full disk: one line naming the destination) leaves nothing behind.
 
 A run that trains part of the model (config.train.trainable) keeps its frozen base once, as
 an export in WORKDIR/frozen written when the run starts; each checkpoint's state holds the
@@ -42,6 +46,10 @@ import os
 import pathlib
 import re
 import shutil
+import sys
+import threading
+import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +59,7 @@ import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
 from jaxlm import models
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError, ConfigError, JaxlmError, abandoned_coroutine
 from jaxlm.models import transforms
 from jaxlm.trainable import Trainable
 
@@ -75,8 +83,9 @@ class DamagedCheckpoint(CheckpointError):
 def check_meta(meta: dict, cfg: ml_collections.ConfigDict, tokenizer, where: str) -> None:
     """Raises CheckpointError if the checkpoint described by `meta` does not fit `cfg`:
     another model family, another value of a field that fixes parameter shapes (the
-    family's shape_fields), or another tokenizer."""
-    saved = config_lib.from_dict(meta["config"], where).model  # defaults for older fields
+    family's shape_fields), another tokenizer, or other LoRA adapters."""
+    saved_cfg = config_lib.from_dict(meta["config"], where)  # defaults for older fields
+    saved = saved_cfg.model
     for field in ("arch",) + models.family(cfg.model.arch).shape_fields:
         if saved[field] != cfg.model[field]:
             flag = str(saved[field]).lower() if isinstance(saved[field], bool) else saved[field]
@@ -88,6 +97,23 @@ def check_meta(meta: dict, cfg: ml_collections.ConfigDict, tokenizer, where: str
         raise CheckpointError(
             f"{where} was made with tokenizer {meta['tokenizer']}, but config.data.tokenizer "
             f"gives {tokenizer.to_dict()}")
+    check_lora(saved_cfg.lora, cfg.lora, where)
+
+
+def check_lora(saved, here, where: str) -> None:
+    """Refuses params whose LoRA adapters (config.lora: rank, alpha, targets) differ from
+    the config's: other shapes, or the same shapes scaled or placed otherwise."""
+    if not (saved.rank or here.rank):
+        return
+    for field in ("rank", "alpha", "targets"):
+        if saved[field] != here[field]:
+            shown = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
+            raise CheckpointError(
+                f"{where} holds {'a LoRA model' if saved.rank else 'no LoRA adapters'}: "
+                f"config.lora.{field} is {saved[field]!r} there and {here[field]!r} here; "
+                f"pass --config.lora.{field}={shown(saved[field])} to use it"
+                + ("" if saved.rank else ", or start a LoRA run from it with "
+                   "--config.finetune.init"))
 
 
 def check_layout(meta: dict, where: str, source) -> None:
@@ -122,6 +148,10 @@ def _watch(watchdog, what: str):
 
 
 def _unreadable(what: str, error: Exception) -> CheckpointError:
+    """The error for a failed Orbax read of `what`, once the rest of the read has ended."""
+    _settle(error=error)
+    while "See full TensorStore details" in str(error) and error.__cause__ is not None:
+        error = error.__cause__  # Orbax's wrapper; the cause names the array and file
     first_line = (str(error).strip().splitlines() or [""])[0][:500]
     if "tree structures do not match" in first_line:
         return CheckpointError(
@@ -210,19 +240,80 @@ def _check_seal(meta: dict, where: str) -> dict:
 
 
 def _disk_error(error: BaseException) -> OSError | None:
-    """The operating-system error (disk full, permission, ...) behind an Orbax failure, if
-    there is one: an OSError in the chain, or TensorStore's "[os_error_code='28']"."""
+    """The operating-system error (disk full, permission, ...) behind an Orbax or
+    safetensors failure, if there is one: an OSError in the chain, TensorStore's
+    "[os_error_code='28']" or Rust's "(os error 28)"."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno is not None:
             return error
-        code = re.search(r"os_error_code='(\d+)'", str(error))
+        code = re.search(r"os_error_code='(\d+)'|\(os error (\d+)\)", str(error))
         if code:
-            number = int(code.group(1))
+            number = int(code.group(1) or code.group(2))
             return OSError(number, os.strerror(number))
         error = error.__cause__ or error.__context__
     return None
+
+
+def _settle(threads_before=None, error: BaseException | None = None,
+            timeout: float = 120.0) -> None:
+    """Lets the rest of a failed Orbax read or write end (at most `timeout` seconds), so
+    that nothing of it happens after the failure is reported.
+
+    When one array fails, Orbax raises at once and closes the event loop it ran the others
+    in: their TensorStore operations go on in TensorStore's threads, and a save's in
+    Orbax's own threads too, awaited by nobody. Left alone, a write would recreate its file
+    and folders after the failed save's folder is removed, and the coroutines of both,
+    never to be resumed, would be collected whenever Python's garbage collector next ran,
+    each printing its failure (jaxlm.cli drops those). So: Orbax's threads started since
+    `threads_before` (a write) are joined, every TensorStore operation still in flight (a
+    live tensorstore.Future) is waited for, the frames of the failure `error` (which
+    reach the abandoned coroutines) are cleared, and the coroutines collected now, quietly."""
+    import gc
+    import traceback
+
+    import tensorstore as ts
+    deadline = time.monotonic() + timeout
+    left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+    # Each of them may log the failure again (Orbax's threads, asyncio's "Task exception
+    # was never retrieved"): it is reported once, by the caller.
+    with _quiet_orbax(logging.CRITICAL, ("absl", "asyncio")):
+        for thread in threading.enumerate() if threads_before is not None else ():
+            if thread not in threads_before and type(thread).__module__.startswith("orbax."):
+                try:
+                    thread.join(left())
+                except Exception:  # noqa: BLE001 (Orbax's join re-raises the thread's failure)
+                    pass
+        for future in [o for o in gc.get_objects() if isinstance(o, ts.Future)]:
+            try:
+                future.exception(timeout=left())
+            except Exception:  # noqa: BLE001 (cancelled or timed out: nothing to wait for)
+                pass
+        seen = set()
+        while error is not None and id(error) not in seen:  # the traceback keeps its lines
+            seen.add(id(error))
+            traceback.clear_frames(error.__traceback__)
+            error = error.__cause__ or error.__context__
+        hook = sys.unraisablehook  # what each prints as it is closed was reported already
+        sys.unraisablehook = lambda u: None if abandoned_coroutine(u) else hook(u)
+        try:
+            with warnings.catch_warnings():  # and those Orbax made but never started
+                warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+                gc.collect()
+        finally:
+            sys.unraisablehook = hook
+
+
+def _disk_advice(number: int, elsewhere: str) -> str:
+    """What to do about a write the disk refused with errno `number`; `elsewhere`: the
+    other place to write to (e.g. "use another --workdir")."""
+    return {errno.ENOSPC: f"free space on that disk, or {elsewhere}",
+            errno.EDQUOT: f"free space within your quota, or {elsewhere}",
+            errno.EFBIG: "a file-size limit (ulimit -f) or the filesystem refused it",
+            errno.EACCES: "check the folder's permissions",
+            errno.EROFS: f"the filesystem is read-only; {elsewhere}",
+            }.get(number, "check that disk")
 
 
 class Checkpointer:
@@ -317,12 +408,7 @@ class Checkpointer:
             if cause is None:
                 raise
             what = f"checkpoint {step if step is not None else self._last_saved}"
-            advice = {errno.ENOSPC: "free space on that disk, or use another --workdir",
-                      errno.EDQUOT: "free space within your quota, or use another --workdir",
-                      errno.EFBIG: "a file-size limit (ulimit -f) or the filesystem refused it",
-                      errno.EACCES: "check the folder's permissions",
-                      errno.EROFS: "the filesystem is read-only; use another --workdir",
-                      }.get(cause.errno, "check that disk")
+            advice = _disk_advice(cause.errno, "use another --workdir")
             raise CheckpointError(
                 f"saving {what} to {self.directory} failed: {cause.strerror or cause}; "
                 f"{advice}. Finished checkpoints there are intact: {self.finished_steps()}") from None
@@ -384,7 +470,7 @@ class Checkpointer:
         meta = self.read_meta(step)
         if meta.get("frozen"):
             saved = config_lib.from_dict(meta["config"], f"checkpoint {self.directory / str(step)}")
-            split = Trainable(saved.train.trainable, abstract_params)
+            split = Trainable.of(saved, abstract_params)
             (abstract_t, abstract_f), (shard_t, shard_f) = (split.split(abstract_params),
                                                             split.split(shardings))
             frozen = load_frozen(self.directory.parent, meta, abstract_f, shard_f, self.verify)
@@ -424,14 +510,17 @@ def _size(n: int) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
+def _quiet_orbax(below: int = logging.ERROR, loggers=("absl",)):
+    """Orbax's log records (and those of the other `loggers`, e.g. "asyncio") below level
+    `below` are not shown meanwhile."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(below)
     try:
         yield
     finally:
-        absl.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _target(abstract_tree, shardings):
@@ -463,7 +552,7 @@ def save_frozen(workdir: pathlib.Path, frozen, cfg: ml_collections.ConfigDict, t
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("jaxlm: old frozen base removed")
-    export_params(path, frozen, make_export_meta(cfg, tokenizer, 0))
+    export_params(path, frozen, make_export_meta(cfg, tokenizer, 0), "the frozen base")
     return read_export_meta(path)["sha256"]
 
 
@@ -489,15 +578,86 @@ def make_export_meta(cfg: ml_collections.ConfigDict, tokenizer, step: int) -> di
             "layout": STATE_LAYOUT, "step": int(step)}
 
 
-def export_params(path: pathlib.Path, params, meta: dict) -> None:
-    """Writes params and meta to `path` (all processes call this; it must not exist)."""
+def tree_bytes(tree) -> int:
+    """The raw bytes of a tree's arrays (each sharded array whole)."""
+    return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+@contextlib.contextmanager
+def writing(path: pathlib.Path, what: str, nbytes: int):
+    """Writes `what` (e.g. "the export") as the folder `path`, which must not exist, in one
+    piece; every command that writes params or weight files goes through here.
+
+    Refused before anything is written if the disk has less than `nbytes` free (the raw
+    bytes to write: an upper bound for Orbax, which compresses). Yields the folder to
+    write, `path`'s name inside a staging folder beside it (.NAME.partial-XXXXXXXX, on the
+    same filesystem), and renames it into place when the block completes: `path` appears
+    only complete. On any failure (Ctrl-C included) the staging folder is removed, and a
+    disk error (full, quota, file-size limit, permission, read-only) becomes one
+    CheckpointError naming `path`. Folders and files are made with the user's umask (the
+    staging folder itself is never seen). A process killed meanwhile leaves its staging
+    folder, which may be deleted.
+
+    All processes call it: the check and the staging name are the same on each (a shared
+    filesystem), process 0 renames, and all return once `path` is there."""
     path = pathlib.Path(path).absolute()
     if path.exists():
-        raise CheckpointError(f"--output={path} already exists; not overwriting it")
-    meta = _sealed({**meta, "checksums": checksums(params)})
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(path, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                 meta=ocp.args.JsonSave(meta)))
+        raise CheckpointError(f"{path} already exists; not overwriting it")
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes:
+        raise CheckpointError(
+            f"writing {what} to {path} needs about {_size(nbytes)}, and {path.parent} has "
+            f"{_size(free)} free: free space on that disk, or write it elsewhere")
+    token = np.frombuffer(os.urandom(4), np.uint32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        token = multihost_utils.broadcast_one_to_all(token)
+    staging = path.parent / f".{path.name}.partial-{int(token[0]):08x}"
+    threads_before = set(threading.enumerate())
+    try:
+        # Orbax's threads log each failed write as an error; the one line below says it.
+        with _quiet_orbax(logging.CRITICAL):
+            if jax.process_index() == 0:
+                staging.mkdir(mode=0o700)
+            yield staging / path.name
+        if jax.process_index() == 0:
+            os.rename(staging / path.name, path)
+    except BaseException as e:
+        cause = _disk_error(e) if isinstance(e, Exception) and not isinstance(e, JaxlmError) else None
+        _settle(threads_before, e if cause else None)  # else writes going on remake the folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if cause is None:
+            raise
+        where = f"{cause.filename}: " if cause.filename and str(staging) not in str(cause.filename) else ""
+        raise CheckpointError(
+            f"writing {what} to {path} failed: {where}{cause.strerror or cause}; "
+            f"{_disk_advice(cause.errno, 'write it elsewhere')}; nothing was left there") from e
+    shutil.rmtree(staging, ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"jaxlm: wrote {path}")
+
+
+def export_params(path: pathlib.Path, params, meta: dict, what: str = "the export",
+                  files: dict | None = None) -> None:
+    """Writes params and meta to the folder `path`, which must not exist, through `writing`
+    (all processes call this). `files`: {name inside: text, or a file to copy} that
+    process 0 adds beside them (e.g. an import's tokenizer files and config.py)."""
+    files = files or {}
+    nbytes = tree_bytes(params) + sum(len(v.encode()) if isinstance(v, str) else
+                                      pathlib.Path(v).stat().st_size for v in files.values())
+    with writing(path, what, nbytes) as folder:
+        meta = _sealed({**meta, "checksums": checksums(params)})
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(folder, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                       meta=ocp.args.JsonSave(meta)))
+        if jax.process_index() == 0:
+            for name, value in files.items():
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(value, str):
+                    (folder / name).write_text(value)
+                else:  # copyfile, not copy: the copy's mode comes from the umask
+                    shutil.copyfile(value, folder / name)
 
 
 def is_export(path: pathlib.Path) -> bool:
@@ -574,7 +734,7 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
         params = load_export(path, setup.abstract_params, setup.param_shardings, meta,
                               cfg.checkpoint.verify)
         return params, meta["step"]
-    if quant != "none":
+    if quant != "none" and not setup.cfg.lora.rank:  # QLoRA: WORKDIR/frozen holds them
         raise ConfigError(f"config.quant.mode={quant!r} runs quantized weights, which a "
                           "training checkpoint does not hold: make them with python -m "
                           f"jaxlm.quantize --workdir={workdir} --out=DIR "

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from jaxlm import config as config_lib
-from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.errors import ConfigError, JaxlmError, abandoned_coroutine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +298,8 @@ def _quiet_library_failures() -> None:
         closed_loop = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
         # After the one-line error: a library's exit-time cleanup failing the same way (a
         # TensorBoard writer flushing to the full disk) is not news.
-        if not closed_loop and not (_reported and isinstance(u.exc_value, OSError)):
+        if not (closed_loop or abandoned_coroutine(u)
+                or (_reported and isinstance(u.exc_value, OSError))):
             default(u)
     sys.unraisablehook = unraisable
 

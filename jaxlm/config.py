@@ -249,6 +249,16 @@ SCHEMA = {
                                       "marked non-standard"),
         "log_samples": Field(False, None, "also write every request and its scores to "
                              "WORKDIR/samples/<task>_<k>shot.jsonl"),
+        "harness_tasks": Field((), None, "lm-evaluation-harness's own task catalog (tasks, "
+                               "groups, tags: mmlu, gsm8k, ...) scored by this model at every "
+                               "k in shots, offline (needs lm_eval; jaxlm.evaluate.harness)"),
+        "harness_data": Field((), None, "TASK=PATH entries: a harness task's data from a local "
+                              "file of its scored split, a folder of <split>.jsonl/.json/.csv/"
+                              ".parquet, or a datasets save_to_disk folder, in the fields "
+                              "its YAML reads; else the Hugging Face cache (relative to the "
+                              "repository)"),
+        "harness_include": Field("", None, "a folder of your own lm-eval task YAMLs, added to "
+                                 "the catalog (TaskManager include_path)"),
         "every": Field(0, NONNEGATIVE, "during training, every N steps (and at the end): "
                        "score every_tasks at every_shots on the training mesh and log them "
                        "beside the loss (metrics.jsonl, TensorBoard); 0: off"),
@@ -381,10 +391,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def describe_fields() -> str:
-    """The schema as text (for --help): field = default  [valid values]  what it is for."""
+def sections() -> list[str]:
+    """The schema's sections (model, data, train, ...)."""
+    return [name for name, value in SCHEMA.items() if isinstance(value, dict)]
+
+
+def describe_fields(section: str = "") -> str:
+    """The schema as text: field = default  [valid values]  what it is for; every field,
+    or those of one section (ConfigError naming the sections for an unknown one)."""
+    if section and section not in sections():
+        raise ConfigError(f"--help-config={section}: no such section; sections: "
+                          f"{', '.join(sections())}")
     lines = []
     for path, f in _fields():
+        if section and not path.startswith(section + "."):
+            continue
         valid = (" | ".join(f.valid) if isinstance(f.valid, tuple)
                  else (f"each {f.valid}" if f.each else str(f.valid)) if f.valid else "")
         lines.append(f"  {path} = {f.default!r}" + (f"  [{valid}]" if valid else "") + f"\n      {f.doc}")
@@ -595,6 +616,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              "config.prune with config.lora.rank: pruning masks the trained kernels, and "
              "LoRA freezes them; prune the merged model (python -m jaxlm.export --merge) "
              "in a run of its own")
+
+
+def regex(pattern: str, field: str) -> re.Pattern:
+    """`pattern` compiled; a ConfigError naming config.<field> when it is not a regular
+    expression (config fields that select parameters or modules by path)."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"config.{field}: {pattern!r} is not a regular expression "
+                          f"({e})") from None
 
 
 def n_of_m(pattern: str) -> tuple[int, int] | None:

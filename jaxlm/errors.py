@@ -10,6 +10,8 @@ This module imports nothing from jaxlm, so every module may import it.
 
 from __future__ import annotations
 
+import inspect
+
 
 class JaxlmError(Exception):
     """Base of the user errors; printed as one line, exit code 2."""
@@ -36,3 +38,21 @@ class Diverged(JaxlmError):
 class Interrupted(JaxlmError):
     """Ctrl-C: the run saved a checkpoint at the next step boundary and stopped; exit 130."""
     exit_code = 130
+
+
+def abandoned_coroutine(u) -> bool:
+    """A coroutine destroyed unfinished that raised as it was closed. Orbax runs each
+    restore in an event loop of its own and closes it as soon as one array fails to read,
+    with the reads of the others still pending there; nothing can resume or cancel those
+    after, and Python collects them whenever its garbage collector runs (mid-command or at
+    exit), each printing "Exception ignored in: <coroutine ...>" with the failure (its
+    TensorStore spec, 60 lines) that jaxlm has already reported in one line."""
+    if not inspect.iscoroutine(u.object):
+        return False
+    seen, error = set(), u.exc_value
+    while error is not None and id(error) not in seen:  # the close: a GeneratorExit
+        seen.add(id(error))
+        if isinstance(error, GeneratorExit):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -148,15 +148,6 @@ def load_pretrained(cfg, setup):
     return params
 
 
-def init_hook(cfg):
-    """The training loop's Hooks.init_params for config.finetune.init (None when empty):
-    python -m jaxlm.train and jaxlm.main start from pretrained params with it too, e.g. a
-    LoRA run (config.lora) over a pretrained language model."""
-    if not cfg.finetune.init:
-        return None
-    return lambda setup: load_pretrained(cfg, setup)
-
-
 class Validation:
     """Scores the validation examples after each epoch; keeps the best params in
     WORKDIR/best (a params export whose meta holds the epoch's metrics)."""
@@ -193,7 +184,7 @@ class Validation:
         for leftover in (new, old):
             shutil.rmtree(leftover, ignore_errors=True)
         meta = {**checkpoint.make_export_meta(setup.cfg, setup.tokenizer, step), "metrics": scores}
-        checkpoint.export_params(new, params, meta)
+        checkpoint.export_params(new, params, meta, "the best params so far")
         if jax.process_index() == 0:
             if self.best_dir.exists():
                 os.rename(self.best_dir, old)
@@ -259,7 +250,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     validation = Validation(run, workdir, val_source)
     hooks = loop.Hooks(source=train_source, evaluate=validation,
                        evaluate_every=run.checkpoint.every,
-                       init_params=init_hook(run))
+                       init_params=(lambda setup: load_pretrained(run, setup))
+                       if cfg.finetune.init else None)
     summary = loop.train(run, workdir, hooks=hooks)
     if summary["preempted"]:
         return {"train": summary}

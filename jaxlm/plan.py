@@ -12,6 +12,10 @@ maths (chunked loss, remat policies, wider FSDP, microbatches) and proposes the 
 that fits. Nothing is allocated: the state and batch are abstract shapes carrying their
 shardings.
 
+A run that trains part of its model (LoRA's adapters, config.train.trainable) also shows
+how many parameters train and the optimizer state per device, against training the whole
+model.
+
 `--top=N` also lists the N largest groups of buffers live at the memory peak, named by
 the JAX operation that made them (layers folded: block_3 -> block_*), from XLA's
 buffer-liveness dump. That is how to find what makes a config need more memory than
@@ -26,15 +30,18 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 import tempfile
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxlm import cli, models, sharding
+from jaxlm import cli, models, sharding, trainable
 from jaxlm.config import apply_override
 from jaxlm.errors import ConfigError
 from jaxlm.train.build import build_train
@@ -83,6 +90,10 @@ class Plan:
     warnings: list
     live_bytes: int | None = None                             # live at the peak (--top)
     peak_buffers: list = dataclasses.field(default_factory=list)  # (op, bytes, count)
+    # Part of the model trained (config.train.trainable, LoRA): parameters trained and in
+    # all, and per device the optimizer state's bytes, and what training the whole model
+    # (without LoRA's adapters) would hold. None when every parameter trains.
+    trained: tuple[int, int, int, int] | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -193,13 +204,38 @@ def make_plan(cfg: ml_collections.ConfigDict, devices, top: int = 0) -> Plan:
     plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
                 mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
                 float(cost.get("flops", 0.0)), model_flops(cfg, len(devices)), specs, warnings,
-                live_bytes, buffers[:top])
+                live_bytes, buffers[:top], trained_part(step))
     if cfg.model.remat and devices[0].platform == "cpu":
         warnings.append("XLA:CPU's memory analysis ignores rematerialisation (its temporaries "
                         "come out the same with and without jax.checkpoint), so with "
                         "config.model.remat the temporaries above are an over-estimate; "
                         "compile for a tpu:<topology> for a remat-aware figure.")
     return plan
+
+
+def per_device_bytes(abstract, shardings) -> int:
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(jax.tree_util.tree_leaves(abstract),
+                               jax.tree_util.tree_leaves(shardings)))
+
+
+def trained_part(step) -> tuple[int, int, int, int] | None:
+    """Plan.trained of a train step that trains part of its model: (parameters trained,
+    parameters in all, optimizer-state bytes per device, the same when the whole model
+    trains: every parameter but LoRA's adapters, under the same rules)."""
+    if step.split.everything:
+        return None
+    setup = step.setup
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(setup.boxed_params))
+    whole = flax.traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if not re.search(trainable.ADAPTERS, k[-1])})
+    opt_whole = jax.eval_shape(step.tx.init, whole)  # moments keep their params' axis names
+    whole_bytes = per_device_bytes(nn.meta.unbox(opt_whole), sharding.logical_shardings(
+        opt_whole, setup.mesh, setup.cfg.mesh))
+    return (models.count_params(step.abstract_state.params),
+            models.count_params(setup.abstract_params),
+            per_device_bytes(step.abstract_state.opt_state, step.state_shardings.opt_state),
+            whole_bytes)
 
 
 def model_flops(cfg: ml_collections.ConfigDict, num_devices: int) -> float:
@@ -316,6 +352,12 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
              + (" (which counts the scanned blocks once, not once per layer)"
                 if cfg.model.scan_layers else ""),
              "parameter shardings:"]
+    if plan.trained is not None:
+        n, total, opt, whole = plan.trained
+        mb = lambda b: f"{b / 1e6:.3f} MB"  # noqa: E731
+        lines.insert(-1, f"trained: {n:,} of {total:,} parameters ({100 * n / total:.2g}%); "
+                     f"optimizer state {mb(opt)} per device, {mb(whole)} if the whole model "
+                     f"trained ({mb(whole - opt)} saved)")
     folded = fold_layers(plan.param_shardings)
     width = max(map(len, folded))
     lines += [f"  {name:<{width}}  {spec}" for name, spec in folded.items()]

@@ -9,8 +9,10 @@ float params export, quantizes every weight matmul as jaxlm.models.transforms de
 inputs as they run), and writes OUT, an export that jaxlm.evaluate, jaxlm.finetune
 --evaluate and jaxlm.serve load with --config.evaluate.params=OUT on any mesh (they read
 its quantization from it). A run trained with config.quant.train (QAT) is quantized the
-same way. The config is the one saved with the source unless --config gives one; the
-export's blocks are unrolled (config.model.scan_layers=false), as quantized models run.
+same way, and a LoRA run with its adapters folded into the weights first (as python -m
+jaxlm.export --merge does). The config is the one saved with the source unless --config
+gives one; the export's blocks are unrolled (config.model.scan_layers=false), as quantized
+models run.
 """
 
 from __future__ import annotations
@@ -69,10 +71,13 @@ def quantize(cfg, source: pathlib.Path, out: pathlib.Path) -> dict:
     float_cfg.evaluate.params = str(source) if is_export else ""
     float_setup = build(float_cfg)
     params, step = checkpoint.load_params(float_cfg, float_setup, source)
+    if float_setup.cfg.lora.rank:  # a LoRA run: adapters folded in (jaxlm.export --merge)
+        params = transforms.merge_lora(params, float_setup.cfg)
     params = models.unstack_blocks(params)  # quantized models run unrolled
 
     qcfg = copy.deepcopy(cfg)
     qcfg.quant.train, qcfg.model.scan_layers, qcfg.evaluate.params = False, False, ""
+    qcfg.lora.rank = 0
     qsetup = build(qcfg, float_setup.mesh.devices.flatten())
     quantized = jax.jit(lambda p: transforms.quantize_params(p, qsetup.boxed_params),
                         out_shardings=qsetup.param_shardings)(params)

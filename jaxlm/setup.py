@@ -51,10 +51,11 @@ class Setup:
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     """Tokenizer, model, mesh (over `devices`, default all) and parameter shardings.
 
-    With config.quant the model is wrapped (jaxlm.models.transforms) and, after
-    post-training quantization, its params are the quantized ones. An int8 export as
-    config.evaluate.params brings its quantization along (`adopt_export`), so Setup.cfg
-    may differ from `cfg` there."""
+    With config.quant or config.lora the model is wrapped (jaxlm.models.transforms):
+    after post-training quantization its params are the quantized ones, with LoRA they
+    include the adapters. An int8 or LoRA export as config.evaluate.params brings its
+    quantization and adapters along (`adopt_export`), so Setup.cfg may differ from `cfg`
+    there."""
     cfg = adopt_export(cfg)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -88,7 +89,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     init = lambda model: jax.eval_shape(  # noqa: E731
         lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(0))
     boxed = init(model)
-    if cfg.quant.mode != "none":
+    if cfg.quant.mode != "none" or cfg.lora.rank:
         model = transforms.transform(model, cfg, boxed)
         boxed = init(model)
     sharding.check_divisible(boxed, mesh, cfg.mesh)
@@ -97,10 +98,12 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
 
 
 def adopt_export(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`cfg`, or when config.evaluate.params is a quantized export (python -m
-    jaxlm.quantize) and config.quant.mode is unset or the export's, a copy that evaluates it as it was
-    made: its config.quant, and unrolled blocks (quantized models run unrolled). Another
-    config.quant.mode than the export's is refused when the params load."""
+    """`cfg`, or a copy that evaluates config.evaluate.params as it was made: a quantized
+    export (python -m jaxlm.quantize), when config.quant.mode is unset or the export's,
+    brings its config.quant and unrolled blocks (quantized models run unrolled); an export
+    with LoRA adapters (python -m jaxlm.export without --merge, jaxlm.finetune's best),
+    when config.lora.rank is 0, its config.lora. Anything else that differs from the
+    export is refused when the params load."""
     if not cfg.evaluate.params:
         return cfg
     from jaxlm import checkpoint
@@ -110,11 +113,19 @@ def adopt_export(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         return cfg  # named by whatever reads it
     meta = checkpoint.read_export_meta(path)
     saved = config_lib.from_dict(meta["config"], f"export {path}")
-    if not transforms.is_quantized(saved) or cfg.quant.mode not in ("none", saved.quant.mode):
+    quant = transforms.is_quantized(saved) and cfg.quant.mode in ("none", saved.quant.mode)
+    lora = saved.lora.rank and not cfg.lora.rank
+    if not (quant or lora):
         return cfg
     cfg = copy.deepcopy(cfg)
-    cfg.quant = saved.quant
-    cfg.model.scan_layers = False
-    log.info("config.evaluate.params=%s holds %s-quantized weights: the model runs so "
-             "(config.quant.mode=%s, unrolled blocks)", path, saved.quant.mode, saved.quant.mode)
+    if quant:
+        cfg.quant = saved.quant
+        cfg.model.scan_layers = False
+        log.info("config.evaluate.params=%s holds %s-quantized weights: the model runs so "
+                 "(config.quant.mode=%s, unrolled blocks)", path, saved.quant.mode,
+                 saved.quant.mode)
+    if lora:
+        cfg.lora = saved.lora
+        log.info("config.evaluate.params=%s holds LoRA adapters: the model runs with them "
+                 "(config.lora.rank=%d)", path, saved.lora.rank)
     return cfg

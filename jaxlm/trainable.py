@@ -9,9 +9,11 @@ Trainable parameters are the ones the step differentiates, the optimizer keeps m
 and each checkpoint saves. The rest, the frozen base, is a jit argument of the step that is
 never donated; a run saves it once (jaxlm.checkpoint.save_frozen) and every checkpoint
 refers to it. LoRA (train the adapters only), fine-tuning a head on a frozen encoder and
-pruning's masks go through here.
+pruning's masks go through here: with config.lora.rank the adapters (and a classification
+head) are trainable besides what config.train.trainable names (`lora_trainable`), so the
+base is frozen.
 
-    split = Trainable(cfg.train.trainable, setup.abstract_params)
+    split = Trainable.of(cfg, setup.abstract_params)
     trainable, frozen = split.split(params)
     params = split.merge(trainable, frozen)
 """
@@ -22,7 +24,22 @@ import re
 
 import flax
 
+from jaxlm import config as config_lib
 from jaxlm.errors import ConfigError
+
+# LoRA (config.lora, jaxlm.models.transforms): qwix names the adapters of a weight W
+# W_lora_a and W_lora_b; they train, and so does a classification head, whole (a pretrained
+# base does not hold one).
+ADAPTERS = r"_lora_[ab]$"
+HEAD = r"^classifier/"
+
+
+def lora_trainable(cfg) -> tuple[str, ...]:
+    """The parameter patterns LoRA trains: the adapters, and the classification head when
+    the model has one (config.model.num_classes). () without LoRA (config.lora.rank 0)."""
+    if not cfg.lora.rank:
+        return ()
+    return (ADAPTERS,) + ((HEAD,) if cfg.model.num_classes else ())
 
 
 def path_of(keys: tuple[str, ...]) -> str:
@@ -36,16 +53,14 @@ def _flat(tree) -> dict:
 class Trainable:
     """The split of a params tree (of `abstract_params`' structure) by `patterns`."""
 
-    def __init__(self, patterns: tuple[str, ...], abstract_params):
-        self.patterns = tuple(patterns)
+    def __init__(self, patterns: tuple[str, ...], abstract_params, implied: tuple[str, ...] = ()):
+        """`implied`: patterns that a feature adds (LoRA's adapters), not checked as
+        config.train.trainable's are."""
+        self.patterns = tuple(patterns) + tuple(implied)
         paths = [path_of(k) for k in _flat(abstract_params)]
-        compiled = []
-        for p in self.patterns:
-            try:
-                compiled.append(re.compile(p))
-            except re.error as e:
-                raise ConfigError(f"config.train.trainable: {p!r} is not a regular "
-                                  f"expression ({e})") from None
+        compiled = [re.compile(p) for p in implied]
+        for p in patterns:
+            compiled.append(config_lib.regex(p, "train.trainable"))
             if not any(compiled[-1].search(path) for path in paths):
                 raise ConfigError(f"config.train.trainable: {p!r} matches no parameter (paths "
                                   f"look like {paths[0]!r}, {paths[-1]!r})")
@@ -54,6 +69,11 @@ class Trainable:
         if self.patterns and not self.frozen_paths:
             raise ConfigError(f"config.train.trainable={self.patterns!r} matches every "
                               "parameter: leave it empty to train them all, or narrow it")
+
+    @classmethod
+    def of(cls, cfg, abstract_params) -> "Trainable":
+        """The split a config asks for: config.train.trainable, plus LoRA's adapters."""
+        return cls(cfg.train.trainable, abstract_params, lora_trainable(cfg))
 
     @property
     def everything(self) -> bool:

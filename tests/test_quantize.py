@@ -194,6 +194,21 @@ def test_quantized_classifier_through_finetune_evaluate(tmp_path):
     assert abs(results["q"]["accuracy"] - results["float"]["accuracy"]) <= 0.1
 
 
+def test_a_bf16_model_quantizes_into_its_own_dtypes_and_loads_verified(tmp_path):
+    """With bf16 compute the quantized model keeps bf16 scales: the export holds them so,
+    and restores with its checksums intact (a float32 scale restored as bf16 did not)."""
+    cfg = tiny_config(scan_layers=False, dtype="bfloat16")
+    exported(cfg, tmp_path / "float")
+    cli.run(quantize.main, [f"--params={tmp_path / 'float'}", f"--out={tmp_path / 'q'}",
+                            "--config.quant.mode=int8_weight"])
+    cfg.evaluate.params = str(tmp_path / "q")
+    setup = build(cfg, jax.devices()[:1])
+    params, _ = checkpoint.load_params(cfg, setup, None)  # verifies every checksum
+    scales = [leaf.array.scale.dtype for leaf in flatten_dict(params).values()
+              if hasattr(leaf, "array")]
+    assert scales and all(d == jnp.bfloat16 for d in scales)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

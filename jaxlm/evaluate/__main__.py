@@ -1,6 +1,7 @@
 """python -m jaxlm.evaluate --config=FILE --workdir=DIR [--config.FIELD=VALUE ...]: few-shot
 evaluation (jaxlm.evaluate.fewshot) of the latest checkpoint in DIR (config.checkpoint.step
-picks another; config.evaluate.params evaluates a params-only export instead)."""
+picks another; config.evaluate.params evaluates a params-only export instead), and of
+config.evaluate.harness_tasks, lm-evaluation-harness's own catalog (jaxlm.evaluate.harness)."""
 
 from jaxlm import cli
 

@@ -35,7 +35,7 @@ import numpy as np
 from jaxlm import checkpoint, models
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.evaluate import plots, tasks as tasks_lib
+from jaxlm.evaluate import harness as harness_lib, plots, tasks as tasks_lib
 from jaxlm.evaluate.scoring import Scorer, make_scorer
 from jaxlm.evaluate.tasks.base import Task, contexts, mean_stderr, requests
 from jaxlm.models import transforms
@@ -129,13 +129,18 @@ def run_fewshot(scorer: Scorer, tasks: dict[str, Task], cfg_evaluate,
     return results
 
 
-def _num(x: float) -> str:
+def _num(x: float | None) -> str:
+    if x is None:  # a metric lm-eval gives no standard error (harness tasks)
+        return "n/a"
     return f"{x:.4f}" if abs(x) < 1000 else f"{x:.3g}"
 
 
 def format_table(results: dict, shots) -> str:
     """One row per task and metric: value ± standard error at each k."""
-    head = (f"{'task':<16} {'metric':<12} {'chance':>7} "
+    width = max([12] + [len(m) for r in results.values() for m in r["shots"][str(shots[0])]
+                        if f"{m}_stderr" in r["shots"][str(shots[0])]])  # harness: filter/metric
+    tw = max([16] + [len(n) + 1 for n in results])
+    head = (f"{'task':<{tw}} {'metric':<{width}} {'chance':>7} "
             + " ".join(f"{f'k={k}':>16}" for k in shots))
     lines = [head, "-" * len(head)]
     for name, r in results.items():
@@ -143,9 +148,10 @@ def format_table(results: dict, shots) -> str:
         for i, m in enumerate(sorted(metrics, key=lambda m: m != r["metric"])):
             cells = " ".join(f"{_num(r['shots'][str(k)][m]):>7} ± {_num(r['shots'][str(k)][m + '_stderr']):<6}"
                              for k in shots)
-            chance = f"{r['chance']:>7.3f}" if m in ("acc", "acc_norm", "exact_match") else " " * 7
+            chance = (f"{r['chance']:>7.3f}" if m in ("acc", "acc_norm", "exact_match")
+                      and r["chance"] is not None else " " * 7)
             marked = name + ("*" if any("nonstandard" in r["shots"][str(k)] for k in shots) else "")
-            lines.append(f"{marked if i == 0 else '':<16} {m:<12} {chance} {cells}")
+            lines.append(f"{marked if i == 0 else '':<{tw}} {m:<{width}} {chance} {cells}")
     notes = {(name, note) for name, r in results.items() for k in shots
              for note in r["shots"][str(k)].get("nonstandard", ())}
     lines += [f"* {name}: {note}" for name, note in sorted(notes)]
@@ -204,6 +210,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     and writes results.json and plots into `workdir`. Returns the results dict."""
     workdir = workdir_lib.check(workdir, must_exist=not cfg.evaluate.params)
     tasks = make_tasks(cfg)
+    harness = harness_lib.prepare(cfg)  # lm-eval's catalog: names and data checked now
     setup = build(cfg)
     params, step = checkpoint.load_params(cfg, setup, workdir)
 
@@ -217,13 +224,20 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     results = run_fewshot(scorer, tasks, e, workdir / "samples" if e.log_samples else None)
     table = format_table(results, list(e.shots))
+    if harness:
+        from jaxlm.evaluate.lm_eval_adapter import JaxlmLM
+        harness_results = harness.run(JaxlmLM(scorer), workdir / "samples" if e.log_samples else None)
     quant = setup.cfg.quant.mode if transforms.is_quantized(setup.cfg) else None
     out = {"step": step, "tasks": results, "samples": samples,
-           "truncated_requests": scorer.truncated, **({"quant": quant} if quant else {})}
+           "truncated_requests": scorer.truncated, **({"quant": quant} if quant else {}),
+           **({"harness": harness_results} if harness else {})}
     if jax.process_index() == 0:
         if results:  # config.evaluate.tasks = () writes samples only
             print(f"\nFew-shot results at step {step}{f' ({quant} weights)' if quant else ''}"
                   f":\n{table}\n", flush=True)
+        if harness:
+            print(f"lm-evaluation-harness tasks at step {step}:\n"
+                  f"{format_table(harness_results, list(e.shots))}\n", flush=True)
         workdir.mkdir(parents=True, exist_ok=True)
         workdir_lib.write_text(workdir / "results.json", json.dumps(out, indent=2))
         plots.write_plots(workdir, results, list(e.shots))

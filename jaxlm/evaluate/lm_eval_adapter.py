@@ -6,6 +6,9 @@ jaxlm checkpoint or export:
     lm = JaxlmLM.load(config, workdir)        # the checkpoint jaxlm.evaluate would score
     lm_eval.simple_evaluate(model=lm, tasks=["piqa"], num_fewshot=0)
 
+(`python -m jaxlm.evaluate --config.evaluate.harness_tasks=...` does this for any task of
+lm-eval's catalog, offline, on local data: jaxlm.evaluate.harness.)
+
 lm-eval encodes the requests itself (TemplateLM: the whole string once, split at the
 context) through `tok_encode`, which prepends the same prefix token as jaxlm's scorer
 (config.evaluate.prefix); the token-level scoring, rolling windows and generation are
@@ -106,15 +109,13 @@ def evaluate_local(lm, names, data_dir, folder, k: int, limit: int | None = None
     res["samples"][f"{name}_local"]). `lm` is an lm-eval model, or the name of one of
     lm-eval's own (e.g. "local-completions", with `model_args`: a served jaxlm model)."""
     import json
-    import os
     import pathlib
 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    # Offline; and lm-eval's bootstrap in this process, not in forked workers (a fork of
-    # a process running JAX threads can hang).
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", DISABLE_MULTIPROC="1")
+    from jaxlm.evaluate.harness import local_task_yaml, offline
+    offline()
     folder, installed = pathlib.Path(folder), pathlib.Path(lm_eval.__file__).parent / "tasks"
     for name in names:
         files = {}
@@ -126,9 +127,7 @@ def evaluate_local(lm, names, data_dir, folder, k: int, limit: int | None = None
                 files[split].parent.mkdir(parents=True, exist_ok=True)
                 files[split].write_text("".join(json.dumps(hf_layout(name, d)) + "\n" for d in docs))
         (folder / f"{name}_local.yaml").write_text(
-            f"include: {installed / TASK_YAMLS[name]}\ntask: {name}_local\n"
-            "dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
-            + "".join(f"    {split}: {path}\n" for split, path in files.items()))
+            local_task_yaml(installed / TASK_YAMLS[name], f"{name}_local", files))
     return lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=[f"{n}_local" for n in names],
                                    num_fewshot=k, limit=limit, log_samples=True,
                                    bootstrap_iters=10, task_manager=TaskManager(include_path=str(folder)))

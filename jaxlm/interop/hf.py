@@ -6,8 +6,9 @@ BERT: vocab.txt); every tensor is checked (names, shapes, float dtypes) before a
 placed; heads the file lacks are initialised fresh (named in the log). Export: the
 checkpoint's params, gathered one at a time, under the names and layouts published files
 use, with a config.json and the tokenizer files, so `transformers` opens the folder with
-`from_pretrained`. Both write into a temporary sibling folder renamed at the end: the
-output appears only when complete.
+`from_pretrained`. Both write through jaxlm.checkpoint.writing: checked for free space
+first, staged beside the output and renamed into place when complete (the output appears
+only then; a failure leaves nothing), files made with the user's umask.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 import pathlib
 import shutil
-import tempfile
 
 import jax
 import ml_collections
@@ -122,32 +121,21 @@ def _fill_missing(params: dict, setup, seed: int) -> list[str]:
     return sorted({path[0].key for path in missing})
 
 
-def _fresh_output(out) -> tuple[pathlib.Path, pathlib.Path]:
-    out = workdir_lib.check_output(out, "--out")
-    parent = out.absolute().parent
-    return out, pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-
-
 def import_folder(src, out, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Writes OUT (a jaxlm params export) and OUT/config.py from the Hugging Face folder
     SRC; returns the config."""
     from jaxlm import checkpoint
     from jaxlm.config import to_dict
-    out, tmp = _fresh_output(out)
-    try:
-        cfg, setup, params = read(src, cfg)
-        shutil.rmtree(tmp)  # export_params creates its folder
-        checkpoint.export_params(tmp, params, checkpoint.make_export_meta(cfg, setup.tokenizer, 0))
-        kind = cfg.data.tokenizer.partition(":")[0]
-        if jax.process_index() == 0:
-            # Self-contained: the tokenizer files go inside, and config.py finds them
-            # beside itself wherever the folder is moved.
-            _copy_tokenizer(cfg.data.tokenizer, tmp / TOKENIZER)
-            (tmp / "config.py").write_text(_config_file(to_dict(cfg), src, kind))
-            os.rename(tmp, out)
-        cfg.data.tokenizer = f"{kind}:{out.resolve() / TOKENIZER}"
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = workdir_lib.check_output(out, "--out")
+    cfg, setup, params = read(src, cfg)
+    kind = cfg.data.tokenizer.partition(":")[0]
+    # Self-contained: the tokenizer files go inside, and config.py finds them beside
+    # itself wherever the folder is moved.
+    files = {f"{TOKENIZER}/{name}": path for name, path in _tokenizer_files(cfg.data.tokenizer).items()}
+    files["config.py"] = _config_file(to_dict(cfg), src, kind)
+    checkpoint.export_params(out, params, checkpoint.make_export_meta(cfg, setup.tokenizer, 0),
+                             "the import", files)
+    cfg.data.tokenizer = f"{kind}:{out.resolve() / TOKENIZER}"
     return cfg
 
 
@@ -174,36 +162,40 @@ def export_folder(cfg: ml_collections.ConfigDict, params, tokenizer_spec_: str, 
         raise ConfigError(f"config.model.arch={m.arch!r} has no Hugging Face export")
     fam = FAMILIES[m.arch]
     fam.check_model(m)
-    out, tmp = _fresh_output(out)
-    try:
-        rules = gpt2.rules(m) if fam is gpt2 else bert.rules(
-            m, heads=bert.HEADS if m.num_classes else bert.HEADS[:3])
+    from jaxlm import checkpoint
+    out = workdir_lib.check_output(out, "--out")
+    rules = gpt2.rules(m) if fam is gpt2 else bert.rules(
+        m, heads=bert.HEADS if m.num_classes else bert.HEADS[:3])
+    # The end-of-text id is the vocabulary's, which a padded table puts below its end.
+    eos = get_tokenizer(tokenizer_spec_).eos_id if tokenizer_spec_.startswith("gpt2:") else None
+    hf_config = json.dumps(fam.hf_config(m, eos), indent=2)
+    files = _tokenizer_files(tokenizer_spec_)
+    nbytes = (sum(x.size for x in jax.tree_util.tree_leaves(params)) * np.dtype(dtype).itemsize
+              + len(hf_config) + sum(path.stat().st_size for path in files.values()))
+    with checkpoint.writing(out, "the Hugging Face folder", nbytes) as folder:
         tensors = export_tensors(params, rules, dtype)
         if jax.process_index() == 0:
-            write_folder(tmp, tensors, shard_bytes)
-            # The end-of-text id is the vocabulary's, which a padded table puts below its end.
-            eos = get_tokenizer(tokenizer_spec_).eos_id if tokenizer_spec_.startswith("gpt2:") else None
-            (tmp / "config.json").write_text(json.dumps(fam.hf_config(m, eos), indent=2))
-            _copy_tokenizer(tokenizer_spec_, tmp)
-            os.rename(tmp, out)
+            folder.mkdir()
+            write_folder(folder, tensors, shard_bytes)
+            (folder / "config.json").write_text(hf_config)
+            for name, path in files.items():  # copyfile: modes from the umask
+                shutil.copyfile(path, folder / name)
         else:
             for _ in tensors:  # every process takes part in gathering sharded params
                 pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not files:
+        log.warning("tokenizer %s has no Hugging Face files; %s holds weights only",
+                    tokenizer_spec_, out)
 
 
-def _copy_tokenizer(spec: str, out: pathlib.Path) -> None:
+def _tokenizer_files(spec: str) -> dict[str, pathlib.Path]:
+    """{name: path} of the Hugging Face files of tokenizer `spec` (none for a kind that
+    has no such files)."""
     kind, _, where = spec.partition(":")
     names = {"gpt2": [n for pair in GPT2_TOKENIZER_FILES for n in pair],
-             "wordpiece": ["vocab.txt", "tokenizer_config.json"]}.get(kind)
-    if names is None:
-        log.warning("tokenizer %s has no Hugging Face files; the export holds weights only", spec)
-        return
-    out.mkdir(exist_ok=True)
-    for name in names:
-        if (pathlib.Path(where) / name).is_file():
-            shutil.copy(pathlib.Path(where) / name, out / name)
+             "wordpiece": ["vocab.txt", "tokenizer_config.json"]}.get(kind, [])
+    return {name: pathlib.Path(where) / name for name in names
+            if (pathlib.Path(where) / name).is_file()}
 
 
 def load_jaxlm(path: pathlib.Path, devices=None):

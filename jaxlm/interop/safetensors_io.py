@@ -10,6 +10,7 @@ arbitrary code; convert them to safetensors first.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from collections.abc import Iterable
 
@@ -83,14 +84,17 @@ def write_folder(folder: pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]]
                  shard_bytes: int = 2 << 30) -> None:
     """Writes (name, array) pairs, taken one at a time, as `model.safetensors`, or as
     shards of at most `shard_bytes` with an index when they do not fit one; at most one
-    shard is held in memory."""
+    shard is held in memory. Files get the mode the user's umask gives (safetensors itself
+    makes them 0600)."""
     from safetensors.numpy import save_file
     folder = pathlib.Path(folder)
     files: list[tuple[str, list[str]]] = []  # (file name, its tensor names)
+    mode = _umask_mode(folder)
 
     def flush(shard: dict):
         name = f"part-{len(files) + 1:05d}.safetensors"
         save_file(shard, str(folder / name), metadata={"format": "pt"})
+        os.chmod(folder / name, mode)
         files.append((name, list(shard)))
 
     shard, size = {}, 0
@@ -110,3 +114,14 @@ def write_folder(folder: pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]]
         (folder / name).rename(folder / final)
         weight_map.update({k: final for k in keys})
     (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def _umask_mode(folder: pathlib.Path) -> int:
+    """The mode a new file in `folder` gets from the umask (read from a file made there:
+    changing the umask to read it would race with other threads creating files)."""
+    probe = folder / ".umask-probe"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()

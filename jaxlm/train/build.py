@@ -23,18 +23,19 @@ def build_train(cfg: ml_collections.ConfigDict, devices=None, aux=None, init_ext
     `aux(setup) -> tree` makes the step's auxiliary inputs on its mesh (e.g. a teacher's
     params); `init_extra(params) -> tree` its extra state (both: JitTrainStep)."""
     setup = build(cfg, devices)
-    if transforms.is_quantized(setup.cfg):
+    if transforms.is_quantized(setup.cfg) and not setup.cfg.lora.rank:  # QLoRA: frozen int8
         raise ConfigError(f"config.quant.mode={setup.cfg.quant.mode!r} without "
                           "config.quant.train: training needs float weights; pass "
-                          "--config.quant.train=true (quantization-aware training), or "
-                          "quantize after training with python -m jaxlm.quantize")
+                          "--config.quant.train=true (quantization-aware training), "
+                          "quantize after training with python -m jaxlm.quantize, or train "
+                          "LoRA adapters over the int8 weights (config.lora.rank)")
     objective = objectives.make_objective(cfg, setup.tokenizer)
     inputs = aux(setup) if aux else None
     if isinstance(objective, objectives.Distill):
         teacher, teacher_params = load_teacher(cfg, setup)
         objective.with_teacher(teacher.model, teacher.abstract_params)
         inputs = {**(inputs or {}), "teacher": teacher_params}
-    split = Trainable(cfg.train.trainable, setup.abstract_params)  # pruning: trainables only
+    split = Trainable.of(setup.cfg, setup.abstract_params)  # pruning: trainables only
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps, cfg.prune,
                                   split.split(setup.abstract_params)[0])
     schedule = optimizer.learning_rate_schedule(cfg.optimizer, cfg.train.steps)

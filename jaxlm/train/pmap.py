@@ -49,7 +49,7 @@ class PmapTrainStep:
         self.devices = jax.local_devices()
         self.data_parallel = len(self.devices)
         self.num_devices = jax.device_count()
-        self.split = Trainable(setup.cfg.train.trainable, setup.abstract_params)
+        self.split = Trainable.of(setup.cfg, setup.abstract_params)
         boxed_frozen = self.split.split(setup.boxed_params)[1]
         # Inits and restores happen on the first device; `place_state` replicates.
         self.abstract_state = nn.meta.unbox(boxed_state(setup.boxed_params, self.split, tx,

@@ -69,14 +69,7 @@ def _flat(tree) -> dict:
 
 
 def _regexes(patterns) -> list[re.Pattern]:
-    compiled = []
-    for p in patterns:
-        try:
-            compiled.append(re.compile(p))
-        except re.error as e:
-            raise ConfigError(f"config.prune.params: {p!r} is not a regular expression "
-                              f"({e})") from None
-    return compiled
+    return [config_lib.regex(p, "prune.params") for p in patterns]
 
 
 def _matched(cfg_prune, params) -> list[tuple[str, ...]]:

@@ -178,11 +178,14 @@ def fresh_state(setup, split: Trainable, tx: optax.GradientTransformation, shard
                 params=None, init_extra=None) -> tuple[TrainState, dict]:
     """(a new state, the frozen base) for seed config.train.seed, created straight into
     `shardings` (of both): no host ever holds the full model. `params` (e.g. a pretrained
-    encoder) replace the fresh parameters of the same top-level names; the others (a new
-    head) stay fresh."""
+    encoder) replace the fresh parameters of the same paths; the others (a new head, LoRA's
+    adapters) stay fresh."""
     def init(rng, given):
         fresh = setup.init_params(rng)
-        fresh = {**fresh, **given} if given is not None else fresh
+        if given is not None:
+            flat = flax.traverse_util.flatten_dict(fresh)
+            flat.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(given)))
+            fresh = flax.traverse_util.unflatten_dict(flat)
         return new_state(fresh, split=split, tx=tx, init_extra=init_extra)
     return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(setup.cfg.train.seed), params)
 
@@ -217,7 +220,7 @@ class JitTrainStep:
         self.setup, self.objective, self.tx = setup, objective, tx
         self.init_extra = init_extra
         cfg, mesh = setup.cfg, setup.mesh
-        self.split = Trainable(cfg.train.trainable, setup.abstract_params)
+        self.split = Trainable.of(cfg, setup.abstract_params)
         boxed_frozen = self.split.split(setup.boxed_params)[1]
         boxed = boxed_state(setup.boxed_params, self.split, tx, init_extra)
         self.abstract_state = nn.meta.unbox(boxed)
