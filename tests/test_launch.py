@@ -204,7 +204,10 @@ def sweep(tmp_path, *args, fail_seeds="", ctrl_c=False):
                              f"--config={REPO}/configs/bert/facts.py", f"--workdir={tmp_path / 'w'}",
                              "--command=fake_run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # as from a terminal: a test suite run in the background (`&`)
+                            # would pass SIGINT on ignored, and a sweep started so keeps it so
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if ctrl_c:
         deadline = time.monotonic() + 60
         while not calls.exists() and time.monotonic() < deadline:
