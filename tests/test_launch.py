@@ -192,6 +192,10 @@ workdir.mkdir(parents=True)
 """
 
 
+SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
 def sweep(tmp_path, *args, fail_seeds="", ctrl_c=False):
     """Runs launch/sweep.py on configs/bert/facts.py with the fake command (with ctrl_c:
     Ctrl-C, as a terminal sends it to the process group, once the first run has started);
@@ -200,14 +204,13 @@ def sweep(tmp_path, *args, fail_seeds="", ctrl_c=False):
     calls = tmp_path / "calls.log"
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CALLS": str(calls), "FAIL_SEEDS": fail_seeds,
            "WAIT_FOR_CTRL_C": "1" if ctrl_c else ""}
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch/sweep.py"),
+    # Started as from a terminal, SIGINT at its default: a test suite run in the background
+    # (`&`) passes it on ignored, and a sweep started so rightly stays deaf to it.
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_DEFAULT, str(REPO / "launch/sweep.py"),
                              f"--config={REPO}/configs/bert/facts.py", f"--workdir={tmp_path / 'w'}",
                              "--command=fake_run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
-                            start_new_session=True,
-                            # as from a terminal: a test suite run in the background (`&`)
-                            # would pass SIGINT on ignored, and a sweep started so keeps it so
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True)
     if ctrl_c:
         deadline = time.monotonic() + 60
         while not calls.exists() and time.monotonic() < deadline:
