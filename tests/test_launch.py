@@ -216,7 +216,11 @@ def sweep(tmp_path, *args, fail_seeds="", ctrl_c=False):
         while not calls.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # nothing of a hung sweep outlives the test
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return (subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
             calls.read_text().splitlines() if calls.exists() else [])
 
