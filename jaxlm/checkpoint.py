@@ -463,6 +463,17 @@ class Checkpointer:
             return older
         return None
 
+    def restore_or_name_intact(self, step: int, restore, advice):
+        """restore(step); a damaged checkpoint is refused in one line that names the newest
+        intact one before it, with `advice(intact)` (what to do with it)."""
+        try:
+            return restore(step)
+        except DamagedCheckpoint as e:
+            intact = self.intact_before(step, restore)
+            hint = (f"; checkpoint {intact} is intact: {advice(intact)}" if intact is not None
+                    else "; no older checkpoint there is intact either")
+            raise CheckpointError(f"{e}{hint}") from None
+
     def restore_params(self, step: int, abstract_params, shardings):
         """Only the parameters of `step`, placed into `shardings`: the optimizer state is
         not read, so evaluation and export need a third of the memory of a full restore.
@@ -747,14 +758,8 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
                                   "jaxlm.train first)")
         ckpt.check_compatible(cfg, setup.tokenizer, step)
         restore = lambda s: ckpt.restore_params(s, setup.abstract_params, setup.param_shardings)
-        try:
-            params = restore(step)
-        except DamagedCheckpoint as e:
-            intact = ckpt.intact_before(step, restore)
-            hint = (f"; checkpoint {intact} is intact: evaluate it with "
-                    f"--config.checkpoint.step={intact}" if intact is not None else
-                    "; no older checkpoint there is intact either")
-            raise CheckpointError(f"{e}{hint}") from None
+        params = ckpt.restore_or_name_intact(
+            step, restore, lambda i: f"evaluate it with --config.checkpoint.step={i}")
     finally:
         ckpt.close()
     return params, step

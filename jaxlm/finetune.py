@@ -131,13 +131,11 @@ def load_pretrained(cfg, setup):
     else:
         restore = lambda s: ckpt.restore_params(s, pre.abstract_params, pre.param_shardings)  # noqa: E731
         try:
-            params = restore(step)
-        except checkpoint.DamagedCheckpoint as e:
-            intact = ckpt.intact_before(step, restore)
-            hint = (f"; checkpoint {intact} is intact: start from it with "
-                    f"--config.finetune.init={ckpt.directory / str(intact)}"
-                    if intact is not None else "; no older checkpoint there is intact either")
-            raise CheckpointError(f"{what}: {e}{hint}") from None
+            params = ckpt.restore_or_name_intact(
+                step, restore, lambda i: "start from it with --config.finetune.init="
+                f"{ckpt.directory / str(i)}")
+        except CheckpointError as e:
+            raise CheckpointError(f"{what}: {e}") from None
         finally:
             ckpt.close()
     if saved.lora.rank:  # a LoRA run: its adapters folded in (as python -m jaxlm.export --merge)

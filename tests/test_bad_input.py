@@ -482,17 +482,23 @@ WRITERS = {
 }
 
 
+@contextlib.contextmanager
+def umask(value: int):
+    before = os.umask(value)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
 @pytest.fixture(scope="module")
 def hf_folder(trained_once, tmp_path_factory):
     """The run as a Hugging Face folder (python -m jaxlm.interop export, under umask 027),
     with GPT-2 tokenizer files (the byte tokens alone, made 0600) to import it back."""
     from jaxlm.data.tokenizers.gpt2 import byte_alphabet
     folder = tmp_path_factory.mktemp("hf") / "hf"
-    umask = os.umask(0o027)
-    try:
+    with umask(0o027):
         code, errors = command("interop", "export", f"--workdir={trained_once}", f"--out={folder}")
-    finally:
-        os.umask(umask)
     assert code == 0, errors
     alpha = byte_alphabet()
     vocab = {c: i for i, c in enumerate(sorted(alpha, key=alpha.get))}
@@ -515,11 +521,8 @@ def test_written_folders_follow_the_umask(hf_folder, tmp_path):
             ("model.safetensors", "config.json", ".")} == {
         "model.safetensors": "0o640", "config.json": "0o640", ".": "0o750"}
     assert sorted(p.name for p in hf_folder.parent.iterdir()) == ["hf"]
-    umask = os.umask(0o022)
-    try:
+    with umask(0o022):
         code, errors = command("interop", "import", f"--src={hf_folder}", f"--out={tmp_path / 'jx'}")
-    finally:
-        os.umask(umask)
     assert code == 0, errors
     assert modes(tmp_path / "jx") == ({"0o644"}, {"0o755"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jx"]

@@ -76,14 +76,9 @@ def restore_or_init(step, ckpt: checkpoint.Checkpointer, init_params: Callable |
                               "the same value to resume, or use another --workdir")
     prune.check_resume(meta["config"], setup.cfg.prune, ckpt.directory)
     restore = lambda s: ckpt.restore(s, step.abstract_state, step.state_shardings)
-    try:
-        state, meta = restore(latest)
-    except checkpoint.DamagedCheckpoint as e:
-        intact = ckpt.intact_before(latest, restore)
-        hint = (f"; checkpoint {intact} is intact: move {ckpt.directory / str(latest)} out of "
-                f"{ckpt.directory} and run again to resume from step {intact}"
-                if intact is not None else "; no older checkpoint there is intact either")
-        raise CheckpointError(f"{e}{hint}") from None
+    state, meta = ckpt.restore_or_name_intact(
+        latest, restore, lambda i: f"move {ckpt.directory / str(latest)} out of "
+        f"{ckpt.directory} and run again to resume from step {i}")
     if meta.get("frozen"):
         step.frozen = checkpoint.load_frozen(ckpt.directory.parent, meta, step.abstract_frozen,
                                              step.frozen_shardings, ckpt.verify)
