@@ -69,10 +69,6 @@ def quantized(workdir: pathlib.Path, mode: str, dest: pathlib.Path, flag: str = 
     return out
 
 
-def tree_bytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
-
-
 def disk_bytes(path: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in (path / "params").rglob("*") if f.is_file())
 

@@ -81,7 +81,8 @@ def quantize(cfg, source: pathlib.Path, out: pathlib.Path) -> dict:
     qsetup = build(qcfg, float_setup.mesh.devices.flatten())
     quantized = jax.jit(lambda p: transforms.quantize_params(p, qsetup.boxed_params),
                         out_shardings=qsetup.param_shardings)(params)
-    sizes = {"float_bytes": tree_bytes(params), "bytes": tree_bytes(quantized)}
+    sizes = {"float_bytes": checkpoint.tree_bytes(params),
+             "bytes": checkpoint.tree_bytes(quantized)}
     meta = {**checkpoint.make_export_meta(qcfg, qsetup.tokenizer, step),
             "quantized_from": str(source.absolute()), **sizes}
     checkpoint.export_params(out, quantized, meta)
@@ -90,11 +91,6 @@ def quantize(cfg, source: pathlib.Path, out: pathlib.Path) -> dict:
              len(transforms.quantized_paths(quantized)), sizes["bytes"] / 1e6,
              sizes["float_bytes"] / 1e6)
     return {"step": step, **sizes}
-
-
-def tree_bytes(tree) -> int:
-    import jax
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def main(argv):
