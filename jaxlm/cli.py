@@ -15,6 +15,9 @@ Flags are `--name=value` (or `--name value`). Commands that take a config read
 result (jaxlm.config), before JAX starts. `--help` lists the command's flags and every
 config field with its default, valid values and meaning; it needs no config file.
 
+`JAXLM_CHECK=1` stops every command right after this: flags parsed, config validated,
+nothing run (how tests/test_docs.py checks the documented commands).
+
 `run` turns a user error (jaxlm.errors.JaxlmError) into one line on stderr,
 `error: <message>`, and its exit code (2; 1 for a diverged run, 130 for Ctrl-C); an
 operating-system error (no space left, permission denied, not a directory, too many open
@@ -188,9 +191,20 @@ def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool | str = True
     cfg = None
     if config and config_path:
         cfg = with_overrides(config_lib.load_config(config_path), overrides)
+    if os.environ.get("JAXLM_CHECK") == "1":
+        _checked(prog, command, config_path, overrides)
     return Args(config=cfg, workdir=pathlib.Path(workdir_value) if workdir else None,
                 config_path=config_path, flags=values, command=command,
                 overrides=tuple(overrides))
+
+
+def _checked(prog: str, command: str | None, config_path: str | None, overrides) -> None:
+    """JAXLM_CHECK=1: the command line parsed and its config validated; stop before any
+    work (JAX not started, nothing read or written; see docs/configs.md)."""
+    what = (f"config {config_path} with {len(overrides)} override(s) valid" if config_path
+            else "flags valid")
+    print(f"checked: python -m {prog}{' ' + command if command else ''}: {what}")
+    raise SystemExit(0)
 
 
 def _own(config: bool | str, workdir: bool) -> tuple[Flag, ...]:

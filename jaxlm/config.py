@@ -592,7 +592,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.optimizer.warmup_steps <= t.steps,
          f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be in [0, train.steps]")
     pr = cfg.prune
-    need(pr.end_step >= pr.start_step,
+    need(pr.pattern != "unstructured" or pr.sparsity == 0 or pr.end_step >= pr.start_step,
          f"config.prune.end_step={pr.end_step} is before config.prune.start_step="
          f"{pr.start_step}: the schedule would end before it starts")
     need(pr.pattern == "unstructured" or n_of_m(pr.pattern) is not None,

@@ -29,7 +29,8 @@ from jaxlm.runlog import read_history
 COMMANDS = {"main": "jaxlm.main", "train": "jaxlm.train.__main__",
             "evaluate": "jaxlm.evaluate.__main__", "export": "jaxlm.export",
             "plan": "jaxlm.plan", "finetune": "jaxlm.finetune", "quantize": "jaxlm.quantize",
-            "interop": "jaxlm.interop.__main__"}
+            "interop": "jaxlm.interop.__main__", "prepare": "jaxlm.data.prepare",
+            "tokenizers": "jaxlm.data.tokenizers.__main__"}
 DEBUG = f"--config={REPO}/configs/gpt/debug.py"
 
 
@@ -278,6 +279,51 @@ def test_bad_names_are_refused_before_training(tmp_path, name, args, match):
     args = [a.format(tmp=tmp_path) for a in args]
     refused(name, tmp_path / "new", *args, match=match)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("args,match", [  # each a string TFDS would take but not read back
+    (["text", "--name=MyCorpus", "--split=train:{doc}"], "--name=MyCorpus: TFDS reads back only snake-case"),
+    (["text", "--name=my-corpus", "--split=train:{doc}"], "--name=my-corpus: TFDS reads back only"),
+    (["text", "--name=c", "--split=dev.1:{doc}"], "the split name 'dev.1' is not one TFDS can read back"),
+    (["text", "--name=c", "--split=train:{doc}", "--split=train:{doc}"], "split 'train' is given twice"),
+    (["text", "--name=c", "--split=train:{doc},"], "expected SPLIT:FILE[,FILE...]"),
+    (["tfds", "--name=tiny shakespeare", "--manual_dir={tmp}"], "'tiny shakespeare' is not a TFDS dataset name"),
+])
+def test_prepare_checks_dataset_and_split_names(tmp_path, args, match):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("one document\n")
+    args = [a.format(doc=doc, tmp=tmp_path) for a in args]
+    code, errors = command("prepare", *args, f"--data_dir={tmp_path / 'tfds'}")
+    assert code == 2 and len(errors) == 1 and match in errors[0], errors
+    assert not (tmp_path / "tfds").exists()
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("byte:x", "expected 'byte' or 'byte:bert'"),
+    ("sentencepiece:{doc}", "is not a SentencePiece model file"),
+    ("gpt2:{tmp}", "holds no GPT-2 vocabulary"),
+    ("wordpiece:{tmp}", "holds no vocab.txt"),
+])
+def test_tokenizer_specs_are_checked_before_training(tmp_path, spec, match):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("not a model\n")
+    refused("train", tmp_path / "new", f"--config.data.tokenizer={spec.format(doc=doc, tmp=tmp_path)}",
+            match=match)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--input={doc},", "--output={tmp}/spm.model"], "--input: '' is not a file"),
+    (["--input={doc}", "--output={tmp}"], "is a folder; expected the model file"),
+])
+def test_tokenizer_training_checks_its_files_first(tmp_path, args, match):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("some text\n")
+    before = sorted(tmp_path.iterdir())
+    code, errors = command("tokenizers", "train", "--vocab_size=300",
+                           *[a.format(doc=doc, tmp=tmp_path) for a in args])
+    assert code == 2 and len(errors) == 1 and match in errors[0], errors
+    assert sorted(tmp_path.iterdir()) == before
 
 
 # ----------------------------------------------------------------------------- checkpoints

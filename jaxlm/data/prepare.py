@@ -21,6 +21,8 @@ first time (run that once on one host before a multi-host job).
 
 from __future__ import annotations
 
+import re
+
 from jaxlm import cli
 from jaxlm.data.text_dataset import prepare_text
 from jaxlm.data.text_files import UNITS
@@ -42,6 +44,18 @@ FLAGS = {
 }
 
 
+# What TFDS reads back: a dataset name in snake case (tfds.builder looks a name up in that
+# form), a split name of word characters and '-' (its split grammar, tfds.core.splits).
+DATASET_NAME = re.compile(r"[a-z][a-z0-9_]*")
+SPLIT_NAME = re.compile(r"[\w-]+")
+
+
+def check_name(name: str) -> None:
+    if not DATASET_NAME.fullmatch(name):
+        raise ConfigError(f"--name={name}: TFDS reads back only snake-case names (lower-case "
+                          "letters, digits and '_', starting with a letter), e.g. my_corpus")
+
+
 def main(argv):
     args = cli.parse(argv, "jaxlm.data.prepare", __doc__, config=False, workdir=False,
                      commands=FLAGS)
@@ -49,11 +63,18 @@ def main(argv):
     if args.command == "tfds":
         print(f"prepared {prepare_catalog(f['name'], f['data_dir'], f['manual_dir'])}")
         return
+    check_name(f["name"])
     splits = {}
     for s in f["split"]:
         split, _, files = s.partition(":")
-        if not files:
-            raise ConfigError(f"--split={s!r}: expected SPLIT:FILE[,FILE...]")
+        if not files or not all(files.split(",")):
+            raise ConfigError(f"--split={s}: expected SPLIT:FILE[,FILE...]")
+        if not SPLIT_NAME.fullmatch(split):
+            raise ConfigError(f"--split={s}: the split name {split!r} is not one TFDS can read "
+                              "back; use letters, digits, '_' and '-' (e.g. train, dev_2)")
+        if split in splits:
+            raise ConfigError(f"--split={s}: split {split!r} is given twice; list all its "
+                              "files in one --split")
         splits[split] = files.split(",")
     counts = prepare_text(f["name"], splits, f["data_dir"], unit=f["unit"],
                           text_key=f["text_key"], overwrite=f["overwrite"])

@@ -84,12 +84,10 @@ def open_split(name: str, split: str, data_dir: str, text_key: str = "",
         data_dir = str(pathlib.Path(data_dir).expanduser())
         if not pathlib.Path(data_dir).is_dir() and not manual_dir:
             raise ConfigError(f"config.data.data_dir={data_dir!r} does not exist")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(f"config.data.name={name!r}: no TFDS dataset of that name, neither in "
-                          f"the catalog nor prepared under {data_dir} (make one from local "
-                          "files with python -m jaxlm.data.prepare text)") from None
+    builder = _builder(name, f"config.data.name={name!r}", data_dir=data_dir, missing=(
+        f"config.data.name={name!r}: no TFDS dataset of that name, neither in the catalog nor "
+        f"prepared under {data_dir} (make one from local files with python -m "
+        "jaxlm.data.prepare text)"))
     if not builder.is_prepared():
         if not manual_dir:
             raise ConfigError(
@@ -142,10 +140,8 @@ def prepare_catalog(name: str, data_dir: str, manual_dir: str) -> str:
     if not manual.is_dir() or not any(manual.iterdir()):
         raise ConfigError(f"config.data.manual_dir={manual_dir!r}: no such directory, or it is "
                           f"empty (it must hold the source files of {name!r})")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(f"config.data.name={name!r}: no such TFDS catalog dataset") from None
+    builder = _builder(name, f"config.data.name={name!r}", data_dir=data_dir,
+                       file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(manual), try_download_gcs=False))
     return str(builder.data_dir)
@@ -158,11 +154,24 @@ def builder_for(name: str, data_dir: str, what: str):
 
     tfds.disable_progress_bar()
     data_dir = data_dir or default_data_dir()
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(f"{what}: no TFDS dataset {name!r}") from None
+    builder = _builder(name, what, data_dir=data_dir)
     if not builder.is_prepared():
         raise ConfigError(f"{what}: {name!r} is not prepared under {data_dir} and nothing is "
                           "downloaded; prepare it there first (TFDS manual_dir)")
     return builder
+
+
+def _builder(name: str, what: str, missing: str = "", **kwargs):
+    """tfds.builder(name, **kwargs); ConfigError naming `what` for a name TFDS cannot parse
+    or an unknown dataset (`missing`: the message for that)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, **kwargs)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(missing or f"{what}: no TFDS dataset {name!r}") from None
+    except ValueError as e:
+        if "Parsing builder name" not in str(e):
+            raise
+        raise ConfigError(f"{what}: {name!r} is not a TFDS dataset name (NAME, NAME/CONFIG or "
+                          "NAME:VERSION; lower case, no spaces)") from None

@@ -39,7 +39,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.path = pathlib.Path(path)
         if not self.path.is_file():
             raise ConfigError(f"config.data.tokenizer: no SentencePiece model file {self.path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except RuntimeError:  # sentencepiece: "could not parse ModelProto from ..."
+            raise ConfigError(f"config.data.tokenizer: {self.path} is not a SentencePiece model "
+                              "file (python -m jaxlm.data.tokenizers train makes one)") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id, self.pad_id = self.sp.eos_id(), self.sp.pad_id()
         if self.eos_id < 0 or self.pad_id < 0:
@@ -91,7 +95,16 @@ def train_sentencepiece(inputs: list[str], vocab_size: int, output: str, *,
                     if line.strip():
                         yield line
 
+    # Checked before training: a file that fails inside SentencePiece's reader comes back
+    # as its multi-line C++ error.
+    for path in inputs:
+        if not path.strip() or not pathlib.Path(path).is_file():
+            raise ConfigError(f"--input: {path!r} is not a file (expected comma-separated "
+                              ".txt / .jsonl files)")
     out = pathlib.Path(output)
+    if out.is_dir() or not out.name:
+        raise ConfigError(f"--output={output}: is a folder; expected the model file to write, "
+                          "e.g. DIR/spm.model")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = _BytesWriter()
     try:
