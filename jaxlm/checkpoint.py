@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import sys
 import threading
@@ -59,7 +58,8 @@ import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
 from jaxlm import models
-from jaxlm.errors import CheckpointError, ConfigError, JaxlmError, abandoned_coroutine
+from jaxlm.errors import (CheckpointError, ConfigError, JaxlmError, abandoned_coroutine,
+                          disk_error)
 from jaxlm.models import transforms
 from jaxlm.trainable import Trainable
 
@@ -239,23 +239,6 @@ def _check_seal(meta: dict, where: str) -> dict:
     return meta
 
 
-def _disk_error(error: BaseException) -> OSError | None:
-    """The operating-system error (disk full, permission, ...) behind an Orbax or
-    safetensors failure, if there is one: an OSError in the chain, TensorStore's
-    "[os_error_code='28']" or Rust's "(os error 28)"."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno is not None:
-            return error
-        code = re.search(r"os_error_code='(\d+)'|\(os error (\d+)\)", str(error))
-        if code:
-            number = int(code.group(1) or code.group(2))
-            return OSError(number, os.strerror(number))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def _settle(threads_before=None, error: BaseException | None = None,
             timeout: float = 120.0) -> None:
     """Lets the rest of a failed Orbax read or write end (at most `timeout` seconds), so
@@ -404,7 +387,7 @@ class Checkpointer:
         try:
             yield
         except Exception as e:
-            cause = _disk_error(e)
+            cause = disk_error(e)
             if cause is None:
                 raise
             what = f"checkpoint {step if step is not None else self._last_saved}"
@@ -634,7 +617,7 @@ def writing(path: pathlib.Path, what: str, nbytes: int):
         if jax.process_index() == 0:
             os.rename(staging / path.name, path)
     except BaseException as e:
-        cause = _disk_error(e) if isinstance(e, Exception) and not isinstance(e, JaxlmError) else None
+        cause = disk_error(e) if isinstance(e, Exception) and not isinstance(e, JaxlmError) else None
         _settle(threads_before, e if cause else None)  # else writes going on remake the folder
         shutil.rmtree(staging, ignore_errors=True)
         if cause is None:

@@ -10,7 +10,10 @@ This module imports nothing from jaxlm, so every module may import it.
 
 from __future__ import annotations
 
+import errno
 import inspect
+import os
+import re
 
 
 class JaxlmError(Exception):
@@ -56,3 +59,28 @@ def abandoned_coroutine(u) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+# Operating-system errors a writer meets on a bad disk, by the text C++ libraries put in
+# their messages (array_record: "write() failed: File too large").
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def disk_error(error: BaseException) -> OSError | None:
+    """The operating-system error (disk full, permission, ...) behind a library's failure
+    to write, if there is one: an OSError in the chain, TensorStore's
+    "[os_error_code='28']", Rust's "(os error 28)", or a disk error's text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        code = re.search(r"os_error_code='(\d+)'|\(os error (\d+)\)", str(error))
+        if code:
+            number = int(code.group(1) or code.group(2))
+            return OSError(number, os.strerror(number))
+        for number in _DISK_ERRNOS:
+            if os.strerror(number) in str(error):
+                return OSError(number, os.strerror(number))
+        error = error.__cause__ or error.__context__
+    return None

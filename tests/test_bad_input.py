@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import REPO
 from test_main import TINY, tree_digest
@@ -320,7 +321,7 @@ def test_tokenizer_training_checks_its_files_first(tmp_path, args, match):
     doc = tmp_path / "doc.txt"
     doc.write_text("some text\n")
     before = sorted(tmp_path.iterdir())
-    code, errors = command("tokenizers", "train", "--vocab_size=300",
+    code, errors = command("tokenizers", "train", "--vocab_size=280",
                            *[a.format(doc=doc, tmp=tmp_path) for a in args])
     assert code == 2 and len(errors) == 1 and match in errors[0], errors
     assert sorted(tmp_path.iterdir()) == before
@@ -621,6 +622,44 @@ def test_exports_the_disk_refuses_are_one_line_and_leave_nothing(trained_once, h
         assert lines[0].startswith("error: writing the ") and "File too large" in lines[0], lines
         assert f"to {tmp_path / writer / 'out'} failed: " in lines[0], lines
         assert list((tmp_path / writer).iterdir()) == [], writer
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE")
+def test_data_writers_the_disk_refuses_are_one_line_and_leave_nothing(tmp_path):
+    """Preparing a dataset (TFDS's array_record writer) and training a tokenizer, past the
+    file-size limit: one line naming the output, exit 2, nothing left behind."""
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123456789"), 6)) for _ in range(3000)]
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(2000)))
+    runs = {"prepare": ["jaxlm.data.prepare", "text", "--name=big", "--unit=paragraph",
+                        f"--data_dir={tmp_path / 'prepare' / 'tfds'}", f"--split=train:{corpus}"],
+            "tokenizers": ["jaxlm.data.tokenizers.__main__", "train", f"--input={corpus}",
+                           "--vocab_size=2000", f"--output={tmp_path / 'tokenizers' / 'spm.model'}"]}
+    procs = {}
+    for name, argv in runs.items():
+        (tmp_path / name).mkdir()
+        procs[name] = subprocess.Popen([sys.executable, "-c", _WRITE_LIMITED, *argv], cwd=REPO,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (name, err[-3000:])
+        assert "File too large" in lines[0] and str(tmp_path / name) in lines[0], lines
+        assert list((tmp_path / name).iterdir()) == [], name
+
+
+def test_a_trained_tokenizer_follows_the_umask(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), 4)) for _ in range(200)]
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(500)))
+    with umask(0o022):
+        code, errors = command("tokenizers", "train", f"--input={corpus}", "--vocab_size=300",
+                               f"--output={tmp_path / 'spm.model'}")
+    assert code == 0, errors
+    assert oct((tmp_path / "spm.model").stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "spm.model"]
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):

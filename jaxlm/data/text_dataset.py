@@ -13,6 +13,7 @@ import types
 from typing import ClassVar
 
 from jaxlm.data.text_files import UNITS, read_text_file
+from jaxlm.data.tfds_split import write_prepared
 from jaxlm.errors import ConfigError
 
 
@@ -82,6 +83,7 @@ def prepare_text(name: str, splits: dict[str, list[str]], data_dir: str, *, unit
             raise ConfigError(f"{builder.data_dir} already holds a dataset {name!r} made from "
                               "other files; pass --overwrite or choose another --name")
         mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+    nbytes = sum(pathlib.Path(f).expanduser().stat().st_size for fs in splits.values() for f in fs)
+    write_prepared(builder, name, nbytes, tfds.download.DownloadConfig(
         download_mode=mode, compute_stats=tfds.download.ComputeStatsMode.SKIP))
     return {split: len(d) for split, d in docs.items()}

@@ -16,9 +16,10 @@ import hashlib
 import os
 import pathlib
 import re
+import shutil
 from collections.abc import Iterator
 
-from jaxlm.errors import ConfigError, DataError
+from jaxlm.errors import ConfigError, DataError, disk_error
 
 
 def default_data_dir() -> str:
@@ -142,9 +143,39 @@ def prepare_catalog(name: str, data_dir: str, manual_dir: str) -> str:
                           f"empty (it must hold the source files of {name!r})")
     builder = _builder(name, f"config.data.name={name!r}", data_dir=data_dir,
                        file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+    nbytes = sum(f.stat().st_size for f in manual.rglob("*") if f.is_file())
+    write_prepared(builder, name, nbytes, tfds.download.DownloadConfig(
         manual_dir=str(manual), try_download_gcs=False))
     return str(builder.data_dir)
+
+
+def write_prepared(builder, name: str, nbytes: int, download_config) -> None:
+    """builder.download_and_prepare(download_config) as one write, like every writer of
+    jaxlm: refused before writing if the disk has fewer than `nbytes` free (the source
+    bytes; array_record stores text about as large); on failure the folders it made (the
+    dataset's, TFDS's downloads/) are removed and a disk error is one line naming them.
+    TFDS itself writes into an incomplete.* folder and renames it when complete."""
+    root = pathlib.Path(str(builder.data_dir_root))
+    local = not is_remote(str(root))
+    made = []
+    if local:
+        top = pathlib.Path(str(builder.data_dir)).relative_to(root).parts[0]
+        made = [p for p in (root, root / top, root / "downloads") if not p.exists()]
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        if free < nbytes:
+            raise DataError(f"preparing {name} under {root} needs about {nbytes / 1e6:.1f} MB, "
+                            f"and that disk has {free / 1e6:.1f} MB free")
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except Exception as e:
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
+        cause = disk_error(e)
+        if cause is None:
+            raise
+        raise DataError(f"preparing {name} under {root} failed: {cause.strerror}; nothing of "
+                        "it was kept (free space, or choose another data_dir)") from None
 
 
 def builder_for(name: str, data_dir: str, what: str):

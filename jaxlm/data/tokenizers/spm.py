@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -136,7 +135,14 @@ class _BytesWriter:
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """`path` appears only complete, with the mode the umask gives (not mkstemp's 0600);
+    a failed write leaves nothing and names `path`."""
+    tmp = path.parent / f".{path.name}.partial-{os.urandom(4).hex()}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
