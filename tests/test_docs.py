@@ -36,6 +36,9 @@ EXTERNAL = {
     "python -m pytest": "the README's test command: test_readme_test_command_is_what_ci_runs",
     "curl": "an HTTP request to the server started in the line before: tests/test_serve_http.py",
     "lm_eval": "lm-evaluation-harness against a served model: tests/test_serve_e2e.py",
+    "docker": "building the image: its install line is checked by tests/test_docker.py",
+    "gcloud": "Google Cloud's own cluster and bucket set-up (docs/cloud.md); not jaxlm's",
+    "kubectl": "Kubernetes' client; what launch/gke.py sends it: tests/test_gke.py",
 }
 
 
