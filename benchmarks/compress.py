@@ -91,7 +91,6 @@ def float_export(cfg, workdir: pathlib.Path, dest: pathlib.Path) -> pathlib.Path
 
 def measure(cfg, export: pathlib.Path, scores: bool = True) -> dict:
     """The row of one variant (a params export): sizes, perplexity, few-shot scores."""
-    from jaxlm.evaluate import fewshot
     from jaxlm.evaluate.scoring import make_scorer
     from jaxlm.setup import build
     cfg = copy.deepcopy(cfg)
@@ -104,15 +103,26 @@ def measure(cfg, export: pathlib.Path, scores: bool = True) -> dict:
            "loaded_MB": (sum(x.nbytes for x in jax.live_arrays()) - before) / 1e6}
     if scores:
         scorer = make_scorer(setup, params, setup.cfg.evaluate)
-        texts = held_out_texts(cfg)
-        tokens = sum(len(setup.tokenizer.encode(t)) for t in texts)
-        row["perplexity"] = math.exp(-sum(scorer.loglikelihood_rolling(texts)) / tokens)
-        results_dir = export.with_name(export.name + "_results")
-        results_dir.mkdir(exist_ok=True)
-        results = fewshot.evaluate(cfg, results_dir)["tasks"]
-        row.update({f"{name} k={k}": r["shots"][str(k)][r["metric"]]
-                    for name, r in results.items() for k in cfg.evaluate.shots})
+        row["perplexity"] = perplexity(scorer, setup.tokenizer, held_out_texts(cfg))
+        row.update(fewshot_row(cfg, export))
     return row
+
+
+def perplexity(scorer, tokenizer, texts: list[str]) -> float:
+    """exp of the mean negative log-likelihood per token of `texts` (rolling windows)."""
+    tokens = sum(len(tokenizer.encode(t)) for t in texts)
+    return math.exp(-sum(scorer.loglikelihood_rolling(texts)) / tokens)
+
+
+def fewshot_row(cfg, export: pathlib.Path) -> dict:
+    """{"<task> k=<k>": score} of config.evaluate's tasks for the params at `export`
+    (cfg.evaluate.params), the results written beside it."""
+    from jaxlm.evaluate import fewshot
+    results_dir = export.with_name(export.name + "_results")
+    results_dir.mkdir(exist_ok=True)
+    results = fewshot.evaluate(cfg, results_dir)["tasks"]
+    return {f"{name} k={k}": r["shots"][str(k)][r["metric"]]
+            for name, r in results.items() for k in cfg.evaluate.shots}
 
 
 def decode_rates(cfg, exports: dict[str, pathlib.Path], steps: int, rounds: int = 3) -> dict:

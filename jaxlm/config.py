@@ -168,7 +168,14 @@ SCHEMA = {
                            "'classifier', 'block_1/'): only matching parameters are trained, "
                            "get optimizer moments and are saved each step; the rest is a "
                            "frozen base saved once. Empty: all (jaxlm.trainable)"),
+        "init": Field("", None, "continued pretraining: start from these params (a workdir's "
+                      "latest checkpoint, a checkpoint folder, a params export or Hugging Face "
+                      "import) with a fresh optimizer and learning-rate schedule, warmup "
+                      "included; used when the workdir has no checkpoint (jaxlm.train.init)"),
         "steps": Field(1000, POSITIVE, "optimizer steps"),
+        "profile_steps": Field("", None, "A:B writes a JAX profiler trace of the steps after "
+                               "the A-th up to the B-th into WORKDIR/tb (TensorBoard's profile "
+                               "plugin, Perfetto; jaxlm.train.profile); empty: none"),
         "batch_size": Field(32, POSITIVE, "global batch, in sequences, per optimizer step"),
         "microbatches": Field(1, POSITIVE, "gradient accumulation: the batch is split into this many"),
         "seed": Field(0, NONNEGATIVE, "parameter init and dropout"),
@@ -293,6 +300,18 @@ SCHEMA = {
         "warmup_ratio": Field(0.1, Range(0, 1), "linear warmup over this share of the steps"),
         "best_metric": Field("accuracy", ("accuracy", "f1", "f1_macro", "mcc", "roc_auc"),
                              "validation metric that picks the best epoch (kept in WORKDIR/best)"),
+        "augment": {  # jaxlm.data.augment: training examples only, drawn from (seed, epoch, example)
+            "delete": Field(0.0, Range(0, 1), "each word of a training text is deleted with "
+                            "this probability (one word always stays)"),
+            "swap": Field(0.0, Range(0, 1), "each word trades places with another word of "
+                          "its text with this probability"),
+            "insert": Field(0.0, Range(0, 1), "after each word, a word of the training texts' "
+                            "own vocabulary is inserted with this probability"),
+            "mask": Field(0.0, Range(0, 1), "share of the words replaced by [MASK], in spans "
+                          "of 1-10 words (SpanBERT's lengths; tokenizers with [MASK] only)"),
+            "examples": Field(1.0, Range(0, 1), "share of the training examples augmented in "
+                              "each epoch; the rest are read as they are"),
+        },
     },
     "distill": {
         "teacher": Field("", None, "config.train.objective=distill: the teacher, a workdir (its "
@@ -342,6 +361,36 @@ SCHEMA = {
         "every": Field(100, POSITIVE, "steps between mask updates in the schedule"),
         "params": Field(("kernel$",), None, "regular expressions of parameter paths that are "
                         "pruned (re.search); default: every matmul kernel"),
+    },
+    "privacy": {  # differentially private training, DP-SGD (jaxlm.train.privacy)
+        "noise_multiplier": Field(0.0, NONNEGATIVE, "Gaussian noise of std noise_multiplier "
+                                  "* l2_clip on each step's sum of clipped per-example "
+                                  "gradients; 0 (and target_epsilon 0): not private"),
+        "target_epsilon": Field(0.0, NONNEGATIVE, "instead of noise_multiplier: the epsilon "
+                                "the whole run may spend, the noise solved for it (0: off)"),
+        "l2_clip": Field(1.0, POSITIVE, "each example's gradient is scaled to at most this "
+                         "L2 norm: all one example can add to a step"),
+        "delta": Field(1e-5, Range(0, 1, lo_open=True, hi_open=True), "delta of the "
+                       "(epsilon, delta) guarantee; below 1 / the training examples"),
+        "sampling": Field("poisson", ("poisson", "fixed"), "poisson: each example joins a "
+                          "step with probability expected_batch_size / N, add/remove-one "
+                          "adjacency; fixed: a random set of train.batch_size examples per "
+                          "step, replace-one adjacency"),
+        "expected_batch_size": Field(0, NONNEGATIVE, "poisson: examples per step on average, "
+                                     "the rows (train.batch_size) padded and the rare larger "
+                                     "draw cut to them (0: half the rows)"),
+        "seed": Field(-1, Range(0, also=(-1,)), "sampling and noise; -1: drawn from the OS "
+                      "and kept only in the checkpoints (the guarantee assumes it is secret)"),
+    },
+    "logging": {
+        "wandb": Field(False, None, "also log to Weights & Biases (pip install wandb): the "
+                       "metrics, the few-shot table and the plots; a resumed run continues "
+                       "the same W&B run (its id is kept in WORKDIR/wandb_id)"),
+        "wandb_project": Field("jaxlm", None, "W&B project"),
+        "wandb_entity": Field("", None, "W&B entity (user or team; empty: your default)"),
+        "wandb_name": Field("", None, "W&B run name (empty: the workdir's name)"),
+        "wandb_mode": Field("online", ("online", "offline"), "offline: written under "
+                            "WORKDIR/wandb, sent later with `wandb sync`"),
     },
     "serve": {
         "slots": Field(8, POSITIVE, "python -m jaxlm.serve: requests decoded together (KV-cache "
@@ -566,6 +615,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _check_field(path, field, node)
 
     m, d, t = cfg.model, cfg.data, cfg.train
+    if t.profile_steps and step_range(t.profile_steps) is None:
+        raise ConfigError(f"config.train.profile_steps={t.profile_steps!r}: expected A:B with "
+                          "0 <= A < B (traces the steps after the A-th up to the B-th), or empty")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("config.logging.wandb=true needs the wandb package: pip install "
+                          "wandb (or jaxlm's extra: pip install -e '.[wandb]')")
 
     def need(ok: bool, msg: str):
         if not ok:
@@ -616,6 +671,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              "config.prune with config.lora.rank: pruning masks the trained kernels, and "
              "LoRA freezes them; prune the merged model (python -m jaxlm.export --merge) "
              "in a run of its own")
+    dp = cfg.privacy
+    if dp.noise_multiplier or dp.target_epsilon:  # the guarantee's preconditions
+        need(not (dp.noise_multiplier and dp.target_epsilon),
+             f"config.privacy.noise_multiplier={dp.noise_multiplier} and config.privacy."
+             f"target_epsilon={dp.target_epsilon}: give one (the other is derived)")
+        need(not d.packing, "config.data.packing=true with config.privacy: a packed row "
+             "mixes examples, so clipping a row does not bound one example's contribution")
+        need(not t.next_sentence, "config.train.next_sentence=true with config.privacy: a "
+             "row pairs one example with another's text, so clipping a row does not bound "
+             "one example's contribution")
+        need(dp.expected_batch_size <= t.batch_size,
+             f"config.privacy.expected_batch_size={dp.expected_batch_size} exceeds the "
+             f"rows of a step, config.train.batch_size={t.batch_size} (fine-tuning: "
+             "config.finetune.batch_size)")
+        augment = cfg.finetune.get("augment")
+        need(not (augment and augment.insert), "config.finetune.augment.insert with "
+             "config.privacy: the inserted words come from the other training texts, so one "
+             "example's row carries others' words")
 
 
 def regex(pattern: str, field: str) -> re.Pattern:
@@ -635,6 +708,14 @@ def n_of_m(pattern: str) -> tuple[int, int] | None:
         return None
     n, m = (int(p) for p in parts)
     return (n, m) if 0 < n < m else None
+
+
+def step_range(spec: str) -> tuple[int, int] | None:
+    """(A, B) of config.train.profile_steps "A:B" (0 <= A < B); None if empty or malformed."""
+    a, sep, b = spec.partition(":")
+    if not (sep and a.strip().isdigit() and b.strip().isdigit()):
+        return None
+    return (int(a), int(b)) if int(a) < int(b) else None
 
 
 # ----------------------------------------------------------------------------- serialised form

@@ -37,14 +37,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import checkpoint, cli, models
+from jaxlm import checkpoint, cli, models, tracking
 from jaxlm import config as config_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.data import labelled
 from jaxlm.data.tokenizers import get_tokenizer
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.runlog import read_history
-from jaxlm.models import transforms
 
 log = logging.getLogger("jaxlm")
 
@@ -56,9 +55,11 @@ EVALUATE = cli.Flag("evaluate", "score the best params on this labelled data ins
 def run_config(cfg: ml_collections.ConfigDict, train_examples: int) -> ml_collections.ConfigDict:
     """The training config of a fine-tuning run: the classification objective, and steps,
     batch, learning rate, warmup and checkpoints derived from config.finetune."""
+    from jaxlm.train.privacy import examples_per_step
     ft = cfg.finetune
     run = copy.deepcopy(cfg)
-    steps_per_epoch = math.ceil(train_examples / ft.batch_size)
+    # An epoch: as many examples as the training set (DP-SGD's Poisson sampling: on average)
+    steps_per_epoch = math.ceil(train_examples / examples_per_step(cfg.privacy, ft.batch_size))
     steps = ft.epochs * steps_per_epoch
     # A fine-tuning run learns the labels, or with objective=distill a teacher's too.
     objective = "distill" if cfg.train.objective == "distill" else "classification"
@@ -78,71 +79,11 @@ def read_data(cfg, spec: str, what: str) -> labelled.Labelled:
 
 
 def load_pretrained(cfg, setup):
-    """The params of config.finetune.init, placed on `setup`'s mesh, after checking that
-    they fit the config (everything but the classification head and LoRA's adapters,
-    which start fresh). With config.lora.rank they are the frozen base; QLoRA's
-    (config.quant.mode too) is a python -m jaxlm.quantize export."""
-    path = pathlib.Path(cfg.finetune.init).expanduser()
-    what = f"config.finetune.init={cfg.finetune.init!r}"
-    if (path / "meta").is_dir() and (path / "params").is_dir():
-        meta, step, ckpt = checkpoint.read_export_meta(path), None, None
-    else:
-        if path.name.isdigit() and path.parent.name == "checkpoints":
-            workdir, step = path.parent.parent, int(path.name)
-        elif (path / "checkpoints").is_dir():
-            workdir, step = path, -1
-        else:
-            raise ConfigError(f"{what}: not a jaxlm workdir, checkpoint or params export")
-        ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, read_only=True)
-        step = ckpt.select(step)
-        if step is None:
-            raise CheckpointError(f"{what}: the workdir holds no checkpoint")
-        meta = ckpt.read_meta(step)
-    saved = config_lib.from_dict(meta["config"], what)
-    if transforms.is_quantized(cfg):  # QLoRA (config.lora.rank): its base is int8
-        if saved.quant.mode != cfg.quant.mode or saved.quant.train or saved.lora.rank:
-            raise ConfigError(f"{what}: config.quant.mode={cfg.quant.mode!r} with "
-                              "config.lora.rank (QLoRA) trains adapters over int8 weights; "
-                              "start from their export: python -m jaxlm.quantize "
-                              f"--config.quant.mode={cfg.quant.mode} (--workdir= or --params=) "
-                              "--out=DIR")
-    else:
-        transforms.refuse_quantized(saved, what)
-    if saved.model.arch != cfg.model.arch:
-        raise CheckpointError(f"{what} holds a {saved.model.arch.upper()} model, and this config "
-                              f"fine-tunes config.model.arch={cfg.model.arch!r}")
-    for field in setup.family.shape_fields:
-        if field != "num_classes" and saved.model[field] != cfg.model[field]:
-            raise CheckpointError(f"{what} holds another model: config.model.{field} is "
-                                  f"{saved.model[field]!r} there and {cfg.model[field]!r} here")
-    if saved.model.num_classes not in (0, cfg.model.num_classes):
-        raise CheckpointError(f"{what} has a classification head of {saved.model.num_classes} "
-                              f"classes, and config.model.num_classes={cfg.model.num_classes}")
-    if meta["tokenizer"] != setup.tokenizer.to_dict():
-        raise CheckpointError(f"{what} was made with tokenizer {meta['tokenizer']}, but "
-                              f"config.data.tokenizer gives {setup.tokenizer.to_dict()}")
-    from jaxlm.setup import build
-    pre_cfg = copy.deepcopy(cfg)
-    pre_cfg.model, pre_cfg.lora, pre_cfg.quant = saved.model, saved.lora, saved.quant
-    pre = build(pre_cfg, setup.mesh.devices.flatten())
-    if ckpt is None:
-        params = checkpoint.load_export(path, pre.abstract_params, pre.param_shardings, meta,
-                                         cfg.checkpoint.verify)
-    else:
-        restore = lambda s: ckpt.restore_params(s, pre.abstract_params, pre.param_shardings)  # noqa: E731
-        try:
-            params = ckpt.restore_or_name_intact(
-                step, restore, lambda i: "start from it with --config.finetune.init="
-                f"{ckpt.directory / str(i)}")
-        except CheckpointError as e:
-            raise CheckpointError(f"{what}: {e}") from None
-        finally:
-            ckpt.close()
-    if saved.lora.rank:  # a LoRA run: its adapters folded in (as python -m jaxlm.export --merge)
-        params = transforms.merge_lora(params, saved)
-        log.info("%s is a LoRA run: its adapters are folded into its weights", what)
-    log.info("fine-tuning from %s: %s pretrained parameters, a fresh head of %d classes", path,
-             f"{models.count_params(params):,}", cfg.model.num_classes)
+    """The params of config.finetune.init on `setup`'s mesh (jaxlm.train.init); the class
+    head (config.model.num_classes) starts fresh."""
+    from jaxlm.train.init import pretrained_params
+    params = pretrained_params(cfg, setup, cfg.finetune.init, "config.finetune.init")
+    log.info("fine-tuning with a fresh head of %d classes", cfg.model.num_classes)
     return params
 
 
@@ -212,13 +153,18 @@ def _encoder(cfg, tokenizer) -> labelled.Encoder:
 def _sources(cfg, tokenizer):
     encoder = _encoder(cfg, tokenizer)
     train = read_data(cfg, cfg.finetune.train_data, "train_data").take(cfg.finetune.train_examples)
-    train_source = labelled.LabelledSource(train, encoder, cfg.train.seed)
+    # Only training examples are augmented (config.finetune.augment; off by default).
+    train_source = labelled.LabelledSource(train, encoder, cfg.train.seed,
+                                           augment=cfg.finetune.augment)
     val_encoder = _encoder(cfg, tokenizer)
     validation = read_data(cfg, cfg.finetune.validation_data, "validation_data")
     val_source = labelled.LabelledSource(validation, val_encoder, cfg.train.seed)
     for name, enc, data in (("training", encoder, train), ("validation", val_encoder, validation)):
         log.info("%s examples: %d from %s; %d cut to config.data.seq_len=%d (longest part first)",
                  name, len(data), data.name, enc.truncated, cfg.data.seq_len)
+    if train_source.augmenter:
+        log.info("training examples augmented (config.finetune.augment): %s; %d words to "
+                 "insert from", train_source.augmenter.rates, len(train_source.augmenter.vocabulary))
     return train_source, val_source
 
 
@@ -266,11 +212,21 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                          "validation": val_source.encoder.truncated},
            "epochs": [{k[11:]: v for k, v in h.items() if k.startswith("validation_")} | {"step": h["step"]}
                       for h in history if "validation_accuracy" in h],
-           "train": summary}
+           "train": summary,
+           # DP-SGD: the guarantee of every params the run wrote, the best epoch's included
+           # (picking it looked at the later epochs too): epsilon after the last step.
+           **({"privacy": summary["privacy"]} if "privacy" in summary else {})}
     if jax.process_index() == 0:
         workdir_lib.write_text(workdir / "results.json", json.dumps(out, indent=2))
         names = list(cfg.finetune.class_names) or [str(c) for c in range(cfg.model.num_classes)]
-        classification.write_plots(workdir / "plots", history, labels, probs, names)
+        written = classification.write_plots(workdir / "plots", history, labels, probs, names)
+        tracker = tracking.start(run, workdir, "finetune", is_writer=True)
+        if tracker is not None:  # logged at the last step: W&B's steps only move forward
+            best = {f"best/{k}": v for k, v in scores.items() if isinstance(v, float)}
+            tracker.log(summary["step"], best)
+            tracker.images(summary["step"], written)
+            tracker.summary({**best, "best/step": best_step})
+            tracker.close()
         print(f"\nValidation at the best step ({best_step}, by {cfg.finetune.best_metric}): "
               + "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)),
               flush=True)

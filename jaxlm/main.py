@@ -36,7 +36,23 @@ def pretrain_then_evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     log.info("training done: %s", out["train"])
     if not out["train"]["preempted"]:
         out["evaluate"] = fewshot.evaluate(cfg, workdir)
+        if "privacy" in out["train"] and not cfg.evaluate.params:
+            _record_privacy(workdir, out["train"]["privacy"])
     return out
+
+
+def _record_privacy(workdir: pathlib.Path, record: dict) -> None:
+    """DP-SGD (config.privacy): the guarantee of the params just evaluated joins
+    results.json, as in a fine-tuning run's."""
+    import json
+
+    import jax
+
+    from jaxlm import workdir as workdir_lib
+    path = pathlib.Path(workdir) / "results.json"
+    if jax.process_index() == 0 and path.exists():
+        results = json.loads(path.read_text())
+        workdir_lib.write_text(path, json.dumps({**results, "privacy": record}, indent=2))
 
 
 def main(argv) -> dict:

@@ -356,5 +356,5 @@ def test_a_scanned_stack_is_checked_on_its_input_axis():
 def test_out_of_range_values_are_refused_on_the_command_line(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         cli.parse([f"--config={REPO}/configs/gpt/debug.py", f"--workdir={tmp_path}",
-                   "--config.prune.start_step=5", "--config.prune.end_step=9",
-                   f"--config.{override}"], "jaxlm.train", "")
+                   "--config.prune.sparsity=0.5", "--config.prune.start_step=5",
+                   "--config.prune.end_step=9", f"--config.{override}"], "jaxlm.train", "")

@@ -33,7 +33,7 @@ LAYERS = [
     [("jaxlm", "jaxlm.errors")],
     # Foundations: the config schema, files, processes, mesh; no model and no data.
     [("jaxlm.config", "jaxlm.workdir", "jaxlm.watchdog", "jaxlm.distributed", "jaxlm.sharding",
-      "jaxlm.runlog", "jaxlm.trainable")],
+      "jaxlm.runlog", "jaxlm.trainable", "jaxlm.tracking")],
     # Data knows no model, models know no data.
     [("jaxlm.data.*",), ("jaxlm.models.*",)],
     # Decoding with a model and params it is given.

@@ -24,6 +24,10 @@ models.Family.pooled) reads "[CLS] a [SEP]" or "[CLS] a [SEP] b [SEP]" with toke
 to the first [SEP] and 1 after; GPT reads "EOS a" or "EOS a EOS b" and classifies at its
 last token. A text longer than config.data.seq_len is cut, the longer of the two parts
 first ("longest first", as BERT's reference code does), and counted (`Encoder.truncated`).
+
+Training examples may be augmented (config.finetune.augment, jaxlm.data.augment): word
+deletion, swap, insertion and span masking on each text's ids, drawn from (seed, epoch,
+example), then laid out again by the encoder; validation and evaluation never are.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import re
 
 import numpy as np
 
+from jaxlm.data import augment as augment_lib
 from jaxlm.data import synthetic
 from jaxlm.data.text_files import decode_utf8
 from jaxlm.data.tokenizers import Tokenizer
@@ -248,17 +253,28 @@ class Encoder:
         else:
             self.start, self.sep, self.end = [tokenizer.eos_id], [tokenizer.eos_id], []
 
-    def __call__(self, text: str, pair: str | None = None) -> dict:
+    def parts(self, text: str, pair: str | None = None) -> tuple[list[int], list[int] | None]:
+        """The token ids of the text (and pair), cut to fit; a cut example is counted."""
         a = self.tok.encode(text)
         b = self.tok.encode(pair) if pair is not None else None
+        a, b, cut = self._fit(a, b)
+        self.truncated += cut
+        return a, b
+
+    def _fit(self, a, b):
         room = self.seq_len - len(self.start) - len(self.end) - (len(self.sep) if b is not None else 0)
-        if len(a) + len(b or []) > room:
-            self.truncated += 1
-            while len(a) + len(b or []) > room:  # longest first
-                if b is not None and len(b) > len(a):
-                    b = b[:-1]
-                else:
-                    a = a[:-1]
+        cut = len(a) + len(b if b is not None else []) > room
+        while len(a) + len(b if b is not None else []) > room:  # longest first
+            if b is not None and len(b) > len(a):
+                b = b[:-1]
+            else:
+                a = a[:-1]
+        return a, b, cut
+
+    def assemble(self, a, b=None) -> dict:
+        """Tokens, token types and segments of a text's ids (and a pair's), cut to fit
+        (longest first, not counted: augmented parts, jaxlm.data.augment, may grow)."""
+        a, b, _ = self._fit(list(a), None if b is None else list(b))
         first = self.start + a + (self.sep if b is not None else self.end)
         second = (b + self.end) if b is not None else []
         n = len(first) + len(second)
@@ -269,16 +285,27 @@ class Encoder:
         segments = (np.arange(self.seq_len) < n).astype(np.int32)
         return {"tokens": tokens, "types": types, "segments": segments}
 
+    def __call__(self, text: str, pair: str | None = None) -> dict:
+        return self.assemble(*self.parts(text, pair))
+
 
 class LabelledSource:
     """Encoded examples by global index: example i of epoch e = i // N is example
-    perm_e[i mod N], perm_e seeded by (seed, e). `eval_order=True` reads in file order."""
+    perm_e[i mod N], perm_e seeded by (seed, e). With `augment` (config.finetune.augment,
+    training sources only) the example is augmented by (seed, e, perm_e[i mod N])
+    (jaxlm.data.augment) and laid out again."""
 
-    def __init__(self, data: Labelled, encoder: Encoder, seed: int):
+    def __init__(self, data: Labelled, encoder: Encoder, seed: int, augment=None):
         self.data, self.encoder, self.seed = data, encoder, seed
         self.seq_len = encoder.seq_len
-        self.encoded = [dict(encoder(t, data.pairs[i] if data.pairs else None),
-                             label=int(data.labels[i])) for i, t in enumerate(data.texts)]
+        self.parts = [encoder.parts(t, data.pairs[i] if data.pairs else None)
+                      for i, t in enumerate(data.texts)]
+        self.encoded = [dict(encoder.assemble(*p), label=int(data.labels[i]))
+                        for i, p in enumerate(self.parts)]
+        self.augmenter = None
+        if augment is not None and augment_lib.active(augment):
+            texts = [np.asarray(x, np.int32) for p in self.parts for x in p if x is not None]
+            self.augmenter = augment_lib.Augmenter(augment, encoder.tok, seed, texts)
         self._perm = {}
 
     def __len__(self) -> int:
@@ -288,13 +315,22 @@ class LabelledSource:
         epoch, j = divmod(index, len(self))
         if epoch not in self._perm:
             self._perm = {epoch: np.random.default_rng([self.seed, _EPOCH_STREAM, epoch]).permutation(len(self))}
-        return self.encoded[int(self._perm[epoch][j])]
+        k = int(self._perm[epoch][j])
+        parts = self.augmenter(self.parts[k], epoch, k) if self.augmenter else None
+        if parts is None:
+            return self.encoded[k]
+        return dict(self.encoder.assemble(*parts), label=self.encoded[k]["label"])
 
     def stats(self) -> dict:
-        return {"name": self.data.name, "documents": len(self), "sequences_per_epoch": None}
+        out = {"name": self.data.name, "documents": len(self), "sequences_per_epoch": None}
+        if self.augmenter:
+            out["augment"] = self.augmenter.rates
+        return out
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps([self.data.name, self.seq_len, self.seed]).encode())
         for e in self.encoded:
             h.update(e["tokens"].tobytes() + bytes([e["label"] % 256]))
+        if self.augmenter:  # unaugmented runs keep the fingerprint they always had
+            h.update(self.augmenter.fingerprint().encode())
         return h.hexdigest()[:16]

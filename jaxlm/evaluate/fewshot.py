@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import checkpoint, models
+from jaxlm import checkpoint, models, tracking
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, DataError
 from jaxlm.evaluate import harness as harness_lib, plots, tasks as tasks_lib
@@ -240,5 +240,20 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                   f"{format_table(harness_results, list(e.shots))}\n", flush=True)
         workdir.mkdir(parents=True, exist_ok=True)
         workdir_lib.write_text(workdir / "results.json", json.dumps(out, indent=2))
-        plots.write_plots(workdir, results, list(e.shots))
+        written = plots.write_plots(workdir, results, list(e.shots))
+        tracker = tracking.start(cfg, workdir, "evaluate", is_writer=True)
+        if tracker is not None:
+            track_results(tracker, step, {**results, **(harness_results if harness else {})},
+                          written)
     return out
+
+
+def track_results(tracker, step: int, results: dict, plot_files) -> None:
+    """The few-shot table (one row per task, metric and k) and the plots, to W&B."""
+    rows = [[name, metric, int(k), r[metric], r.get(f"{metric}_stderr")]
+            for name, task in results.items() for k, r in task["shots"].items()
+            for metric in r if isinstance(r[metric], float) and not metric.endswith("_stderr")]
+    tracker.table(step, "fewshot", ["task", "metric", "k", "value", "stderr"], rows)
+    tracker.images(step, plot_files)
+    tracker.summary({f"fewshot/{t}/{m}/k{k}": v for t, m, k, v, _ in rows})
+    tracker.close()

@@ -21,16 +21,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, models
+from jaxlm import tracking
 from jaxlm import workdir as workdir_lib
-from jaxlm.config import to_json
+from jaxlm.config import from_dict, to_json
 from jaxlm.data import batches as batches_lib
 from jaxlm.data import sources
 from jaxlm.errors import CheckpointError, ConfigError, Interrupted, JaxlmError
 from jaxlm.train.build import build_train
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train import prune
+from jaxlm.train import init as init_lib
+from jaxlm.train import privacy, prune
 from jaxlm.train.nonfinite import NonfiniteGuard
 from jaxlm.train.preemption import Preemption
+from jaxlm.train.profile import StepProfiler
 from jaxlm.watchdog import Watchdog
 
 log = logging.getLogger("jaxlm")
@@ -55,6 +58,19 @@ class Hooks:
     evaluate_every: int = 0
 
 
+def _refuse_changed(section: str, saved, now, enabled: Callable, directory) -> None:
+    """One line naming the first field of config.<section> that differs from the one the
+    checkpoints were made with, when either side enables the feature."""
+    if not (enabled(saved) or enabled(now)):
+        return
+    for field in now:
+        if saved[field] != now[field]:
+            raise CheckpointError(
+                f"config.{section}.{field}={now[field]!r}, but the checkpoints in {directory} "
+                f"were made with {saved[field]!r}; pass the same config.{section} to resume, "
+                "or use another --workdir")
+
+
 def restore_or_init(step, ckpt: checkpoint.Checkpointer, init_params: Callable | None = None):
     """(state, meta): resume from the workdir's latest checkpoint (meta: its metadata),
     else a fresh init (meta None), from `init_params(setup)` if given. A damaged latest
@@ -74,7 +90,11 @@ def restore_or_init(step, ckpt: checkpoint.Checkpointer, init_params: Callable |
         raise CheckpointError(f"config.train.trainable={tuple(setup.cfg.train.trainable)!r}, but "
                               f"the checkpoints in {ckpt.directory} train {tuple(saved)!r}; pass "
                               "the same value to resume, or use another --workdir")
-    prune.check_resume(meta["config"], setup.cfg.prune, ckpt.directory)
+    made_with = from_dict(meta["config"], f"checkpoints in {ckpt.directory}")
+    for section, enabled in (("prune", prune.enabled), ("privacy", privacy.enabled)):
+        # the masks and schedule, or the epsilon and sampling, would no longer add up
+        _refuse_changed(section, made_with[section], setup.cfg[section], enabled,
+                        ckpt.directory)
     restore = lambda s: ckpt.restore(s, step.abstract_state, step.state_shardings)
     state, meta = ckpt.restore_or_name_intact(
         latest, restore, lambda i: f"move {ckpt.directory / str(latest)} out of "
@@ -144,12 +164,35 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None,
         claim.release()
 
 
+def _init_params(cfg, hooks: Hooks) -> Callable | None:
+    """What a run without a checkpoint starts from: the caller's (fine-tuning), else
+    config.train.init (continued pretraining: jaxlm.train.init), else random."""
+    if hooks.init_params is not None:
+        if cfg.train.init:
+            raise ConfigError(f"config.train.init={cfg.train.init!r}: this command starts from "
+                              "its own init (fine-tuning: config.finetune.init); leave it empty")
+        return hooks.init_params
+    if cfg.finetune.init:
+        raise ConfigError(f"config.finetune.init={cfg.finetune.init!r} is read by python -m "
+                          "jaxlm.finetune; to continue pretraining from a model, set "
+                          "config.train.init")
+    if cfg.train.init:
+        return lambda setup: init_lib.pretrained_params(cfg, setup, cfg.train.init,
+                                                        "config.train.init")
+    return None
+
+
 def _train(cfg, workdir: pathlib.Path, devices, claim, hooks: Hooks) -> dict:
     train_step = build_train(cfg, devices)
     setup, objective = train_step.setup, train_step.objective
     source = hooks.source or sources.make_source(cfg.data, setup.tokenizer, objective.extra_tokens)
     watchdog = Watchdog(cfg.checkpoint.heartbeat_seconds, cfg.checkpoint.timeout_seconds)
-    state, meta, start = _resume_checked(train_step, workdir, source, watchdog, hooks.init_params)
+    state, meta, start = _resume_checked(train_step, workdir, source, watchdog,
+                                         _init_params(cfg, hooks))
+    plan = privacy.make_plan(cfg, source, meta)  # DP-SGD's checks that need the data
+    if plan:
+        train_step.set_privacy(plan.l2_clip, plan.noise_std, plan.denominator)
+        log.info("%s", plan.describe())
 
     claim.accept()  # the run is accepted: from here on it writes
     if jax.process_index() == 0:
@@ -160,7 +203,7 @@ def _train(cfg, workdir: pathlib.Path, devices, claim, hooks: Hooks) -> dict:
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, watchdog)
     try:
         return _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks,
-                    frozen)
+                    frozen, plan)
     finally:
         try:
             ckpt.wait()  # a failed save surfaces here at the latest
@@ -169,13 +212,20 @@ def _train(cfg, workdir: pathlib.Path, devices, claim, hooks: Hooks) -> dict:
 
 
 def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, hooks,
-         frozen) -> dict:
-    """The steps, with logging, checkpoints, preemption and the NaN policy."""
+         frozen, plan=None) -> dict:
+    """The steps, with logging, checkpoints, preemption and the NaN policy; with a privacy
+    `plan` (jaxlm.train.privacy) its sampled batches, and epsilon in the metrics, every
+    checkpoint's meta and the summary."""
     setup, objective = train_step.setup, train_step.objective
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    # Dropout randomness: step s uses fold_in(rng, s), so the key is all the RNG state.
+    # Dropout randomness: step s uses fold_in(rng, s), so the key is all the RNG state
+    # (DP-SGD: the run's secret key, which also draws the samples and the noise).
     rng = (jnp.asarray(meta["rng"], jnp.uint32) if meta
-           else jax.random.PRNGKey(cfg.train.seed + 1))
+           else jnp.asarray(plan.key) if plan else jax.random.PRNGKey(cfg.train.seed + 1))
+    read, make_example = source, objective.example
+    if plan:
+        read = plan.sampled(source)
+        make_example = read.make_example(objective.example)
     guard = NonfiniteGuard(cfg.train, meta.get("skipped_steps", []) if meta else [])
     last_saved = start if meta else None
 
@@ -206,6 +256,8 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, h
                  mfu=metrics_lib.mfu(fpt, tps, n_devices, peak) if tps else None,
                  skipped_steps=len(guard.skipped),
                  eta_seconds=(cfg.train.steps - step) * B * T / tps if tps else None)
+        if plan:
+            m["epsilon"] = plan.epsilon(step)
         del m["tokens"], m["nonfinite"]
         sink.write(step, m)
         window = (step, now)
@@ -213,14 +265,19 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, h
 
     with contextlib.ExitStack() as closing:
         batches = closing.enter_context(contextlib.closing(batches_lib.Batches(
-            source, start, B, cfg.model.vocab_size, objective.example, train_step.place_batch,
+            read, start, B, cfg.model.vocab_size, make_example, train_step.place_batch,
             cfg.data.prefetch, objective.batch_spec(B))))
         sink = closing.enter_context(contextlib.closing(
-            metrics_lib.MetricSink(workdir, cfg.train.steps, start)))
+            metrics_lib.MetricSink(workdir, cfg.train.steps, start, tracking.start(
+                cfg, workdir, "train", jax.process_index() == 0))))
         preemption = closing.enter_context(contextlib.closing(Preemption()))
+        profiler = closing.enter_context(contextlib.closing(
+            StepProfiler(cfg.train.profile_steps, workdir)))
         for step in range(start, cfg.train.steps):
+            profiler.before(step)
             state, device_metrics = train_step(state, next(batches), rng)
             done = step + 1
+            profiler.after(done, state)
             if pending is not None:
                 # Waiting for the step before keeps one step queued on the devices while
                 # the host looks at its flags (and notices a hung collective).
@@ -241,9 +298,11 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, h
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stopped:
                 with watchdog.watch(f"waiting for step {done}"):
                     guard.check(done, device_metrics, last_saved)
-                ckpt.save(done, train_step.global_state(state),
-                          checkpoint.make_meta(cfg, setup.tokenizer, done * B, source.fingerprint(),
-                                               rng, guard.skipped, frozen))
+                meta_now = checkpoint.make_meta(cfg, setup.tokenizer, done * B,
+                                                source.fingerprint(), rng, guard.skipped, frozen)
+                if plan:  # the guarantee of the params saved (and the noise, for resumes)
+                    meta_now["privacy"] = plan.record(done)
+                ckpt.save(done, train_step.global_state(state), meta_now)
                 last_saved = done
             if stopped:
                 break
@@ -258,6 +317,8 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, h
     if train_step.traces > 1:  # every step has the same shapes: one compilation is enough
         log.warning("the train step was compiled %d times; batches changed shape or dtype",
                     train_step.traces)
-    return {"step": int(train_step.global_state(state).step), "loss": last.get("loss"),
+    final_step = int(train_step.global_state(state).step)
+    return {"step": final_step, "loss": last.get("loss"),
             "params": n_params, "seconds": time.time() - t_begin, "preempted": bool(stopped),
-            "skipped_steps": len(guard.skipped), "compiles": train_step.traces}
+            "skipped_steps": len(guard.skipped), "compiles": train_step.traces,
+            **({"privacy": plan.record(final_step)} if plan else {})}

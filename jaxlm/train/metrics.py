@@ -55,16 +55,19 @@ EVALUATION_GROUPS = ("validation", "fewshot")
 
 class MetricSink:
     """Writes step metrics to WORKDIR/metrics.jsonl (read back by jaxlm.runlog), TensorBoard
-    (WORKDIR/tb) and the console.
+    (WORKDIR/tb), the console and, with config.logging.wandb, Weights & Biases.
 
     Only process 0 writes. A progress bar is shown on an interactive terminal, plain log
     lines otherwise (CI, SLURM logs).
     """
 
-    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int):
+    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int,
+                 tracker=None):
+        """`tracker`: a jaxlm.tracking.Tracker (W&B) that gets every record too."""
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.bar = None
+        self.tracker = tracker
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
@@ -90,6 +93,8 @@ class MetricSink:
             self.jsonl.flush()
         except OSError as e:  # e.g. a full disk: name the file
             raise OSError(e.errno, e.strerror, self.jsonl.name) from None
+        if self.tracker is not None:
+            self.tracker.log(step, clean)
         for k, v in clean.items():
             if v is not None and math.isfinite(v):
                 group, _, rest = k.partition("_")  # evaluations get their own TB section
@@ -125,6 +130,8 @@ class MetricSink:
                 self.bar.close()
             self.tb.close()
             self.jsonl.close()
+            if self.tracker is not None:
+                self.tracker.close()
 
 
 def format_duration(seconds: float) -> str:

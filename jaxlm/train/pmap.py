@@ -6,6 +6,10 @@ its share of the batch rows, sums its loss and gradients, one `psum` adds the su
 devices, and every replica takes the identical update. config.mesh is not used for
 training. Checkpoints hold the one unreplicated state, so a run saved under pmap resumes
 under jit and the other way round.
+
+DP-SGD (config.privacy): each device clips its own examples; the noise key is split off
+the step's key before the device index is folded in, so every replica draws the same
+noise for the same reduced sum: the noise is added once, as on the jit path.
 """
 
 from __future__ import annotations
@@ -20,25 +24,29 @@ import numpy as np
 import optax
 
 from jaxlm.trainable import Trainable
+from jaxlm.train import privacy
 from jaxlm.train.step import (TrainState, apply_update, bind_loss, boxed_state, check_aux,
-                              finalize, fresh_state, local_sums, value_and_grad)
+                              dp_args, finalize, fresh_state, gradient_fns, local_sums,
+                              private_args)
 
 AXIS = "devices"
 
 
-def pmap_train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array, *,
-                    objective, model, split: Trainable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, microbatches: int,
-                    clip_norm: float = 0.0) -> tuple[TrainState, dict]:
+def pmap_train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array,
+                    dp: dict | None = None, *, objective, model, split: Trainable,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    microbatches: int, clip_norm: float = 0.0) -> tuple[TrainState, dict]:
     """One step on one device's rows, run under `jax.pmap(axis_name=AXIS)`: the two-phase
     gradient of jaxlm.train.step with the reduction an explicit psum."""
     device = jax.lax.axis_index(AXIS)
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
-    grad_fn = value_and_grad(bind_loss(objective, model, split, frozen, aux))
+    grad_fn, rng, noise = gradient_fns(bind_loss(objective, model, split, frozen, aux),
+                                       jax.random.fold_in(rng, state.step), dp)
+    rng = jax.random.fold_in(rng, device)  # dropout differs per device, the noise does not
     sums = local_sums(state.params, batch, rng, grad_fn=grad_fn, microbatches=microbatches,
                       metrics=objective.metrics)
     sums = jax.lax.psum(sums, axis_name=AXIS)
-    return apply_update(state, finalize(sums, clip_norm=clip_norm), tx=tx, schedule=schedule)
+    return apply_update(state, finalize(sums, clip_norm=clip_norm, noise=noise), tx=tx,
+                        schedule=schedule)
 
 
 class PmapTrainStep:
@@ -66,22 +74,27 @@ class PmapTrainStep:
         self._replicated = {}  # id of a global tree -> its per-device copies
         self.aux = aux
         self.traces = 0
+        self.private = privacy.enabled(setup.cfg.privacy)  # DP-SGD (as JitTrainStep)
+        self.dp = None
         bound = functools.partial(
             pmap_train_step, objective=objective, model=setup.model, split=self.split, tx=tx,
             schedule=schedule, microbatches=setup.cfg.train.microbatches,
             clip_norm=setup.cfg.optimizer.grad_clip_norm)
 
-        def counted(state, frozen, aux, batch, rng):
+        def counted(state, frozen, aux, batch, rng, dp):
             self.traces += 1
-            return bound(state, frozen, aux, batch, rng)
+            return bound(state, frozen, aux, batch, rng, dp)
         counted.__name__ = counted.__qualname__ = "train_step"  # names the HLO and its dumps
-        self._pmapped = jax.pmap(counted, axis_name=AXIS, in_axes=(0, 0, 0, 0, None),
+        self._pmapped = jax.pmap(counted, axis_name=AXIS, in_axes=(0, 0, 0, 0, None, None),
                                  donate_argnums=(0,))
 
     def __call__(self, state, batch, rng):
         frozen, aux = self._replicas("frozen", self.frozen), self._replicas("aux", self.aux)
-        state, metrics = self._pmapped(state, frozen, aux, batch, rng)
+        state, metrics = self._pmapped(state, frozen, aux, batch, rng, private_args(self))
         return state, jax.tree_util.tree_map(lambda x: x[0], metrics)  # identical on all
+
+    def set_privacy(self, l2_clip: float, noise_std: float, denominator: float) -> None:
+        self.dp = dp_args(l2_clip, noise_std, denominator)
 
     def _replicas(self, name: str, tree):
         """`tree` copied to every local device, once (it does not change between steps)."""

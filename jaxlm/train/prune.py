@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 import re
 from typing import Any, NamedTuple
 
@@ -38,7 +37,7 @@ import numpy as np
 import optax
 
 from jaxlm import config as config_lib
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.models.layers import STACKED
 from jaxlm.trainable import path_of
 
@@ -227,17 +226,3 @@ def sparsity_of(params, cfg_prune) -> dict[str, float]:
     flat = _flat(params)
     return {path_of(k): float(np.mean(np.asarray(jax.device_get(flat[k])) == 0))
             for k in _matched(cfg_prune, params)}
-
-
-def check_resume(saved_config: dict, cfg_prune, directory: pathlib.Path) -> None:
-    """Refuses to resume checkpoints pruned otherwise than config.prune says (their masks
-    and schedule are in the optimizer state): one line naming the first field that differs."""
-    saved = config_lib.from_dict(saved_config, f"checkpoints in {directory}").prune
-    if not (enabled(saved) or enabled(cfg_prune)):
-        return
-    for field in cfg_prune:
-        if saved[field] != cfg_prune[field]:
-            raise CheckpointError(
-                f"config.prune.{field}={cfg_prune[field]!r}, but the checkpoints in {directory} "
-                f"were made with {saved[field]!r}; pass the same config.prune to resume, or "
-                "use another --workdir")

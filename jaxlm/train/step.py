@@ -14,14 +14,16 @@ interface for the classic pmap path, so the loop never asks which one it drives:
     step.global_state(state)              -> back to the global layout, e.g. to save it
     step.params(state)                    -> the whole params tree (trainable + frozen)
 
-The gradient is made in two phases so that plain, accumulated, data-parallel and (later)
+The gradient is made in two phases so that plain, accumulated, data-parallel and
 differentially private training share one path:
   1. `local_sums`: per microbatch, the gradient of the *summed* loss, added up in a scan
-     (`grad_fn` computes one microbatch's; per-example work such as DP clipping replaces
-     it and runs inside the scan, never holding every example's gradient at once);
+     (`grad_fn` computes one microbatch's; DP-SGD's per-example clipping replaces it,
+     jaxlm.train.privacy, and runs inside the scan, never holding every example's
+     gradient at once);
   2. the cross-device reduction: XLA's under jit (the batch is sharded), a psum under pmap;
-  3. `finalize`: the one place that owns the denominator (the total token weight), the
-     global-norm clip and the non-finite check, and where DP noise will be added.
+  3. `finalize`: the one place that owns the denominator (the total token weight; under
+     DP the public expected batch size), the global-norm clip, the non-finite check and
+     DP's Gaussian noise (`PrivateNoise`), added once to the reduced sum.
 The optimizer update then runs on the finalized gradient, unchanged by any of this.
 """
 
@@ -40,7 +42,7 @@ import optax
 
 from jaxlm import sharding
 from jaxlm.errors import ConfigError
-from jaxlm.train import optimizer
+from jaxlm.train import optimizer, privacy
 from jaxlm.trainable import Trainable
 
 
@@ -101,16 +103,34 @@ class Finalized:
     metrics: dict
 
 
-def finalize(sums: GradSums, *, clip_norm: float = 0.0) -> Finalized:
+@flax.struct.dataclass
+class PrivateNoise:
+    """DP-SGD's part of `finalize` (jaxlm.train.privacy): N(0, std^2) noise on every
+    coordinate of the summed clipped gradients, drawn from `rng`, and the public
+    denominator (the expected batch size) that replaces the data-dependent token weight."""
+    rng: jax.Array
+    std: jax.Array
+    denominator: jax.Array
+
+
+def finalize(sums: GradSums, *, clip_norm: float = 0.0,
+             noise: PrivateNoise | None = None) -> Finalized:
     """Phase 3, on the reduced sums: divides by the total weight, clips the mean gradient to
     global norm `clip_norm` (0: no clipping), and flags a non-finite loss or gradient norm.
-    Differentially private noise is added to `sums.grads` here, before the division."""
-    denom = jnp.maximum(sums.weight, 1.0)
-    loss, grad_norm = sums.loss / denom, optax.tree.norm(sums.grads) / denom  # of the mean
+    With `noise` (DP-SGD) the noise is added to the summed gradient first, the division is
+    by `noise.denominator`, and only the noised gradient is checked: a skip decided by the
+    raw loss would depend on the private batch. The loss and metrics stay per weight."""
+    weight = jnp.maximum(sums.weight, 1.0)
+    grads, denom = sums.grads, weight
+    if noise is not None:
+        grads = privacy.add_noise(grads, noise.rng, noise.std)
+        denom = noise.denominator
+    loss, grad_norm = sums.loss / weight, optax.tree.norm(grads) / denom  # of the mean
     scale = optimizer.clip_factor(grad_norm, clip_norm) / denom
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": sums.weight,
-               **{k: v / denom for k, v in sums.metrics.items()}}
-    return Finalized(sums.grads, scale, jnp.isfinite(loss) & jnp.isfinite(grad_norm), metrics)
+               **{k: v / weight for k, v in sums.metrics.items()}}
+    finite = jnp.isfinite(grad_norm) & (jnp.isfinite(loss) if noise is None else True)
+    return Finalized(grads, scale, finite, metrics)
 
 
 def apply_update(state: TrainState, final: Finalized, *, tx: optax.GradientTransformation,
@@ -144,17 +164,30 @@ def bind_loss(objective, model, split: Trainable, frozen, aux) -> Callable:
     return loss
 
 
-def train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array, *, objective,
-               model, split: Trainable, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, microbatches: int,
+def gradient_fns(loss: Callable, rng: jax.Array, dp: dict | None):
+    """(grad_fn of phase 1, its rng, the PrivateNoise of phase 3 or None) of one step:
+    DP-SGD (`dp` given) clips per example, and splits the noise key off the step's."""
+    if dp is None:
+        return value_and_grad(loss), rng, None
+    rng, noise_rng = jax.random.split(rng)
+    return (privacy.clipped_value_and_grad(loss, dp["l2_clip"]), rng,
+            PrivateNoise(noise_rng, dp["std"], dp["denominator"]))
+
+
+def train_step(state: TrainState, frozen, aux, batch: dict, rng: jax.Array,
+               dp: dict | None = None, *, objective, model, split: Trainable,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int,
                clip_norm: float = 0.0) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch (jit path: XLA inserts the collectives, so the
-    sums of phase 1 are already reduced over devices)."""
+    sums of phase 1 are already reduced over devices). DP-SGD when `dp` is given:
+    {"l2_clip", "std" (of the noise), "denominator"}, scalars (dp_args), so another clip
+    or epsilon does not recompile."""
     rng = jax.random.fold_in(rng, state.step)
-    grad_fn = value_and_grad(bind_loss(objective, model, split, frozen, aux))
+    grad_fn, rng, noise = gradient_fns(bind_loss(objective, model, split, frozen, aux), rng, dp)
     sums = local_sums(state.params, batch, rng, grad_fn=grad_fn, microbatches=microbatches,
                       metrics=objective.metrics)
-    return apply_update(state, finalize(sums, clip_norm=clip_norm), tx=tx, schedule=schedule)
+    return apply_update(state, finalize(sums, clip_norm=clip_norm, noise=noise), tx=tx,
+                        schedule=schedule)
 
 
 def boxed_state(boxed_params, split: Trainable, tx, init_extra=None):
@@ -207,6 +240,21 @@ def check_aux(aux, spec, where: str = "auxiliary input") -> None:
                               f"{w.shape} {w.dtype}: the auxiliary model does not fit")
 
 
+def dp_args(l2_clip: float, noise_std: float, denominator: float) -> dict:
+    """The `dp` argument of a private step: per-example clip norm, noise std, denominator."""
+    return {"l2_clip": jnp.float32(l2_clip), "std": jnp.float32(noise_std),
+            "denominator": jnp.float32(denominator)}
+
+
+def private_args(step) -> dict | None:
+    """The `dp` argument of a step (JitTrainStep or the pmap adapter): None when not private."""
+    if not step.private:
+        return None
+    if step.dp is None:
+        raise RuntimeError("a private train step needs set_privacy() before it runs")
+    return step.dp
+
+
 class JitTrainStep:
     """The train step compiled once over the mesh (see the module docstring).
 
@@ -238,23 +286,30 @@ class JitTrainStep:
         self.data_parallel = sharding.data_parallel_size(mesh, cfg.mesh)
         self.num_devices = mesh.size
         self.traces = 0  # how often the step was traced: more than once means it recompiled
+        self.private = privacy.enabled(cfg.privacy)  # DP-SGD
+        self.dp = None                               # its dp_args: set_privacy
         bound = functools.partial(train_step, objective=objective, model=setup.model,
                                   split=self.split, tx=tx, schedule=schedule,
                                   microbatches=cfg.train.microbatches,
                                   clip_norm=cfg.optimizer.grad_clip_norm)
 
-        def counted(state, frozen, aux, batch, rng):
+        def counted(state, frozen, aux, batch, rng, dp):
             self.traces += 1
-            return bound(state, frozen, aux, batch, rng)
+            return bound(state, frozen, aux, batch, rng, dp)
         counted.__name__ = counted.__qualname__ = "train_step"  # names the HLO and its dumps
-        rep = sharding.replicated(mesh)
+        rep = self._replicated = sharding.replicated(mesh)
         self.jitted = jax.jit(counted, in_shardings=(self.state_shardings, self.frozen_shardings,
-                                                     aux_shardings, self.batch_shardings, rep),
+                                                     aux_shardings, self.batch_shardings, rep,
+                                                     rep),
                               out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
     def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
         with sharding.activate(self.setup.mesh, self.setup.cfg.mesh):
-            return self.jitted(state, self.frozen, self.aux, batch, rng)
+            return self.jitted(state, self.frozen, self.aux, batch, rng, private_args(self))
+
+    def set_privacy(self, l2_clip: float, noise_std: float, denominator: float) -> None:
+        """DP-SGD's clip, noise std and denominator (jaxlm.train.privacy.Plan), before a step."""
+        self.dp = jax.device_put(dp_args(l2_clip, noise_std, denominator), self._replicated)
 
     def lower(self, state, batch, rng):
         """The step lowered for abstract (ShapeDtypeStruct) arguments, e.g. for a TPU
@@ -262,8 +317,10 @@ class JitTrainStep:
         frozen = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             self.abstract_frozen, self.frozen_shardings)
+        dp = self.dp if self.dp is not None or not self.private else jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dp_args(1.0, 0.0, 1.0))
         with sharding.activate(self.setup.mesh, self.setup.cfg.mesh):
-            return self.jitted.lower(state, frozen, self.aux, batch, rng)
+            return self.jitted.lower(state, frozen, self.aux, batch, rng, dp)
 
     def init_state(self, params=None) -> TrainState:
         state, self.frozen = fresh_state(self.setup, self.split, self.tx,
