@@ -61,10 +61,10 @@ def pretrained_params(cfg, setup, spec: str, field: str):
     if saved.model.arch != cfg.model.arch:
         raise CheckpointError(f"{what} holds a {saved.model.arch.upper()} model, and this config "
                               f"fine-tunes config.model.arch={cfg.model.arch!r}")
-    for field in setup.family.shape_fields:
-        if field != "num_classes" and saved.model[field] != cfg.model[field]:
-            raise CheckpointError(f"{what} holds another model: config.model.{field} is "
-                                  f"{saved.model[field]!r} there and {cfg.model[field]!r} here")
+    for shape in setup.family.shape_fields:
+        if shape != "num_classes" and saved.model[shape] != cfg.model[shape]:
+            raise CheckpointError(f"{what} holds another model: config.model.{shape} is "
+                                  f"{saved.model[shape]!r} there and {cfg.model[shape]!r} here")
     if saved.model.num_classes not in (0, cfg.model.num_classes):
         raise CheckpointError(f"{what} has a classification head of {saved.model.num_classes} "
                               f"classes, and config.model.num_classes={cfg.model.num_classes}")
