@@ -5,6 +5,8 @@ COMMANDS = [
     ("jaxlm.train", "pretraining only; re-running on a workdir resumes it"),
     ("jaxlm.evaluate", "the few-shot suite (or lm-eval tasks) on a workdir or an export"),
     ("jaxlm.finetune", "fine-tuning for classification from a pretrained model; --evaluate"),
+    ("jaxlm.squad", "SQuAD v1.1 / v2.0 fine-tuning: a span head, official EM and F1"),
+    ("jaxlm.glue", "the GLUE suite: every task over learning rates and seeds, the table"),
     ("jaxlm.export", "the params of a checkpoint as an export, for any mesh"),
     ("jaxlm.quantize", "an int8 export of a run or an export"),
     ("jaxlm.serve", "an OpenAI-compatible HTTP server for a workdir or an export"),

@@ -57,6 +57,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
+from jaxlm import files as files_lib
 from jaxlm import models
 from jaxlm.errors import (CheckpointError, ConfigError, JaxlmError, abandoned_coroutine,
                           disk_error)
@@ -307,7 +308,7 @@ class Checkpointer:
 
     def __init__(self, workdir: pathlib.Path, cfg_ckpt=None, watchdog=None, *,
                  read_only: bool = False):
-        self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
+        self.directory = files_lib.absolute(files_lib.path(workdir) / "checkpoints")
         self.watchdog = watchdog
         cfg_ckpt = cfg_ckpt if cfg_ckpt is not None else config_lib.base_config().checkpoint
         self.verify = cfg_ckpt.verify
@@ -401,6 +402,8 @@ class Checkpointer:
         what fills the disk), then the free space must hold the state's raw bytes (an upper
         bound: Orbax compresses). Checked, not attempted, so nothing half-written is left."""
         self.wait()
+        if files_lib.is_remote(self.directory):
+            return  # a bucket has no free-space figure (jaxlm.files)
         needed = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
         self.directory.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.directory).free
@@ -412,11 +415,14 @@ class Checkpointer:
                 f"{self.finished_steps()}")
 
     def finished_steps(self) -> list[int]:
-        """Steps with a finished checkpoint on disk (re-read, not Orbax's cached list)."""
+        """Steps with a finished checkpoint on disk (re-read, not Orbax's cached list). In a
+        bucket Orbax writes a checkpoint in place and marks it finished with a last object,
+        commit_success.txt (objects cannot be renamed at once)."""
         if not self.directory.is_dir():
             return []
+        done = "commit_success.txt" if files_lib.is_remote(self.directory) else "meta"
         return sorted(int(p.name) for p in self.directory.iterdir()
-                      if p.name.isdigit() and (p / "meta").exists())
+                      if p.name.isdigit() and (p / done).exists())
 
     def restore(self, step: int, abstract_state, shardings):
         """(state, meta) of `step`, the state placed straight into `shardings` and checked
@@ -674,7 +680,7 @@ def latest_meta(path: pathlib.Path, what: str) -> dict:
 
 
 def read_export_meta(path: pathlib.Path, any_layout: bool = False) -> dict:
-    path = pathlib.Path(path).absolute()
+    path = files_lib.absolute(files_lib.path(path, "config.evaluate.params"))
     if not (path / "meta").is_dir():
         raise CheckpointError(f"config.evaluate.params={str(path)!r} is not a jaxlm export "
                               "(no meta inside; make one with python -m jaxlm.export)")
@@ -692,7 +698,7 @@ def read_export_meta(path: pathlib.Path, any_layout: bool = False) -> dict:
 def load_export(path: pathlib.Path, abstract_params, shardings, meta: dict, check: bool):
     """The exported params, placed into `shardings` (any mesh) and, with `check`, verified
     against the checksums in the export's `meta`."""
-    path = pathlib.Path(path).absolute()
+    path = files_lib.absolute(files_lib.path(path, "config.evaluate.params"))
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             restored = ckptr.restore(path, args=ocp.args.Composite(
@@ -713,7 +719,7 @@ def load_params(cfg: ml_collections.ConfigDict, setup, workdir: pathlib.Path):
     against the config and against their checksums. Creates nothing."""
     quant = setup.cfg.quant.mode if transforms.is_quantized(setup.cfg) else "none"
     if cfg.evaluate.params:
-        path = pathlib.Path(cfg.evaluate.params)
+        path = files_lib.path(cfg.evaluate.params, "config.evaluate.params")
         meta = read_export_meta(path)
         check_meta(meta, setup.cfg, setup.tokenizer, f"export {path}")
         saved = config_lib.from_dict(meta["config"], f"export {path}")

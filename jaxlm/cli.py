@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from jaxlm import config as config_lib
+from jaxlm import files
 from jaxlm.errors import ConfigError, JaxlmError, abandoned_coroutine
 
 
@@ -193,7 +194,8 @@ def parse(argv: Sequence[str], prog: str, doc: str, *, config: bool | str = True
         cfg = with_overrides(config_lib.load_config(config_path), overrides)
     if os.environ.get("JAXLM_CHECK") == "1":
         _checked(prog, command, config_path, overrides)
-    return Args(config=cfg, workdir=pathlib.Path(workdir_value) if workdir else None,
+    # a local path, or a gs:// URL (jaxlm.files), which pathlib would mangle
+    return Args(config=cfg, workdir=files.path(workdir_value) if workdir else None,
                 config_path=config_path, flags=values, command=command,
                 overrides=tuple(overrides))
 

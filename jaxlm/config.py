@@ -106,7 +106,12 @@ SCHEMA = {
         "type_vocab_size": Field(0, NONNEGATIVE, "token types (sentence A/B) embedded; 0 = none "
                                  "(GPT), BERT: 2"),
         "num_classes": Field(0, NONNEGATIVE, "outputs of a sequence-classification head; 0 = "
-                             "no head (pretraining)"),
+                             "no head (pretraining); 1 = a regression head (one score, "
+                             "mean squared error: GLUE's STS-B)"),
+        "span_head": Field(False, None, "BERT: a span-extraction head (Dense D->2 over every "
+                           "position: answer start and end logits, SQuAD: python -m "
+                           "jaxlm.squad); off in pretraining, so a pretrained model has none "
+                           "and fine-tuning adds it fresh"),
         "layer_norm_eps": Field(1e-5, POSITIVE, "LayerNorm epsilon"),
         "dtype": Field("float32", DTYPES, "compute dtype (bfloat16 for mixed precision)"),
         "param_dtype": Field("float32", DTYPES, "storage dtype of parameters and optimizer state"),
@@ -151,7 +156,7 @@ SCHEMA = {
     "train": {
         "objective": Field("causal_lm", None, "what is learned from the token windows "
                            "(jaxlm.train.objectives): causal_lm, masked_lm, classification, "
-                           "distill (config.distill)"),
+                           "span_extraction (SQuAD), distill (config.distill)"),
         "loss_chunk": Field(0, NONNEGATIVE, "causal_lm: cross-entropy over this many positions "
                             "at a time, recomputed in the backward pass, so the [batch, "
                             "seq_len, vocab] logits are never held whole (0: all at once)"),
@@ -177,7 +182,9 @@ SCHEMA = {
                                "the A-th up to the B-th into WORKDIR/tb (TensorBoard's profile "
                                "plugin, Perfetto; jaxlm.train.profile); empty: none"),
         "batch_size": Field(32, POSITIVE, "global batch, in sequences, per optimizer step"),
-        "microbatches": Field(1, POSITIVE, "gradient accumulation: the batch is split into this many"),
+        "microbatches": Field(1, POSITIVE, "gradient accumulation: the batch is split into this "
+                              "many (with config.mesh.pipeline: the microbatches that flow "
+                              "through the stages, in one forward and backward pass)"),
         "seed": Field(0, NONNEGATIVE, "parameter init and dropout"),
         "log_every": Field(25, POSITIVE, "steps between logged metrics"),
         "nonfinite": Field("stop", ("stop", "skip"),
@@ -215,9 +222,19 @@ SCHEMA = {
         "fsdp": Field(1, AXIS, "parameters, gradients and Adam moments split (strategy fsdp)"),
         "sequence": Field(1, AXIS, "activations split along their length (long sequences)"),
         "tensor": Field(1, AXIS, "heads, MLP and vocabulary split (strategy tp)"),
+        "pipeline": Field(1, POSITIVE, "pipeline stages: the scanned blocks split into this "
+                          "many groups of layers over a 'stage' mesh axis (outermost); "
+                          "config.train.microbatches then flow through the stages (GPipe) "
+                          "instead of accumulating gradients; needs model.scan_layers"),
+        "pipeline_repeats": Field(1, POSITIVE, "circular schedule: each stage holds this many "
+                                  "non-consecutive groups of layers and the microbatches go "
+                                  "round the stages as often: bubble (S-1)/(R*M+S-1), for an "
+                                  "all-to-all of the blocks' parameters each step; 1: GPipe"),
         "dcn_data": Field(1, POSITIVE, "slices the data axis spans over the data-centre network; "
                           "the sizes above are then per slice"),
         "dcn_fsdp": Field(1, POSITIVE, "slices the fsdp axis spans"),
+        "dcn_pipeline": Field(1, POSITIVE, "slices the stage axis spans: stages = pipeline x "
+                              "dcn_pipeline, and only activations cross the slow network"),
         "strategy": Field("dp", None, "how parameters and activations are split "
                           "(jaxlm.sharding.STRATEGIES): dp, fsdp, tp, fsdp_tp"),
         "rules": Field((), None, "extra (logical axis, mesh axes) rules, tried first"),
@@ -286,6 +303,14 @@ SCHEMA = {
                             ".jsonl file (a slice like FILE[:400] works), tfds:NAME:SPLIT or "
                             "synthetic:facts:SPLIT (jaxlm.data.labelled)"),
         "validation_data": Field("synthetic:facts:validation", None, "scored every epoch"),
+        "glue_task": Field("", ("", "cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli",
+                                "rte", "wnli"),
+                           "a GLUE task (jaxlm.data.glue): it sets the data (glue:TASK:train, "
+                           "its dev split), num_classes and class_names left at their "
+                           "defaults, and adds its official metrics and score 'glue'"),
+        "glue_dir": Field("", None, "GLUE's folder as its download script leaves it (CoLA/, "
+                          "SST-2/, ..., MNLI/); empty: TFDS glue/TASK prepared in "
+                          "config.data.data_dir"),
         "train_examples": Field(0, NONNEGATIVE, "use only the first N training examples "
                                 "(few-label experiments); 0 = all"),
         "text_field": Field("sentence", None, "field holding the text"),
@@ -298,8 +323,26 @@ SCHEMA = {
         "learning_rate": Field(5e-5, POSITIVE, "peak learning rate (replaces optimizer.learning_rate)"),
         "batch_size": Field(32, POSITIVE, "examples per step (replaces train.batch_size)"),
         "warmup_ratio": Field(0.1, Range(0, 1), "linear warmup over this share of the steps"),
-        "best_metric": Field("accuracy", ("accuracy", "f1", "f1_macro", "mcc", "roc_auc"),
-                             "validation metric that picks the best epoch (kept in WORKDIR/best)"),
+        "best_metric": Field("accuracy", ("accuracy", "f1", "f1_macro", "mcc", "roc_auc",
+                                          "pearson", "spearman", "glue"),
+                             "validation metric that picks the best epoch (kept in WORKDIR/best); "
+                             "pearson/spearman for a regression head, glue: the GLUE task's "
+                             "official score"),
+        # SQuAD (python -m jaxlm.squad; jaxlm.data.squad, jaxlm.evaluate.squad)
+        "doc_stride": Field(128, POSITIVE, "SQuAD: context tokens between the starts of a "
+                            "question's windows over a long context (at most the context "
+                            "part of a window)"),
+        "max_query_len": Field(64, POSITIVE, "SQuAD: question tokens kept (the rest cut)"),
+        "max_answer_len": Field(30, POSITIVE, "SQuAD: longest answer, in tokens, decoding "
+                                "considers"),
+        "n_best": Field(20, POSITIVE, "SQuAD: highest start and end logits per window "
+                        "combined into candidate answers"),
+        "squad_v2": Field(False, None, "SQuAD v2.0: questions may have no answer; predict '' "
+                          "when the no-answer score beats the best span's by more than "
+                          "null_threshold (false: v1.1, always a span)"),
+        "null_threshold": Field(0.0, Range(-1000, 1000), "SQuAD v2.0: how much the no-answer "
+                                "score ([CLS] start + end logit) must exceed the best span's "
+                                "to predict '' (logit units; higher: fewer '')"),
         "augment": {  # jaxlm.data.augment: training examples only, drawn from (seed, epoch, example)
             "delete": Field(0.0, Range(0, 1), "each word of a training text is deleted with "
                             "this probability (one word always stays)"),
@@ -637,6 +680,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(t.batch_size % t.microbatches == 0,
          f"config.train.batch_size={t.batch_size} is not divisible by "
          f"config.train.microbatches={t.microbatches}")
+    check_pipeline(cfg)
     e = cfg.evaluate
     slots = min(m.cache_len or m.max_len, m.max_len)
     where = (f"config.model.cache_len={m.cache_len}" if 0 < m.cache_len < m.max_len
@@ -689,6 +733,36 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         need(not (augment and augment.insert), "config.finetune.augment.insert with "
              "config.privacy: the inserted words come from the other training texts, so one "
              "example's row carries others' words")
+
+
+def check_pipeline(cfg: ml_collections.ConfigDict) -> None:
+    """What pipeline parallelism (config.mesh.pipeline x dcn_pipeline stages) cannot be
+    combined with; a ConfigError naming the field. (The device count is checked with the
+    mesh: jaxlm.sharding.mesh_shape.)"""
+    stages = cfg.mesh.pipeline * cfg.mesh.dcn_pipeline
+    if stages == 1:
+        return
+    m, what = cfg.model, (f"config.mesh.pipeline={cfg.mesh.pipeline}" if cfg.mesh.dcn_pipeline == 1
+                          else f"config.mesh.pipeline x dcn_pipeline={stages}")
+    refusals = (
+        (not m.scan_layers, "needs config.model.scan_layers=true (the stages are groups of "
+                            "the stacked layers)"),
+        (m.num_layers % stages != 0, f"does not divide config.model.num_layers={m.num_layers}"),
+        (m.num_layers % (stages * cfg.mesh.pipeline_repeats) != 0,
+         f"with config.mesh.pipeline_repeats={cfg.mesh.pipeline_repeats}: {stages} x "
+         f"{cfg.mesh.pipeline_repeats} groups of layers do not divide config.model.num_layers="
+         f"{m.num_layers}"),
+        (cfg.parallelism != "jit", f"needs config.parallelism='jit' (not {cfg.parallelism!r})"),
+        (cfg.lora.rank > 0, "with config.lora.rank: adapters are not pipelined; train LoRA "
+                            "without stages"),
+        (cfg.quant.mode != "none", f"with config.quant.mode={cfg.quant.mode!r}: quantized "
+                                   "models run unrolled"),
+        (bool(cfg.privacy.noise_multiplier or cfg.privacy.target_epsilon),
+         "with config.privacy: per-example clipping does not run through the stages"),
+    )
+    for refused, why in refusals:
+        if refused:
+            raise ConfigError(f"{what} {why}")
 
 
 def regex(pattern: str, field: str) -> re.Pattern:

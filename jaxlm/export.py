@@ -45,7 +45,7 @@ def export(cfg, workdir: pathlib.Path, output: pathlib.Path, merge: bool = False
     if merge and not setup.cfg.lora.rank:
         raise ConfigError("--merge folds LoRA adapters into the weights, and config.lora.rank "
                           "is 0: pass the LoRA run's --config.lora.* (or drop --merge)")
-    params, step = checkpoint.load_params(cfg, setup, pathlib.Path(workdir))
+    params, step = checkpoint.load_params(cfg, setup, workdir)
     out_cfg = setup.cfg
     if merge:
         out_cfg = transforms.merged_config(setup.cfg)
@@ -72,7 +72,7 @@ def export(cfg, workdir: pathlib.Path, output: pathlib.Path, merge: bool = False
 def main(argv):
     args = cli.parse(argv, "jaxlm.export", __doc__, flags=[OUTPUT, MERGE])
     cli.start(args.config)
-    return export(args.config, args.workdir, pathlib.Path(args.flags["output"]),
+    return export(args.config, args.workdir, args.flags["output"],
                   args.flags["merge"])
 
 

@@ -16,6 +16,13 @@ epoch, and keeps the params of the best epoch by config.finetune.best_metric in 
 (a params export). It ends by scoring the best params once more and writes
 WORKDIR/results.json and WORKDIR/plots/{curves,roc,confusion}.png.
 
+A GLUE task (config.finetune.glue_task, configs/bert/glue.py; jaxlm.data.glue) sets the
+data, the head (one output, a regression, for STS-B) and the class names, and adds the
+task's official metrics and its score `glue` to every validation; MNLI's run also scores
+dev_mismatched at the end. `--predict=DIR` writes the GLUE test-server files of the best
+params (DIR/<TASK>.tsv; MNLI: MNLI-m.tsv, MNLI-mm.tsv and AX.tsv). `python -m jaxlm.glue`
+runs the whole suite.
+
 `--evaluate=DATA` scores the best params of WORKDIR (or its latest checkpoint, when it has
 no best yet; or the export --config.evaluate.params, e.g. WORKDIR/best quantized by
 python -m jaxlm.quantize) on any labelled data (same forms as config.finetune.validation_data) and
@@ -27,19 +34,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import os
 import pathlib
 import re
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import checkpoint, cli, models, tracking
+from jaxlm import cli, finetuning, models, tracking
 from jaxlm import config as config_lib
 from jaxlm import workdir as workdir_lib
+from jaxlm.data import glue as glue_data
 from jaxlm.data import labelled
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import ConfigError
@@ -47,102 +52,112 @@ from jaxlm.runlog import read_history
 
 log = logging.getLogger("jaxlm")
 
+# Shared with jaxlm.squad (jaxlm.finetuning); under their old names here as well.
+run_config, load_pretrained = finetuning.run_config, finetuning.load_pretrained
+_best_params = finetuning.best_params
+
 EVALUATE = cli.Flag("evaluate", "score the best params on this labelled data instead of "
                     "training (a file, tfds:NAME:SPLIT or synthetic:facts:SPLIT)", "",
                     metavar="DATA")
+PREDICT = cli.Flag("predict", "write the GLUE test-server files of the best params into "
+                   "this folder (config.finetune.glue_task)", "", metavar="DIR")
 
 
-def run_config(cfg: ml_collections.ConfigDict, train_examples: int) -> ml_collections.ConfigDict:
-    """The training config of a fine-tuning run: the classification objective, and steps,
-    batch, learning rate, warmup and checkpoints derived from config.finetune."""
-    from jaxlm.train.privacy import examples_per_step
-    ft = cfg.finetune
-    run = copy.deepcopy(cfg)
-    # An epoch: as many examples as the training set (DP-SGD's Poisson sampling: on average)
-    steps_per_epoch = math.ceil(train_examples / examples_per_step(cfg.privacy, ft.batch_size))
-    steps = ft.epochs * steps_per_epoch
-    # A fine-tuning run learns the labels, or with objective=distill a teacher's too.
-    objective = "distill" if cfg.train.objective == "distill" else "classification"
-    run.train.update(objective=objective, steps=steps, batch_size=ft.batch_size,
-                     log_every=min(run.train.log_every, steps_per_epoch))
-    run.optimizer.update(learning_rate=ft.learning_rate, warmup_steps=int(ft.warmup_ratio * steps))
-    run.checkpoint.every = steps_per_epoch
-    config_lib.validate(run)
-    return run
+def configure(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with config.finetune.glue_task's settings filled in where they are at
+    their defaults: the data (glue:TASK:train, the task's first dev split), num_classes and
+    class_names. A value the task contradicts is refused naming its field."""
+    name = cfg.finetune.glue_task
+    if not name:
+        return cfg
+    task = glue_data.task(name)
+    base = config_lib.base_config()
+    out = copy.deepcopy(cfg)
+    for section, field, value in (("model", "num_classes", task.num_classes),
+                                  ("finetune", "class_names", task.class_names)):
+        given = cfg[section][field]
+        given = tuple(given) if isinstance(given, (list, tuple)) else given
+        if given == base[section][field]:
+            out[section][field] = value
+        elif given != value:
+            raise ConfigError(f"config.{section}.{field}={given!r} does not fit "
+                              f"config.finetune.glue_task={name!r} ({value!r}); leave it unset")
+    for field, split in (("train_data", "train"), ("validation_data", task.dev[0])):
+        given = cfg.finetune[field]
+        if given == base.finetune[field]:
+            out.finetune[field] = f"glue:{name}:{split}"
+        elif not given.startswith(f"glue:{name}:"):
+            raise ConfigError(f"config.finetune.{field}={given!r} is not data of "
+                              f"config.finetune.glue_task={name!r}: leave it unset (glue:{name}:"
+                              f"{split}) or name one of its splits, glue:{name}:SPLIT")
+    return out
+
+
+def check_metric(cfg: ml_collections.ConfigDict) -> None:
+    """Refuses a head or selection metric that cannot work together (after configure)."""
+    n, metric = cfg.model.num_classes, cfg.finetune.best_metric
+    if n < 1:
+        raise ConfigError(f"config.model.num_classes={n}: fine-tuning needs at least 2 "
+                          "classes (or 1: a regression head)")
+    if metric == "glue" and not cfg.finetune.glue_task:
+        raise ConfigError("config.finetune.best_metric='glue' is a GLUE task's official score: "
+                          "it needs config.finetune.glue_task")
+    if n == 1 and metric not in ("pearson", "spearman", "glue"):
+        raise ConfigError(f"config.finetune.best_metric={metric!r} scores classes; "
+                          "config.model.num_classes=1 is a regression: use pearson, spearman "
+                          "(or glue with a GLUE task)")
+    if n > 1 and metric in ("pearson", "spearman"):
+        raise ConfigError(f"config.finetune.best_metric={metric!r} scores a regression "
+                          f"(config.model.num_classes=1); with {n} classes use accuracy, f1, "
+                          "f1_macro, mcc or roc_auc")
+    if metric == "f1" and n != 2:
+        raise ConfigError(f"config.finetune.best_metric='f1' is binary F1, defined for 2 "
+                          f"classes; config.model.num_classes={n}: use "
+                          "f1_macro (or accuracy, mcc, roc_auc)")
+
+
+def scores(cfg: ml_collections.ConfigDict, labels: np.ndarray, outputs: np.ndarray) -> dict:
+    """The validation metrics of `outputs` (class probabilities [N, C], or scores [N, 1]
+    of a regression head); a GLUE task's official metrics and score `glue` on top, computed
+    as jaxlm.evaluate.glue writes them."""
+    from jaxlm.evaluate import classification
+    from jaxlm.evaluate import glue as glue_eval
+    if cfg.model.num_classes == 1:
+        out = glue_eval.regression_metrics(labels, outputs[:, 0])
+    else:
+        out = classification.metrics(labels, outputs)
+    if cfg.finetune.glue_task:
+        out.update(glue_eval.task_metrics(glue_data.TASKS[cfg.finetune.glue_task], labels, outputs))
+    return out
+
+
+def _loss(labels: np.ndarray, outputs: np.ndarray) -> float:
+    """Mean cross-entropy of class probabilities, or mean squared error of scores [N, 1]."""
+    if outputs.shape[1] == 1:
+        return float(np.mean((outputs[:, 0] - labels) ** 2))
+    return float(-np.mean(np.log(np.maximum(outputs[np.arange(len(labels)), labels], 1e-12))))
 
 
 def read_data(cfg, spec: str, what: str) -> labelled.Labelled:
     try:
-        return labelled.read(spec, cfg.finetune, cfg.model.num_classes, cfg.data.data_dir)
+        reader = glue_data.read if spec.startswith("glue:") else labelled.read
+        return reader(spec, cfg.finetune, cfg.model.num_classes, cfg.data.data_dir)
     except ConfigError as e:
         raise ConfigError(f"config.finetune.{what}={spec!r}: {e}") from None
 
 
-def load_pretrained(cfg, setup):
-    """The params of config.finetune.init on `setup`'s mesh (jaxlm.train.init); the class
-    head (config.model.num_classes) starts fresh."""
-    from jaxlm.train.init import pretrained_params
-    params = pretrained_params(cfg, setup, cfg.finetune.init, "config.finetune.init")
-    log.info("fine-tuning with a fresh head of %d classes", cfg.model.num_classes)
-    return params
+class Validation(finetuning.Validation):
+    """Scores the validation examples after each epoch (classification metrics, a GLUE
+    task's on top); keeps the best params in WORKDIR/best (jaxlm.finetuning.Validation)."""
 
-
-class Validation:
-    """Scores the validation examples after each epoch; keeps the best params in
-    WORKDIR/best (a params export whose meta holds the epoch's metrics)."""
-
-    def __init__(self, cfg, workdir: pathlib.Path, source: labelled.LabelledSource):
-        self.cfg, self.source, self.metric = cfg, source, cfg.finetune.best_metric
-        self.best_dir = pathlib.Path(workdir) / "best"
-        old = self.best_dir.with_name("best.old")
-        if old.is_dir() and not self.best_dir.exists():  # killed between the two renames
-            os.rename(old, self.best_dir)
-        self.best = self.best_metrics().get(self.metric)
-
-    def best_metrics(self) -> dict:
-        if not (self.best_dir / "meta").is_dir():
-            return {}
-        return checkpoint.read_export_meta(self.best_dir).get("metrics", {})
-
-    def __call__(self, setup, params, step: int) -> dict:
+    def measure(self, setup, params) -> dict:
+        """The validation metrics of `params` (jaxlm.squad's subclass: EM and F1)."""
         from jaxlm.evaluate import classification
         probs, labels = classification.predict(setup, params, self.source,
                                                self.cfg.evaluate.batch_size)
-        scores = classification.metrics(labels, probs)
-        scores["loss"] = float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))))
-        value = scores.get(self.metric)
-        if value is not None and (self.best is None or value > self.best):
-            self.best = value
-            self._keep(setup, params, step, scores)
-        return {f"validation_{k}": v for k, v in scores.items()
-                if isinstance(v, float) or v is None}
-
-    def _keep(self, setup, params, step: int, scores: dict) -> None:
-        """Replaces WORKDIR/best: written beside it, then swapped in by renames."""
-        new, old = self.best_dir.with_name("best.new"), self.best_dir.with_name("best.old")
-        for leftover in (new, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        meta = {**checkpoint.make_export_meta(setup.cfg, setup.tokenizer, step), "metrics": scores}
-        checkpoint.export_params(new, params, meta, "the best params so far")
-        if jax.process_index() == 0:
-            if self.best_dir.exists():
-                os.rename(self.best_dir, old)
-            os.rename(new, self.best_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("step %d: best %s so far (%.4f); params kept in %s", step, self.metric,
-                 scores[self.metric], self.best_dir)
-
-
-def _best_params(cfg, setup, workdir: pathlib.Path):
-    """(params, step) of the export config.evaluate.params (e.g. an int8 one, python -m
-    jaxlm.quantize), else of WORKDIR/best, else of the checkpoint config.checkpoint.step."""
-    best = workdir / "best"
-    if cfg.evaluate.params or not (best / "meta").is_dir():
-        return checkpoint.load_params(cfg, setup, workdir)
-    meta = checkpoint.read_export_meta(best)
-    checkpoint.check_meta(meta, cfg, setup.tokenizer, f"export {best}")
-    return checkpoint.load_export(best, setup.abstract_params, setup.param_shardings, meta,
-                                  cfg.checkpoint.verify), meta["step"]
+        found = scores(self.cfg, labels, probs)
+        found["loss"] = _loss(labels, probs)
+        return found
 
 
 def _encoder(cfg, tokenizer) -> labelled.Encoder:
@@ -174,18 +189,14 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     from jaxlm.setup import build
     from jaxlm.train import loop
 
-    if cfg.model.num_classes < 2:
-        raise ConfigError(f"config.model.num_classes={cfg.model.num_classes}: fine-tuning needs "
-                          "at least 2 classes")
-    if cfg.finetune.best_metric == "f1" and cfg.model.num_classes != 2:
-        raise ConfigError(f"config.finetune.best_metric='f1' is binary F1, defined for 2 "
-                          f"classes; config.model.num_classes={cfg.model.num_classes}: use "
-                          "f1_macro (or accuracy, mcc, roc_auc)")
+    cfg = configure(cfg)
+    check_metric(cfg)
     workdir = workdir_lib.check(workdir, must_exist=False)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     train_source, val_source = _sources(cfg, tokenizer)
+    other_dev = _other_dev_sources(cfg, tokenizer)
     missing = sorted(set(range(cfg.model.num_classes)) - {int(r["label"]) for r in val_source.encoded})
-    if cfg.finetune.best_metric == "roc_auc" and missing:
+    if cfg.finetune.best_metric == "roc_auc" and missing and cfg.model.num_classes > 1:
         raise ConfigError(f"config.finetune.best_metric='roc_auc' needs every class among the "
                           f"validation examples (config.finetune.validation_data="
                           f"{cfg.finetune.validation_data!r} has none of class {missing[0]}): "
@@ -203,15 +214,17 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     setup = build(run)
     params, best_step = _best_params(run, setup, workdir)
     probs, labels = classification.predict(setup, params, val_source, run.evaluate.batch_size)
-    scores = classification.metrics(labels, probs)
+    found = scores(run, labels, probs)
     history = read_history(workdir)
     out = {"best_step": best_step, "best_metric": cfg.finetune.best_metric,
-           "validation": scores, "train_examples": len(train_source),
+           "validation": found,
+           **{split: _score(run, setup, params, source) for split, source in other_dev.items()},
+           "train_examples": len(train_source),
            "validation_examples": len(val_source),
            "truncated": {"training": train_source.encoder.truncated,
                          "validation": val_source.encoder.truncated},
            "epochs": [{k[11:]: v for k, v in h.items() if k.startswith("validation_")} | {"step": h["step"]}
-                      for h in history if "validation_accuracy" in h],
+                      for h in history if "validation_loss" in h],
            "train": summary,
            # DP-SGD: the guarantee of every params the run wrote, the best epoch's included
            # (picking it looked at the later epochs too): epsilon after the last step.
@@ -222,15 +235,79 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         written = classification.write_plots(workdir / "plots", history, labels, probs, names)
         tracker = tracking.start(run, workdir, "finetune", is_writer=True)
         if tracker is not None:  # logged at the last step: W&B's steps only move forward
-            best = {f"best/{k}": v for k, v in scores.items() if isinstance(v, float)}
+            best = {f"best/{k}": v for k, v in found.items() if isinstance(v, float)}
             tracker.log(summary["step"], best)
             tracker.images(summary["step"], written)
             tracker.summary({**best, "best/step": best_step})
             tracker.close()
         print(f"\nValidation at the best step ({best_step}, by {cfg.finetune.best_metric}): "
-              + "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)),
+              + "  ".join(f"{k} {v:.4f}" for k, v in found.items() if isinstance(v, float)),
               flush=True)
     return out
+
+
+def _score(cfg, setup, params, source) -> dict:
+    from jaxlm.evaluate import classification
+    probs, labels = classification.predict(setup, params, source, cfg.evaluate.batch_size)
+    return scores(cfg, labels, probs)
+
+
+def _other_dev_sources(cfg, tokenizer) -> dict:
+    """A GLUE task's dev splits besides the validation data (MNLI: dev_mismatched), read
+    (and checked) before training: {split: LabelledSource}."""
+    if not cfg.finetune.glue_task:
+        return {}
+    task = glue_data.TASKS[cfg.finetune.glue_task]
+    specs = {split: f"glue:{task.name}:{split}" for split in task.dev}
+    return {split: labelled.LabelledSource(read_data(cfg, spec, "glue_task"),
+                                           _encoder(cfg, tokenizer), cfg.train.seed)
+            for split, spec in specs.items() if spec != cfg.finetune.validation_data}
+
+
+def predict_glue(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, folder: str) -> list:
+    """Writes the GLUE test-server files of the best params of `workdir` into `folder`:
+    <TASK>.tsv (MNLI: MNLI-m.tsv, MNLI-mm.tsv, and AX.tsv when GLUE's diagnostic/ folder is
+    in config.finetune.glue_dir). Every test file is read and checked first: a bad one
+    stops the command before anything is written."""
+    from jaxlm.evaluate import classification
+    from jaxlm.evaluate import glue as glue_eval
+    from jaxlm.setup import build
+    cfg = configure(cfg)
+    if not cfg.finetune.glue_task:
+        raise ConfigError("--predict writes GLUE test predictions: it needs "
+                          "config.finetune.glue_task")
+    task = glue_data.TASKS[cfg.finetune.glue_task]
+    workdir = workdir_lib.check(workdir, must_exist=True)
+    wanted = [(task, split, name) for split, name in task.test.items()]
+    diagnostic = pathlib.Path(cfg.finetune.glue_dir).expanduser() / glue_data.AX.folder
+    if task.name == "mnli" and cfg.finetune.glue_dir and diagnostic.is_dir():
+        wanted += [(glue_data.AX, "test", "AX.tsv")]
+    tests = [(t, name, *glue_data.read_split(t, split, cfg.finetune.glue_dir, cfg.data.data_dir))
+             for t, split, name in wanted]
+    run = copy.deepcopy(cfg)
+    run.train.objective = "classification"
+    setup = build(run)
+    params, step = _best_params(run, setup, workdir)
+    files = {}
+    for t, name, data, ids in tests:
+        source = labelled.LabelledSource(data, _encoder(run, setup.tokenizer), run.train.seed)
+        outputs, _ = classification.predict(setup, params, source, run.evaluate.batch_size)
+        files[name] = glue_eval.submission_lines(t, ids, outputs)
+    written = []
+    if jax.process_index() == 0:
+        out = pathlib.Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            for name, text in files.items():
+                workdir_lib.write_text(out / name, text)
+                written.append(out / name)
+        except OSError:  # all or none: the files written before the failure go too
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        print(f"GLUE test predictions of step {step}: " + ", ".join(str(p) for p in written),
+              flush=True)
+    return written
 
 
 def evaluate_file(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, spec: str) -> dict:
@@ -241,6 +318,8 @@ def evaluate_file(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, spec: s
 
     workdir = workdir_lib.check(workdir, must_exist=True)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
+    cfg = configure(cfg)
+    check_metric(cfg)
     data = read_data(cfg, spec, "--evaluate")
     source = labelled.LabelledSource(data, _encoder(cfg, tokenizer), cfg.train.seed)
     run = copy.deepcopy(cfg)
@@ -248,7 +327,7 @@ def evaluate_file(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, spec: s
     setup = build(run)
     params, step = _best_params(run, setup, workdir)
     probs, labels = classification.predict(setup, params, source, run.evaluate.batch_size)
-    out = {"data": spec, "step": step, **classification.metrics(labels, probs),
+    out = {"data": spec, "step": step, **scores(run, labels, probs),
            "truncated": source.encoder.truncated}
     if jax.process_index() == 0:
         name = re.sub(r"[^\w.-]+", "_", spec).strip("_")
@@ -258,8 +337,10 @@ def evaluate_file(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, spec: s
 
 
 def main(argv) -> dict:
-    args = cli.parse(argv, "jaxlm.finetune", __doc__, flags=[EVALUATE])
+    args = cli.parse(argv, "jaxlm.finetune", __doc__, flags=[EVALUATE, PREDICT])
     cli.start(args.config)
+    if args.flags["predict"]:
+        return predict_glue(args.config, args.workdir, args.flags["predict"])
     if args.flags["evaluate"]:
         return evaluate_file(args.config, args.workdir, args.flags["evaluate"])
     return finetune(args.config, args.workdir)

@@ -48,8 +48,8 @@ def _record_privacy(workdir: pathlib.Path, record: dict) -> None:
 
     import jax
 
-    from jaxlm import workdir as workdir_lib
-    path = pathlib.Path(workdir) / "results.json"
+    from jaxlm import files, workdir as workdir_lib
+    path = files.path(workdir) / "results.json"
     if jax.process_index() == 0 and path.exists():
         results = json.loads(path.read_text())
         workdir_lib.write_text(path, json.dumps({**results, "privacy": record}, indent=2))

@@ -12,6 +12,11 @@ maths (chunked loss, remat policies, wider FSDP, microbatches) and proposes the 
 that fits. Nothing is allocated: the state and batch are abstract shapes carrying their
 shardings.
 
+With pipeline stages (config.mesh.pipeline) it also prints the GPipe bubble (the share
+of stage time idle while the pipeline fills and drains) and what one stage's devices hold:
+parameters, optimizer state and activations. When a scanned model does not fit, splitting
+its layers into stages is among the proposals.
+
 A run that trains part of its model (LoRA's adapters, config.train.trainable) also shows
 how many parameters train and the optimizer state per device, against training the whole
 model.
@@ -44,6 +49,7 @@ import ml_collections
 from jaxlm import cli, models, sharding, trainable
 from jaxlm.config import apply_override
 from jaxlm.errors import ConfigError
+from jaxlm.models.layers import bubble_fraction
 from jaxlm.train.build import build_train
 
 # HBM per device, for the "does it fit" verdict (vendor spec sheets). Matched as substrings
@@ -77,6 +83,24 @@ def topology_devices(spec: str) -> list:
 
 
 @dataclasses.dataclass
+class Stages:
+    """A pipelined step: its schedule and what each device of a stage holds."""
+    stages: int
+    microbatches: int
+    repeats: int             # rounds of the circular schedule (1: GPipe)
+    param_bytes: int         # per device: this stage's layers and the unstaged rest
+    optimizer_bytes: int     # per device: their optimizer state
+
+    @property
+    def bubble(self) -> float:
+        return bubble_fraction(self.stages, self.microbatches, self.repeats)
+
+    @property
+    def schedule(self) -> str:
+        return "GPipe" if self.repeats == 1 else f"circular, {self.repeats} rounds"
+
+
+@dataclasses.dataclass
 class Plan:
     mesh: dict
     device_kind: str
@@ -94,6 +118,7 @@ class Plan:
     # all, and per device the optimizer state's bytes, and what training the whole model
     # (without LoRA's adapters) would hold. None when every parameter trains.
     trained: tuple[int, int, int, int] | None = None
+    pipeline: Stages | None = None  # with pipeline stages (config.mesh.pipeline)
 
     @property
     def peak_bytes(self) -> int:
@@ -177,6 +202,13 @@ def weak_choices(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[str]:
     if strategy == "dp" and mesh_shape["fsdp"] * mesh_shape["tensor"] > 1:
         out.append("strategy 'dp' replicates parameters, so the fsdp/tensor axes only add "
                    "data parallelism.")
+    stages, micro = mesh_shape.get(sharding.STAGE, 1), cfg.train.microbatches
+    repeats = me.pipeline_repeats
+    if stages > 1 and micro < 2 * stages:
+        out.append(f"{stages} pipeline stages with config.train.microbatches={micro}: the "
+                   f"stages idle {bubble_fraction(stages, micro, repeats):.0%} of the time "
+                   f"(the pipeline's bubble); {4 * stages} microbatches would bring it to "
+                   f"{bubble_fraction(stages, 4 * stages, repeats):.0%}.")
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
     per_device = cfg.train.batch_size / cfg.train.microbatches / dp
     if per_device < 1:
@@ -204,7 +236,7 @@ def make_plan(cfg: ml_collections.ConfigDict, devices, top: int = 0) -> Plan:
     plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
                 mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
                 float(cost.get("flops", 0.0)), model_flops(cfg, len(devices)), specs, warnings,
-                live_bytes, buffers[:top], trained_part(step))
+                live_bytes, buffers[:top], trained_part(step), pipeline_part(step))
     if cfg.model.remat and devices[0].platform == "cpu":
         warnings.append("XLA:CPU's memory analysis ignores rematerialisation (its temporaries "
                         "come out the same with and without jax.checkpoint), so with "
@@ -217,6 +249,18 @@ def per_device_bytes(abstract, shardings) -> int:
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
                for x, s in zip(jax.tree_util.tree_leaves(abstract),
                                jax.tree_util.tree_leaves(shardings)))
+
+
+def pipeline_part(step) -> Stages | None:
+    """Plan.pipeline of a step on a mesh with stages (None without)."""
+    stages = sharding.stage_count(step.setup.mesh)
+    if stages == 1:
+        return None
+    state, shardings = step.abstract_state, step.state_shardings
+    cfg = step.setup.cfg
+    return Stages(stages, cfg.train.microbatches, cfg.mesh.pipeline_repeats,
+                  per_device_bytes(state.params, shardings.params),
+                  per_device_bytes(state.opt_state, shardings.opt_state))
 
 
 def trained_part(step) -> tuple[int, int, int, int] | None:
@@ -287,6 +331,26 @@ def candidates(cfg: ml_collections.ConfigDict, mesh_shape: dict, cpu: bool) -> l
     for factor in (2, 4, 8, 16):
         if cfg.train.batch_size % (dp * micro * factor) == 0:
             out.append({"train.microbatches": micro * factor})
+    return out + stage_candidates(cfg, mesh_shape)
+
+
+def stage_candidates(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[dict]:
+    """Pipeline stages taken from the data axis (each stage then holds 1/S of the blocks'
+    parameters and optimizer state), with 4S (else 2S, S) microbatches to keep the bubble
+    small: for a scanned model whose layers split evenly."""
+    now = mesh_shape.get(sharding.STAGE, 1)
+    if not cfg.model.scan_layers or cfg.mesh.dcn_pipeline > 1:
+        return []
+    out = []
+    for factor in (2, 4, 8):
+        stages, data = now * factor, mesh_shape["data"] // factor
+        if mesh_shape["data"] % factor or cfg.model.num_layers % stages:
+            continue
+        dp = data * mesh_shape["fsdp"]
+        micro = next((m for m in (4 * stages, 2 * stages, stages)
+                      if cfg.train.batch_size % (dp * m) == 0), None)
+        if micro is not None:
+            out.append({"mesh.pipeline": stages, "mesh.data": data, "train.microbatches": micro})
     return out
 
 
@@ -358,6 +422,12 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
         lines.insert(-1, f"trained: {n:,} of {total:,} parameters ({100 * n / total:.2g}%); "
                      f"optimizer state {mb(opt)} per device, {mb(whole)} if the whole model "
                      f"trained ({mb(whole - opt)} saved)")
+    if plan.pipeline is not None:
+        st, mb = plan.pipeline, lambda b: f"{b / 1e6:.3f} MB"  # noqa: E731
+        lines.insert(-1, f"pipeline: {st.stages} stages x {st.microbatches} microbatches "
+                     f"({st.schedule}): bubble {st.bubble:.1%} of stage time; per "
+                     f"device of a stage: parameters {mb(st.param_bytes)}, optimizer state "
+                     f"{mb(st.optimizer_bytes)}, activations and scratch {mb(plan.temp_bytes)}")
     folded = fold_layers(plan.param_shardings)
     width = max(map(len, folded))
     lines += [f"  {name:<{width}}  {spec}" for name, spec in folded.items()]

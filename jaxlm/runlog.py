@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from jaxlm import files
+
 METRICS_FILE = "metrics.jsonl"  # one JSON record per line: {"step": s, name: value, ...}
 
 
@@ -16,7 +18,7 @@ def read_history(workdir: pathlib.Path) -> list[dict]:
     """metrics.jsonl as a list, one dict per step: a step's records (training, validation)
     merged, a later value of a field replacing an earlier one (a resumed run may have logged
     a step twice; a killed run may have left half a line)."""
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = files.path(workdir) / METRICS_FILE  # a local path or gs:// (jaxlm.files)
     if not path.exists():
         return []
     by_step = {}

@@ -71,6 +71,11 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     model_cfg.attention_impl = attention.resolve(cfg.model, platform, log=log)
     with model_cfg.unlocked():  # layers.kernel_dot picks its matmul for this platform
         model_cfg.platform = platform
+        if sharding.stage_count(mesh) > 1:  # layers.apply_blocks pipelines the blocks
+            model_cfg.pipeline_stages = sharding.stage_count(mesh)
+            # config.train.microbatches flow through the stages (and do not accumulate)
+            model_cfg.pipeline_microbatches = cfg.train.microbatches
+            model_cfg.pipeline_repeats = cfg.mesh.pipeline_repeats  # circular schedule
     attention.check_seq_len(model_cfg.attention_impl, cfg.data.seq_len)
     if cfg.model.remat and cfg.model.remat_policy == "offload_dots" and platform == "cpu":
         raise ConfigError("config.model.remat_policy='offload_dots' moves saved activations "

@@ -4,6 +4,10 @@ Parameters and activations are annotated with logical names (see models/layers.p
 strategy named by `config.mesh.strategy` maps them to mesh axes. A single device is the
 trivial 1x1x1x1 mesh, so the same jitted code runs on a laptop and on a pod.
 
+Pipeline stages (config.mesh.pipeline > 1) add a "stage" axis, outermost, over which the
+scanned blocks' stacked layer axis is split (logical "layers" -> "stage"); with one stage
+the mesh has no such axis, so nothing changes for a model without stages.
+
 Multi-slice (TPU slices joined by the data-centre network, or GPU hosts): config.mesh.dcn_*
 say how many slices each axis spans. The mesh is then built with
 `mesh_utils.create_hybrid_device_mesh`, so that only those axes cross the slow network.
@@ -24,12 +28,32 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-DCN_AXES = ("data", "fsdp")  # axes that may span slices (config.mesh.dcn_<axis>)
+STAGE = "stage"  # pipeline stages: the outermost axis, present only with more than one
+DCN_AXES = ("stage", "data", "fsdp")  # axes that may span slices (config.mesh.dcn_<axis>)
+_FIELD = {STAGE: "pipeline"}  # mesh axis -> its config.mesh field, where the names differ
+
+
+def stages(cfg_mesh) -> int:
+    """Pipeline stages in all: config.mesh.pipeline per slice x dcn_pipeline slices."""
+    return cfg_mesh.get("pipeline", 1) * cfg_mesh.get("dcn_pipeline", 1)
+
+
+def mesh_axes(cfg_mesh) -> tuple[str, ...]:
+    return ((STAGE,) if stages(cfg_mesh) > 1 else ()) + MESH_AXES
+
+
+def stage_count(mesh: Mesh) -> int:
+    """The stages of a mesh (1 when it has no stage axis)."""
+    return dict(mesh.shape).get(STAGE, 1)
 
 
 def mesh_shape(cfg_mesh, num_devices: int, where: str = "") -> tuple[int, ...]:
     """Resolves the -1 entry of config.mesh and checks the product against the devices."""
-    sizes = [cfg_mesh[a] for a in MESH_AXES]
+    axes = mesh_axes(cfg_mesh)
+    sizes = [cfg_mesh[_FIELD.get(a, a)] for a in axes]
+    if STAGE in axes and num_devices % sizes[0]:
+        raise ConfigError(f"config.mesh.pipeline={sizes[0]} does not divide the "
+                          f"{num_devices} devices{where}")
     if sizes.count(-1) > 1:
         raise ConfigError("config.mesh: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
@@ -39,7 +63,7 @@ def mesh_shape(cfg_mesh, num_devices: int, where: str = "") -> tuple[int, ...]:
                               f"divide the {num_devices} devices{where}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} multiplies to "
+        raise ConfigError(f"config.mesh: {dict(zip(axes, sizes))} multiplies to "
                           f"{math.prod(sizes)}, but there are {num_devices} devices{where}")
     return tuple(sizes)
 
@@ -58,16 +82,17 @@ def _granules(devices, count: int) -> bool:
 
 def make_mesh(cfg_mesh, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
-    dcn = tuple(cfg_mesh.get(f"dcn_{a}", 1) if a in DCN_AXES else 1 for a in MESH_AXES)
+    axes = mesh_axes(cfg_mesh)
+    dcn = tuple(cfg_mesh.get(f"dcn_{_FIELD.get(a, a)}", 1) if a in DCN_AXES else 1 for a in axes)
     slices = math.prod(dcn)
     if slices == 1:
-        return Mesh(np.asarray(devices).reshape(mesh_shape(cfg_mesh, len(devices))), MESH_AXES)
+        return Mesh(np.asarray(devices).reshape(mesh_shape(cfg_mesh, len(devices))), axes)
     if len(devices) % slices:
         raise ConfigError(f"config.mesh.dcn_*: {slices} slices do not divide {len(devices)} devices")
     ici = mesh_shape(cfg_mesh, len(devices) // slices, where=" per slice")
     by_process = _granules(devices, slices)
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
-    return Mesh(grid, MESH_AXES)
+    return Mesh(grid, axes)
 
 
 _BATCH = ("batch", ("data", "fsdp"))
@@ -88,10 +113,16 @@ STRATEGIES = {
 }
 
 
+# Pipeline stages: the stacked layer axis of the scanned blocks (parameters, their
+# gradients and Adam moments) and the stage slots of the pipeline's activation buffer
+# (layers.Pipeline) split over the stage axis; a mesh without stages has no such rule.
+_STAGES = (("layers", STAGE), ("stage", STAGE))
+
 # Every logical axis name the models use (models/layers.py).
-# "layers" is the stacked axis of scanned blocks (config.model.scan_layers): no strategy
-# splits it.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "pos", "layers")
+# "layers" is the stacked axis of scanned blocks (config.model.scan_layers): split only
+# over pipeline stages; "stage" is the stage slot of the pipeline's activations.
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "pos", "layers",
+                "stage")
 
 
 def rules(cfg_mesh) -> tuple:
@@ -114,11 +145,12 @@ def rules(cfg_mesh) -> tuple:
             raise ConfigError(f"config.mesh.rules: unknown logical axis {name!r}; "
                               f"known: {', '.join(LOGICAL_AXES)}")
         for a in (axes,) if isinstance(axes, str) else axes or ():
-            if a not in MESH_AXES:
+            if a not in mesh_axes(cfg_mesh):
                 raise ConfigError(f"config.mesh.rules: ({name!r}, {axes!r}) names mesh axis "
-                                  f"{a!r}; mesh axes are {', '.join(MESH_AXES)}")
+                                  f"{a!r}; mesh axes are {', '.join(mesh_axes(cfg_mesh))}")
         extra.append((name, axes))
-    return tuple(extra) + STRATEGIES[cfg_mesh.strategy]
+    staged = _STAGES if stages(cfg_mesh) > 1 else ()
+    return tuple(extra) + staged + STRATEGIES[cfg_mesh.strategy]
 
 
 def logical_shardings(tree, mesh: Mesh, cfg_mesh):

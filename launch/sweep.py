@@ -42,6 +42,8 @@ from jaxlm import config as config_lib
 from jaxlm.errors import ConfigError
 
 METRICS = ("accuracy", "f1", "f1_macro", "mcc", "roc_auc")
+# Shown when some run reports them: a regression head's, and a GLUE task's score.
+EXTRA_METRICS = ("pearson", "spearman", "glue")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -171,9 +173,11 @@ def table(workdir: pathlib.Path, points) -> list[dict]:
         if results.exists():
             row["runs"].append(json.loads(results.read_text())["validation"])
     out = []
+    runs = [r for row in rows.values() for r in row["runs"]]
+    metrics = METRICS + tuple(m for m in EXTRA_METRICS if any(m in r for r in runs))
     for setting, row in rows.items():
         entry = {**dict(setting), "seeds": len(row["runs"])}
-        for m in METRICS:
+        for m in metrics:
             values = [r[m] for r in row["runs"] if r.get(m) is not None]
             entry[f"{m}_mean"] = float(np.mean(values)) if values else None
             entry[f"{m}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -191,11 +195,12 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     settings = [k for k in fields if k != "seeds" and not k.endswith(("_mean", "_std", "_n"))]
-    head = settings + ["seeds"] + list(METRICS)
+    metrics = [k[:-len("_mean")] for k in fields if k.endswith("_mean")]
+    head = settings + ["seeds"] + metrics
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r[k]) for k in settings] + [str(r["seeds"])]
-        for m in METRICS:
+        for m in metrics:
             mean, std, n = r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"]
             cells.append("-" if mean is None else f"{mean:.3f}"
                          + (f" ± {std:.3f}" if std is not None else "")

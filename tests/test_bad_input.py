@@ -36,8 +36,9 @@ DEBUG = f"--config={REPO}/configs/gpt/debug.py"
 
 
 def command(name, *args):
-    """`python -m jaxlm.<name> args` in this process: (exit code, its "error:" lines)."""
-    module = importlib.import_module(COMMANDS[name])
+    """`python -m jaxlm.<name> args` in this process (`name` a key of COMMANDS or a module
+    path): (exit code, its "error:" lines)."""
+    module = importlib.import_module(COMMANDS.get(name, name))
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
@@ -411,17 +412,22 @@ def _train_cmd(path, *extra):
 
 
 def test_two_runs_on_one_workdir_exactly_one_trains(tmp_path):
-    path = tmp_path / "run"
-    procs = [subprocess.Popen(_train_cmd(path, "--config.train.steps=30", "--config.train.log_every=1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    race_two_writers(_train_cmd(tmp_path / "run", "--config.train.steps=30",
+                                "--config.train.log_every=1"), tmp_path / "run")
+
+
+def race_two_writers(cmd: list[str], workdir) -> None:
+    """Starts the 30-step training `cmd` twice at once on `workdir`: exactly one trains and
+    writes its 30 log lines, the other exits 2 with one line naming the lock's holder."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], [r[1][-2000:] for r in results]
     loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 2)
-    assert loser.strip().splitlines()[-1].startswith(f"error: --workdir={path} is in use by ")
+    assert loser.strip().splitlines()[-1].startswith(f"error: --workdir={workdir} is in use by ")
     assert "pid" in loser and "Traceback" not in loser
-    assert [h["step"] for h in read_history(path)] == list(range(1, 31))  # one run's lines
+    assert [h["step"] for h in read_history(workdir)] == list(range(1, 31))  # one run's lines
 
 
 def test_evaluation_may_run_beside_a_training_run(run_dir):

@@ -5,9 +5,6 @@ is dp-accounting's for the same settings (logged, in checkpoints and results.jso
 noise follows the seed and survives a resume bit for bit, and every refusal is one line
 naming the field, with nothing written."""
 
-import contextlib
-import importlib
-import io
 import json
 import shutil
 
@@ -20,9 +17,10 @@ import pytest
 from conftest import REPO, tiny_bert_config, tiny_config
 from data_helpers import memory_cache
 from dp_accounting import pld, rdp
+from test_bad_input import command
 from test_main import tree_digest
 
-from jaxlm import checkpoint, cli
+from jaxlm import checkpoint
 from jaxlm import finetune as finetune_lib
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError
@@ -300,18 +298,6 @@ def test_private_pretraining_samples_windows_of_the_token_stream(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-def command(module, *argv):
-    """`python -m <module> argv` in this process: (exit code, its "error:" lines)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            cli.run(importlib.import_module(module).main, list(argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return code, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
 
 
 TINY_FT = ["--config.model.num_layers=2", "--config.model.d_model=32",

@@ -165,16 +165,18 @@ def test_a_model_that_cannot_load_stops_before_listening(tmp_path):
     assert lines[-1].startswith("error: ") and "nowhere" in lines[-1], out.stderr
 
 
-def test_a_classifier_is_served_as_its_model_scores_each_text_alone(tmp_path):
+@pytest.mark.parametrize("classes", [3, 1])
+def test_a_classifier_is_served_as_its_model_scores_each_text_alone(tmp_path, classes):
     """A BERT with a class head (random): /v1/classify on texts and pairs, batched and
-    padded, gives the probabilities of the model applied to each encoded example alone."""
+    padded, gives the probabilities of the model applied to each encoded example alone
+    (a regression head, one output: its score)."""
     from fastapi.testclient import TestClient
     from conftest import tiny_bert_config
     from jaxlm.data.labelled import Encoder
     from jaxlm.serve.__main__ import load
     from jaxlm.serve.app import make_app
-    cfg = tiny_bert_config(num_classes=3)
-    cfg.finetune.class_names = ("a", "b", "c")
+    cfg = tiny_bert_config(num_classes=classes)
+    cfg.finetune.class_names = ("a", "b", "c") if classes == 3 else ()
     setup = build(cfg, jax.devices()[:1])
     params = jax.jit(setup.init_params)(jax.random.PRNGKey(1))
     export = tmp_path / "export"
@@ -191,6 +193,10 @@ def test_a_classifier_is_served_as_its_model_scores_each_text_alone(tmp_path):
                 row = encode(text, pair[i] if pair else None)
                 logits = setup.model.apply({"params": params}, row["tokens"][None], None,
                                            row["segments"][None], row["types"][None], output="classes")
+                if classes == 1:
+                    assert set(out[i]) == {"index", "score"}
+                    np.testing.assert_allclose(out[i]["score"], logits[0, 0], rtol=1e-5, atol=1e-6)
+                    continue
                 want = np.asarray(jax.nn.softmax(logits, axis=-1))[0]
                 np.testing.assert_allclose(out[i]["probabilities"], want, rtol=1e-5, atol=1e-6)
                 assert out[i]["label_name"] == "abc"[int(want.argmax())]

@@ -14,7 +14,7 @@ PACKAGE = REPO / "jaxlm"
 # python -m <command>: the entry points, each a leaf that parses flags and calls one function.
 COMMANDS = ["jaxlm.main", "jaxlm.train", "jaxlm.evaluate", "jaxlm.export", "jaxlm.plan",
             "jaxlm.finetune", "jaxlm.data.prepare", "jaxlm.data.tokenizers", "jaxlm.interop",
-            "jaxlm.upgrade", "jaxlm.serve", "jaxlm.quantize"]
+            "jaxlm.upgrade", "jaxlm.serve", "jaxlm.quantize", "jaxlm.glue", "jaxlm.squad"]
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -32,7 +32,7 @@ ENTRY_POINTS = {f"{c}.__main__" if f"{c}.__main__" in MODULES else c for c in CO
 LAYERS = [
     [("jaxlm", "jaxlm.errors")],
     # Foundations: the config schema, files, processes, mesh; no model and no data.
-    [("jaxlm.config", "jaxlm.workdir", "jaxlm.watchdog", "jaxlm.distributed", "jaxlm.sharding",
+    [("jaxlm.config", "jaxlm.files", "jaxlm.workdir", "jaxlm.watchdog", "jaxlm.distributed", "jaxlm.sharding",
       "jaxlm.runlog", "jaxlm.trainable", "jaxlm.tracking")],
     # Data knows no model, models know no data.
     [("jaxlm.data.*",), ("jaxlm.models.*",)],
@@ -45,6 +45,8 @@ LAYERS = [
     # Training and evaluation are siblings: the callers wire evaluation into training.
     [("jaxlm.train.*",), ("jaxlm.evaluate.*",)],
     [("jaxlm.interop.*",)],
+    # What the fine-tuning commands share (jaxlm.finetune, jaxlm.squad).
+    [("jaxlm.finetuning",)],
     # The commands (leaves, see test_commands_are_leaves: jaxlm.main, jaxlm.finetune,
     # jaxlm.plan, jaxlm.export, every __main__) and their parser.
     [("jaxlm.cli", "jaxlm.__main__", *sorted(ENTRY_POINTS))],

@@ -4,10 +4,13 @@ language-model sources, so a fine-tuning run resumes exactly on any number of ho
 Where the examples come from (`config.finetune.train_data` / `validation_data`):
   PATH.csv | PATH.tsv   a header row, then one example per row (PATH[a:b]: examples a..b-1
                         of the file, for splitting one file);
+  glue:TASK:SPLIT       a GLUE task's split, e.g. glue:mrpc:train: read by jaxlm.data.glue
+                        (which builds on this module; jaxlm.finetune passes such specs there);
   PATH.jsonl            one JSON object per line;
                         fields config.finetune.text_field, pair_field (sentence pairs;
                         "" = single sentences) and label_field. A label is a class number
-                        0..C-1, or one of config.finetune.class_names.
+                        0..C-1, or one of config.finetune.class_names (a real number when
+                        config.model.num_classes = 1: a regression head).
   tfds:NAME:SPLIT       a prepared TFDS dataset, e.g. tfds:glue/sst2:validation or
                         tfds:imdb_reviews:train (the same field settings; nothing downloaded).
   synthetic:facts:SPLIT the built-in check of memorised facts (jaxlm.data.synthetic): "Bako
@@ -132,7 +135,16 @@ def _table_rows(path: pathlib.Path):
         yield where, record
 
 
-def _label(value, where: str, cfg_ft, num_classes: int) -> int:
+def _label(value, where: str, cfg_ft, num_classes: int) -> int | float:
+    if num_classes == 1:  # a regression head: any finite number
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            score = float("nan")
+        if not np.isfinite(score) or isinstance(value, bool):
+            raise DataError(f"{where}: label {value!r} is not a number (config.model."
+                            "num_classes=1: a regression target)")
+        return score
     names = list(cfg_ft.class_names)
     if isinstance(value, str) and value.strip() in names:
         return names.index(value.strip())
@@ -167,7 +179,7 @@ def _checked(name: str, rows, cfg_ft, num_classes: int) -> Labelled:
     if not texts:
         raise DataError(f"{name}: no examples")
     return Labelled(name, texts, pairs if cfg_ft.pair_field else None,
-                    np.asarray(labels, np.int32), where)
+                    np.asarray(labels, np.float32 if num_classes == 1 else np.int32), where)
 
 
 def _which(cfg_ft, field: str) -> str:
@@ -300,7 +312,7 @@ class LabelledSource:
         self.seq_len = encoder.seq_len
         self.parts = [encoder.parts(t, data.pairs[i] if data.pairs else None)
                       for i, t in enumerate(data.texts)]
-        self.encoded = [dict(encoder.assemble(*p), label=int(data.labels[i]))
+        self.encoded = [dict(encoder.assemble(*p), label=data.labels[i].item())  # int or float
                         for i, p in enumerate(self.parts)]
         self.augmenter = None
         if augment is not None and augment_lib.active(augment):
@@ -330,7 +342,9 @@ class LabelledSource:
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps([self.data.name, self.seq_len, self.seed]).encode())
         for e in self.encoded:
-            h.update(e["tokens"].tobytes() + bytes([e["label"] % 256]))
+            label = e["label"]  # a class (as always hashed) or a regression target
+            h.update(e["tokens"].tobytes() + (bytes([label % 256]) if isinstance(label, int)
+                                              else np.float32(label).tobytes()))
         if self.augmenter:  # unaugmented runs keep the fingerprint they always had
             h.update(self.augmenter.fingerprint().encode())
         return h.hexdigest()[:16]

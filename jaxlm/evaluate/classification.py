@@ -29,7 +29,8 @@ from jaxlm import sharding  # noqa: E402
 
 
 def predict(setup, params, source, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(class probabilities [N, C], labels [N]) of every example of `source` in order."""
+    """(class probabilities [N, C], labels [N]) of every example of `source` in order; a
+    one-output (regression) head gives its scores [N, 1] as they are."""
     model, mesh, cfg_mesh = setup.model, setup.mesh, setup.cfg.mesh
     rep = sharding.replicated(mesh)
 
@@ -38,7 +39,7 @@ def predict(setup, params, source, batch_size: int) -> tuple[np.ndarray, np.ndar
     @functools.partial(jax.jit, out_shardings=rep)
     def probs(params, inputs, types, segments):
         logits = model.apply({"params": params}, inputs, None, segments, types, output="classes")
-        return jax.nn.softmax(logits, axis=-1)
+        return logits if logits.shape[-1] == 1 else jax.nn.softmax(logits, axis=-1)
 
     out, labels = [], []
     examples = source.encoded
@@ -80,25 +81,37 @@ def metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
 
 def write_plots(folder: pathlib.Path, history: list[dict], labels: np.ndarray,
                 probs: np.ndarray, class_names: list[str]) -> list[pathlib.Path]:
-    """PNGs: training loss and validation metrics by step; ROC curve(s); confusion matrix."""
+    """PNGs: training loss and validation metrics by step; ROC curve(s); confusion matrix
+    (a regression head: the curves, and predicted against true scores)."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    regression = probs.shape[1] == 1
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     train = [h for h in history if "loss" in h]
-    valid = [h for h in history if "validation_accuracy" in h]
+    valid = [h for h in history if "validation_loss" in h]
     ax[0].plot([h["step"] for h in train], [h["loss"] for h in train], label="training loss")
     ax[0].plot([h["step"] for h in valid], [h["validation_loss"] for h in valid], "o-",
                label="validation loss")
-    ax[0].set(xlabel="step", ylabel="cross-entropy", title="Loss")
-    for key in ("validation_accuracy", "validation_f1_macro"):
-        ax[1].plot([h["step"] for h in valid], [h[key] for h in valid], "o-", label=key[11:])
-    ax[1].set(xlabel="step", ylabel="score", title="Validation", ylim=(0, 1.02))
+    ax[0].set(xlabel="step", ylabel="squared error" if regression else "cross-entropy",
+              title="Loss")
+    keys = ("pearson", "spearman") if regression else ("accuracy", "f1_macro")
+    for key in keys:
+        ax[1].plot([h["step"] for h in valid], [h[f"validation_{key}"] for h in valid], "o-",
+                   label=key)
+    ax[1].set(xlabel="step", ylabel="score", title="Validation",
+              ylim=(-1.02 if regression else 0, 1.02))
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     written.append(_save(fig, folder / "curves.png"))
+    if regression:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(labels, probs[:, 0], s=8, alpha=0.5)
+        ax.set(xlabel="true score", ylabel="predicted score", title="Validation")
+        written.append(_save(fig, folder / "scores.png"))
+        return written
 
     fig, ax = plt.subplots(figsize=(5, 5))
     classes = probs.shape[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pathlib
 
 import matplotlib
@@ -9,11 +10,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from jaxlm import files  # noqa: E402
 from jaxlm.runlog import read_history  # noqa: E402
 
 
+def _save(fig, path) -> None:
+    """A PNG on a disk, or one object in a bucket (matplotlib writes local files only)."""
+    if files.is_remote(path):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=100, format="png")
+        path.write_bytes(buffer.getvalue())
+    else:
+        fig.savefig(path, dpi=100)
+
+
 def write_plots(workdir: pathlib.Path, results: dict, shots) -> list[pathlib.Path]:
-    out_dir = pathlib.Path(workdir) / "plots"
+    out_dir = files.path(workdir) / "plots"  # a local path or gs:// (jaxlm.files)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -24,7 +36,7 @@ def write_plots(workdir: pathlib.Path, results: dict, shots) -> list[pathlib.Pat
         ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Loss")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "loss.png", dpi=100)
+        _save(fig, out_dir / "loss.png")
         plt.close(fig)
         written.append(out_dir / "loss.png")
 
@@ -42,7 +54,7 @@ def write_plots(workdir: pathlib.Path, results: dict, shots) -> list[pathlib.Pat
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "fewshot.png", dpi=100)
+    _save(fig, out_dir / "fewshot.png")
     plt.close(fig)
     written.append(out_dir / "fewshot.png")
     return written

@@ -1,4 +1,5 @@
-"""Class probabilities of texts (and text pairs) from a model with a class head.
+"""Class probabilities of texts (and text pairs) from a model with a class head (a
+regression head, config.model.num_classes = 1: its score, [N, 1]).
 
     classify = Classifier(model, params, tokenizer, mesh, config.mesh, seq_len=128, pooled=True)
     classify(["a fine film", "a dull one"])          # [2, num_classes] probabilities
@@ -28,6 +29,8 @@ class Classifier:
 
     def _probabilities(self, params, tokens, types, segments):
         logits = self.model.apply({"params": params}, tokens, None, segments, types, output="classes")
+        if logits.shape[-1] == 1:  # a regression head: the score itself
+            return logits.astype(np.float32)
         return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:

@@ -46,7 +46,7 @@ FAMILIES = {
     "gpt": Family("gpt", gpt.GPT, gpt.SHAPE_FIELDS, gpt.flops_per_token,
                   ("causal_lm", "classification"), causal=True, pooled=False),
     "bert": Family("bert", bert.BERT, bert.SHAPE_FIELDS, bert.flops_per_token,
-                   ("masked_lm", "classification"), causal=False, pooled=True),
+                   ("masked_lm", "classification", "span_extraction"), causal=False, pooled=True),
 }
 
 

@@ -12,6 +12,8 @@ A/B) -> LayerNorm -> dropout -> num_layers x Block(bidirectional, post-LN) -> a 
              layers.ClassHead: [B, C] (config.model.num_classes);
   "next_sentence"  the pooler then Dense(D->2): next-sentence prediction logits [B, 2]
              (0: B follows A, 1: B is random, as in the original BERT);
+  "spans"    the span-extraction head (config.model.span_head; SQuAD): Dense(D->2) at
+             every position, a tuple (start logits [B, L], end logits [B, L]), fp32;
   "hidden"   the encoder's output [B, L, D].
 `output` may name several heads, e.g. ("logits", "next_sentence"): one pass, a tuple.
 Padding is segment 0: no position attends to it, so extra padding never changes the
@@ -31,7 +33,7 @@ Array = jax.Array
 
 SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim",
                 "position", "type_vocab_size", "norm_position", "activation", "num_classes",
-                "param_dtype", "scan_layers")
+                "span_head", "param_dtype", "scan_layers")
 
 
 class BERT(nn.Module):
@@ -74,6 +76,13 @@ class BERT(nn.Module):
                 out["next_sentence"] = layers.dense(cfg, 2, ("embed", None), cfg.init_std,
                                                     name="next_sentence")(pooled_BxD)
                 out["next_sentence"] = out["next_sentence"].astype(layers.wide(pooled_BxD.dtype))
+        if cfg.span_head and ("spans" in wanted or init):
+            # Created only when asked, so a pretraining checkpoint has none (fine-tuning
+            # adds it fresh, as the class head).
+            spans_BxLx2 = layers.dense(cfg, 2, ("embed", None), cfg.init_std,
+                                       name="span_head")(x_BxLxD)
+            spans_BxLx2 = spans_BxLx2.astype(layers.wide(x_BxLxD.dtype))
+            out["spans"] = (spans_BxLx2[..., 0], spans_BxLx2[..., 1])
         if isinstance(output, str):
             return out[output]
         return tuple(out[o] for o in output)

@@ -9,6 +9,8 @@ pos (rows of the learned position table).
 
 from __future__ import annotations
 
+import math
+
 import einops
 import flax.linen as nn
 import jax
@@ -366,23 +368,157 @@ def apply_blocks(cfg: Config, causal: bool, x_BxLxD: Array, positions_BxL: Array
     entry) stacked along a leading "layers" axis, so compile time stays flat in depth.
     With config.model.remat each block is recomputed in the backward pass, keeping what
     config.model.remat_policy names (REMAT_POLICIES).
+    On a mesh with pipeline stages (config.mesh.pipeline; setup.build sets
+    pipeline_stages) the scanned blocks run as a pipeline (`Pipeline`), except when
+    decoding, which runs them in order on the stage-split parameters.
     """
     spec = MaskSpec.of_self_attention(positions_BxL, segments_BxL, causal)
     block = ScanBlock if cfg.scan_layers else Block
     if cfg.remat:
         block = nn.remat(block, static_argnums=(3, 4),  # (self, x, spec, det, decode)
                          policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers and cfg.get("pipeline_stages", 1) > 1 and not decode:
+        return Pipeline(cfg, block, name=STACKED)(x_BxLxD, spec, deterministic)
     if cfg.scan_layers:
-        stack = nn.scan(block, length=cfg.num_layers,
-                        variable_axes={"params": 0, "cache": 0},
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = scanned(block, cfg.num_layers)
         x_BxLxD, _ = stack(cfg, name=STACKED)(x_BxLxD, spec, deterministic, decode)
         return x_BxLxD
     for i in range(cfg.num_layers):
         x_BxLxD = block(cfg, name=block_name(i))(x_BxLxD, spec, deterministic, decode)
     return x_BxLxD
+
+
+def scanned(block, length: int):
+    """`block` (a ScanBlock class, maybe remat'd) run `length` times by nn.scan, every
+    parameter and KV-cache entry stacked on a leading "layers" axis."""
+    return nn.scan(block, length=length, variable_axes={"params": 0, "cache": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def schedule_length(stages: int, microbatches: int, repeats: int = 1) -> int:
+    """Iterations of the pipeline (`Pipeline`): microbatch m enters stage 0 for its r-th
+    round at iteration r*P + m, P = max(M, S) (a microbatch cannot re-enter before it has
+    left the last stage), and leaves the last stage S - 1 iterations later."""
+    return (repeats - 1) * max(microbatches, stages) + microbatches + stages - 1
+
+
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """The share of the stages' iterations that are idle: each stage works R*M of them.
+    GPipe (R=1): (S-1)/(M+S-1); circular with M >= S: (S-1)/(R*M+S-1)."""
+    return 1 - repeats * microbatches / schedule_length(stages, microbatches, repeats)
+
+
+class Pipeline(nn.Module):
+    """The scanned blocks as a pipeline over the mesh's "stage" axis: GPipe, or a circular
+    schedule with config.mesh.pipeline_repeats = R > 1.
+
+    The parameters are the scanned stack's own, [L, ...] under "blocks" (init runs that
+    stack, so a seed gives the same model with or without stages, and a checkpoint
+    restores onto any stage count: only the layer axis' sharding differs). The L layers
+    form S*R groups of C = L/(S*R) consecutive layers; group g runs on stage g mod S, in
+    round g div S. GPipe (R=1): stage s holds layers s*L/S ... (s+1)*L/S - 1, exactly its
+    part of the stored layer axis, so the view [S, 1, C, ...] moves nothing. Circular:
+    stage s holds groups s, s+S, ...: the view [S, R, C, ...] is an all-to-all of the
+    blocks' parameters (and of their gradients in the backward pass) each step.
+
+    The batch is cut into M microbatches (rows i, i+M, ... as the train step's
+    accumulation cuts them); a buffer [S, B/M, T, D] holds what each stage works on. Every
+    iteration all stages run one group of layers at once (a vmap over the stage dim with
+    the stage's own inputs: each device computes its stage, nothing else), then the buffer
+    moves one stage on (a roll of the stage-split dim: a collective permute, the only
+    traffic between stages in the loop). Stage 0 keeps what the roll brings it from the
+    last stage, per microbatch, and takes the next microbatch: new, or back for its next
+    round; at the end it holds the results. `schedule_length` iterations."""
+    cfg: Config
+    block: type  # ScanBlock, maybe remat'd
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, spec: MaskSpec, deterministic: bool) -> Array:
+        cfg = self.cfg
+        whole = scanned(self.block, cfg.num_layers)(cfg)
+        nn.share_scope(self, whole)  # its parameters are this module's: "blocks/..."
+        if self.is_initializing():
+            return whole(x_BxTxD, spec, deterministic, False)[0]
+        S, R, B = cfg.pipeline_stages, cfg.get("pipeline_repeats", 1), x_BxTxD.shape[0]
+        # config.train.microbatches; a batch they do not divide (scoring) runs in fewer
+        M = math.gcd(B, cfg.pipeline_microbatches)
+        P, C = max(M, S), cfg.num_layers // (S * R)
+        params_SxRxC = jax.tree_util.tree_map(
+            lambda p: constrain_stages(jnp.swapaxes(p.reshape(R, S, C, *p.shape[1:]), 0, 1)),
+            self.variables["params"])
+        group = scanned(self.block, C)(cfg)
+        dropout = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0)
+        rng = self.make_rng("dropout") if dropout else None
+
+        microbatches = lambda a: einops.rearrange(a, "(n m) ... -> m n ...", m=M)  # noqa: E731
+        x_MxNxTxD = microbatches(x_BxTxD)
+        spec_M = jax.tree_util.tree_map(microbatches, spec)
+
+        def receive(t, in_NxTxD, held_MxNxTxD, s):
+            """What stage s holds at iteration t: at stage 0, the output of the last stage
+            (brought by the roll; microbatch round t - S) is kept, per microbatch, for its
+            next round and as the result."""
+            left = t - S
+            arrived = (s == 0) & (left >= 0) & (left % P < M)
+            i = left % P % M
+            return held_MxNxTxD.at[i].set(jnp.where(arrived, in_NxTxD, held_MxNxTxD[i]))
+
+        def stage_step(t, params_RxC, new_MxNxTxD, in_NxTxD, held_MxNxTxD, s, key):
+            """Iteration t of stage s: (its output, what it holds). `in` is what the roll
+            brought it from the stage before."""
+            held_MxNxTxD = receive(t, in_NxTxD, held_MxNxTxD, s)
+            # Stage 0 takes microbatch m for round r at t = r*P + m: new in round 0, else
+            # held; t % P >= M: nothing (a real microbatch whose result is never kept, so
+            # idle stages compute on finite values). Stage s works on what stage 0 took s
+            # iterations ago.
+            m, r = t % P % M, t // P
+            x_NxTxD = jnp.where(s == 0, jnp.where(r == 0, new_MxNxTxD[m], held_MxNxTxD[m]),
+                                in_NxTxD)
+            k = t - s
+            spec_N = jax.tree_util.tree_map(lambda a: a[k % P % M], spec_M)
+            params = jax.tree_util.tree_map(lambda p: p[jnp.clip(k // P, 0, R - 1)], params_RxC)
+            y_NxTxD = group.apply({"params": params}, x_NxTxD, spec_N, deterministic, False,
+                                  rngs={"dropout": key} if dropout else {})[0]
+            return y_NxTxD, held_MxNxTxD
+
+        # Each stage's step runs on its own devices (vmap over the stage-split dim); the
+        # only traffic between stages is the roll, and stage 0's results at the end.
+        stages = jax.vmap(stage_step, in_axes=(None, 0, 0, 0, 0, 0, 0), spmd_axis_name="stage")
+        # The microbatches on every stage (a copy per stage, where a replicated array's
+        # gradient would be summed over the stages every iteration; now once, at the end)
+        x_SxMxNxTxD = constrain_stages(jnp.broadcast_to(x_MxNxTxD, (S, *x_MxNxTxD.shape)))
+        slots = ("stage", "batch", "length", "embed")
+
+        def iteration(carry, t):
+            state_SxNxTxD, held_SxMxNxTxD = carry
+            keys_S = jax.random.split(jax.random.fold_in(rng, t), S) if dropout else jnp.zeros(S)
+            y_SxNxTxD, held_SxMxNxTxD = stages(t, params_SxRxC, x_SxMxNxTxD,
+                                               constrain(state_SxNxTxD, slots), held_SxMxNxTxD,
+                                               jnp.arange(S), keys_S)
+            return (jnp.roll(y_SxNxTxD, 1, axis=0), held_SxMxNxTxD), None
+
+        iterations = schedule_length(S, M, R)
+        init = (jnp.zeros((S, *x_MxNxTxD.shape[1:]), x_BxTxD.dtype),
+                constrain_stages(jnp.zeros((S, *x_MxNxTxD.shape), x_BxTxD.dtype)))
+        carry, _ = jax.lax.scan(iteration, init, jnp.arange(iterations))
+        # The last microbatch reaches stage 0 with the final roll; then stage 0 holds every
+        # result, and sends them to all stages once.
+        held_SxMxNxTxD = jax.vmap(receive, in_axes=(None, 0, 0, 0), spmd_axis_name="stage")(
+            iterations, *carry, jnp.arange(S))
+        out_BxTxD = einops.rearrange(held_SxMxNxTxD[0], "m n ... -> (n m) ...")
+        return constrain(out_BxTxD, ("batch", "length", "embed"))
+
+
+def constrain_stages(x_SxN: Array) -> Array:
+    """The leading dim split as the logical rules split "stage", the others left to XLA's
+    sharding propagation (a no-op outside a mesh/rules context, as `constrain`)."""
+    axes = dict(nn.get_logical_axis_rules()).get("stage")
+    if axes is None or jax.sharding.get_abstract_mesh().empty:
+        return x_SxN
+    rest = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x_SxN.ndim - 1)
+    return jax.lax.with_sharding_constraint(x_SxN, jax.sharding.PartitionSpec(axes, *rest))
 
 
 def activation(cfg: Config, x: Array) -> Array:

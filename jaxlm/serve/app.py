@@ -8,7 +8,8 @@ Endpoints (every one but /health wants `Authorization: Bearer <api_key>` when ap
                          logprobs (with echo, the prompt's too: what lm-eval's
                          local-completions reads), stream (server-sent events)
   GET  /v1/models        the one model, service.name
-  POST /v1/classify      class probabilities (a model with a class head)
+  POST /v1/classify      class probabilities (a model with a class head; a regression
+                         head answers its score)
   GET  /tokenizer_info, POST /tokenize, POST /detokenize
                          lm-eval's remote tokenizer (tokenizer_backend=remote)
   GET  /health           200 while the process serves (no auth: for load balancers)
@@ -352,6 +353,9 @@ def make_app(service, api_key: str | None = None, shutdown_s: float = 30.0,
             raise ApiError(500, f"classification failed: {e}", kind="server_error") from None
         data = []
         for i, p in enumerate(probs):
+            if len(p) == 1:  # a regression head (e.g. STS-B): its score, no classes
+                data.append({"index": i, "score": float(p[0])})
+                continue
             label = max(range(len(p)), key=lambda c: p[c])
             name = service.class_names[label] if label < len(service.class_names) else str(label)
             data.append({"index": i, "label": label, "label_name": name,

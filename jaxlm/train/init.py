@@ -27,8 +27,8 @@ log = logging.getLogger("jaxlm")
 def pretrained_params(cfg, setup, spec: str, field: str):
     """The params at `spec` (a jaxlm workdir: its latest checkpoint; one checkpoint folder;
     a params export or Hugging Face import), placed on `setup`'s mesh, after checking that
-    they fit the config: family, shape and tokenizer (a classification head and LoRA's
-    adapters, which start fresh, aside). `field` names the config field in errors, e.g.
+    they fit the config: family, shape and tokenizer (a classification or span head and
+    LoRA's adapters, which start fresh, aside). `field` names the config field in errors, e.g.
     "config.finetune.init". With config.lora.rank they are the frozen base; QLoRA's
     (config.quant.mode too) is a python -m jaxlm.quantize export. A LoRA run's adapters
     are folded in."""
@@ -62,12 +62,15 @@ def pretrained_params(cfg, setup, spec: str, field: str):
         raise CheckpointError(f"{what} holds a {saved.model.arch.upper()} model, and this config "
                               f"fine-tunes config.model.arch={cfg.model.arch!r}")
     for shape in setup.family.shape_fields:
-        if shape != "num_classes" and saved.model[shape] != cfg.model[shape]:
+        if shape not in ("num_classes", "span_head") and saved.model[shape] != cfg.model[shape]:
             raise CheckpointError(f"{what} holds another model: config.model.{shape} is "
                                   f"{saved.model[shape]!r} there and {cfg.model[shape]!r} here")
     if saved.model.num_classes not in (0, cfg.model.num_classes):
         raise CheckpointError(f"{what} has a classification head of {saved.model.num_classes} "
                               f"classes, and config.model.num_classes={cfg.model.num_classes}")
+    if saved.model.span_head and not cfg.model.span_head:
+        raise CheckpointError(f"{what} has a span-extraction head, and config.model.span_head "
+                              "is false: set it true (or start from a model without one)")
     if meta["tokenizer"] != setup.tokenizer.to_dict():
         raise CheckpointError(f"{what} was made with tokenizer {meta['tokenizer']}, but "
                               f"config.data.tokenizer gives {setup.tokenizer.to_dict()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import sys
 
 import jax
 
+from jaxlm import files
 from jaxlm.runlog import METRICS_FILE
 
 log = logging.getLogger("jaxlm")
@@ -71,15 +73,20 @@ class MetricSink:
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        path = pathlib.Path(workdir) / METRICS_FILE
-        # A run killed mid-write leaves a partial last line; start the resumed run's
-        # records on a fresh line (jaxlm.runlog.read_history skips the fragment).
-        self.jsonl = open(path, "a+")
-        if self.jsonl.tell():
-            self.jsonl.seek(self.jsonl.tell() - 1)
-            if self.jsonl.read(1) != "\n":
-                self.jsonl.write("\n")
-        self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+        path = files.path(workdir) / METRICS_FILE
+        if files.is_remote(path):
+            self.jsonl = ObjectLog(path)
+        else:
+            # A run killed mid-write leaves a partial last line; start the resumed run's
+            # records on a fresh line (jaxlm.runlog.read_history skips the fragment).
+            self.jsonl = open(path, "a+")
+            if self.jsonl.tell():
+                self.jsonl.seek(self.jsonl.tell() - 1)
+                if self.jsonl.read(1) != "\n":
+                    self.jsonl.write("\n")
+        if files.is_remote(workdir):
+            _register_object_events()
+        self.tb = SummaryWriter(str(files.path(workdir) / "tb"))
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -132,6 +139,66 @@ class MetricSink:
             self.jsonl.close()
             if self.tracker is not None:
                 self.tracker.close()
+
+
+class ObjectLog:
+    """metrics.jsonl in a bucket, where objects cannot be appended to: the records are kept
+    in memory and the object rewritten whole at each flush (every log step), one upload,
+    so the object always holds whole lines: those of the runs before this one (read at the
+    start) and this run's up to its last flush. A run killed meanwhile loses no record it
+    flushed; the steps after its last checkpoint are logged again by the resumed run, as on
+    a disk (jaxlm.runlog.read_history keeps the later record of a step). The cost: each
+    flush uploads the whole log (about 300 bytes a record; 10,000 records: 3 MB)."""
+
+    def __init__(self, path):
+        self.name = str(path)
+        self._path = path
+        text = path.read_text() if path.exists() else ""
+        self._text = text if not text or text.endswith("\n") else text + "\n"
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        files.write_text(self._path, self._text)
+
+    def close(self) -> None:
+        pass
+
+
+class _ObjectEvents:
+    """A TensorBoard events file in a bucket: the records kept in memory, the object
+    rewritten whole at each flush (tensorboardX flushes every 2 minutes and at close).
+    Replaces tensorboardX's own gs:// writer, which uploads again when it is garbage
+    collected, after close, whenever that happens; this one writes through jaxlm.files."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.closed = files.path(path), io.BytesIO(), False
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class _ObjectEventsFactory:
+    def open(self, path: str) -> _ObjectEvents:
+        return _ObjectEvents(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # a bucket has no folders to make
+
+
+def _register_object_events() -> None:
+    """tensorboardX's hook for a URL scheme's writer (its record_writer module)."""
+    from tensorboardX.record_writer import register_writer_factory
+    register_writer_factory("gs", _ObjectEventsFactory())
 
 
 def format_duration(seconds: float) -> str:

@@ -31,7 +31,13 @@ Objectives, by `config.train.objective`:
                   B's are replaced by the same stretch of another example and the pooled
                   [CLS] learns to tell (next-sentence prediction, BERT's second task).
   classification  a label per sequence (fine-tuning): examples carry `tokens`, `types`,
-                  `segments` and `label`; the loss is the cross-entropy of the class logits.
+                  `segments` and `label`; the loss is the cross-entropy of the class logits
+                  (with config.model.num_classes = 1: `Regression`, the squared error of
+                  one score, e.g. GLUE's STS-B).
+  span_extraction an answer span per window (SQuAD fine-tuning, BERT's span head):
+                  examples carry `tokens`, `types`, `segments` and the answer's first and
+                  last position `start`, `end` (0, [CLS]: no answer in this window); the
+                  loss is the mean of the start and end cross-entropies over positions.
   distill         the model's own objective (causal_lm, or classification with a class
                   head) taught by a frozen teacher as well (`Distill`, config.distill).
 """
@@ -325,6 +331,82 @@ class Classification:
         return total, (weight, {"accuracy": _correct(logits_BxC, batch["labels"], batch["weights"])})
 
 
+class Regression:
+    """One real-valued target per sequence (GLUE's STS-B): a single-output head
+    (config.model.num_classes = 1) trained by squared error. Examples as Classification's,
+    the `label` a float; logged beside the loss: the mean absolute error."""
+
+    name = "regression"  # config.train.objective=classification with a one-output head
+    extra_tokens = 0
+    metrics = ("abs_error",)
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        spec = Classification.batch_spec(self, batch_size)
+        spec["labels"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+        return spec
+
+    def example(self, record: dict, index: int = 0, read=None) -> dict:
+        out = Classification.example(self, record, index, read)
+        out["labels"] = np.float32(record["label"])
+        return out
+
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool,
+             aux=None):
+        scores_B = _apply(model, params, batch, rng, deterministic, "classes")[:, 0]
+        error_B = scores_B.astype(jnp.float32) - batch["labels"]
+        w_B = batch["weights"]
+        return jnp.sum(error_B ** 2 * w_B), (jnp.sum(w_B), {"abs_error": jnp.sum(jnp.abs(error_B) * w_B)})
+
+
+class SpanExtraction:
+    """An answer span per window (SQuAD; jaxlm.data.squad makes the windows): the span
+    head's start and end logits [B, L] each, padding positions (segment 0) masked out,
+    trained by (CE(start) + CE(end)) / 2 per window. Position 0 ([CLS]) is the label of a
+    window that holds no whole answer. Logged: `exact_span`, the share of windows whose
+    argmax start and end both hit the labels."""
+
+    name = "span_extraction"
+    extra_tokens = 0
+    metrics = ("exact_span",)
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        spec = Classification.batch_spec(self, batch_size)
+        del spec["labels"]
+        one = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        return {**spec, "starts": one, "ends": one}
+
+    def example(self, record: dict, index: int = 0, read=None) -> dict:
+        return {"inputs": record["tokens"].astype(np.int32),
+                "types": record["types"].astype(np.int32),
+                "segments": record["segments"].astype(np.int32),
+                "starts": np.int32(record["start"]), "ends": np.int32(record["end"]),
+                "weights": np.float32(1.0)}
+
+    def loss(self, model, params, batch: dict, rng: jax.Array, *, deterministic: bool,
+             aux=None):
+        start_BxL, end_BxL = _apply(model, params, batch, rng, deterministic, "spans")
+        start_BxL, end_BxL = (mask_padding(x, batch["segments"]) for x in (start_BxL, end_BxL))
+        w_B = batch["weights"]
+        start_total, weight = cross_entropy(start_BxL, batch["starts"], w_B)
+        end_total, _ = cross_entropy(end_BxL, batch["ends"], w_B)
+        hit_B = ((jnp.argmax(start_BxL, axis=-1) == batch["starts"])
+                 & (jnp.argmax(end_BxL, axis=-1) == batch["ends"]))
+        return (start_total + end_total) / 2, (weight, {"exact_span": jnp.sum(hit_B * w_B)})
+
+
+def mask_padding(logits_BxL: jax.Array, segments_BxL: jax.Array) -> jax.Array:
+    """fp32 logits with padding positions (segment 0) at the lowest finite value: they take
+    no probability and are never an argmax."""
+    logits_BxL = logits_BxL.astype(jnp.float32)
+    return jnp.where(segments_BxL != 0, logits_BxL, jnp.finfo(jnp.float32).min)
+
+
 class Distill:
     """Knowledge distillation (Hinton et al. 2015): a frozen teacher's predictions, softened
     by a temperature T, teach the student beside the usual targets. Summed over the base
@@ -415,9 +497,10 @@ def _with_packing(out: dict, window: dict, packed: bool, L: int) -> dict:
 def make_objective(cfg, tokenizer):
     """The objective `config.train.objective` names, checked against the model family."""
     name, arch = cfg.train.objective, cfg.model.arch
-    if name not in ("causal_lm", "masked_lm", "classification", "distill"):
+    if name not in ("causal_lm", "masked_lm", "classification", "span_extraction", "distill"):
         raise ConfigError(f"config.train.objective={name!r}: expected one of "
-                          "['causal_lm', 'classification', 'distill', 'masked_lm']")
+                          "['causal_lm', 'classification', 'distill', 'masked_lm', "
+                          "'span_extraction']")
     if name == "distill":  # the model's own objective, taught by a teacher (build_train)
         if cfg.train.loss_chunk:
             raise ConfigError("config.train.loss_chunk: distillation compares whole logits; "
@@ -435,6 +518,13 @@ def make_objective(cfg, tokenizer):
         return MaskedLM(cfg.data.seq_len, cfg.data.packing, tokenizer, cfg.train.seed,
                         cfg.train.mask_prob, cfg.train.whole_word_masking,
                         cfg.train.sentence_pairs, cfg.train.next_sentence)
+    if name == "span_extraction":
+        if not cfg.model.span_head:
+            raise ConfigError("config.train.objective='span_extraction' trains the span head: "
+                              "set config.model.span_head=true")
+        return SpanExtraction(cfg.data.seq_len)
+    if cfg.model.num_classes == 1:  # one output: a score, not classes
+        return Regression(cfg.data.seq_len)
     return Classification(cfg.data.seq_len, cfg.model.num_classes)
 
 

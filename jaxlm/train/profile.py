@@ -18,6 +18,7 @@ import pathlib
 
 import jax
 
+from jaxlm import files
 from jaxlm.config import step_range
 
 log = logging.getLogger("jaxlm")
@@ -29,7 +30,7 @@ class StepProfiler:
 
     def __init__(self, spec: str, workdir: pathlib.Path):
         self.steps = step_range(spec)  # validated with the config
-        self.folder = pathlib.Path(workdir) / "tb"
+        self.folder = files.path(workdir) / "tb"  # a local path or gs:// (jaxlm.files)
         self.active = False
 
     def before(self, step: int) -> None:

@@ -288,9 +288,12 @@ class JitTrainStep:
         self.traces = 0  # how often the step was traced: more than once means it recompiled
         self.private = privacy.enabled(cfg.privacy)  # DP-SGD
         self.dp = None                               # its dp_args: set_privacy
+        # With pipeline stages the microbatches flow through the stages inside the model
+        # (layers.Pipeline), one forward and backward for the whole batch: no accumulation.
+        accumulate = 1 if sharding.stage_count(mesh) > 1 else cfg.train.microbatches
         bound = functools.partial(train_step, objective=objective, model=setup.model,
                                   split=self.split, tx=tx, schedule=schedule,
-                                  microbatches=cfg.train.microbatches,
+                                  microbatches=accumulate,
                                   clip_norm=cfg.optimizer.grad_clip_norm)
 
         def counted(state, frozen, aux, batch, rng, dp):
