@@ -9,7 +9,9 @@
 # JAX_VERSION is the jax the tests ran with (requirements.txt admits a range; the image pins
 # one), installed with the accelerator's extra in the same pip resolution as requirements.txt,
 # so pip cannot pick another jax. PYTHON_VERSION is the Python they ran with.
-# tests/test_docker.py checks both, and these install lines, against requirements.txt.
+# The gcs extra's packages come with them (gs:// workdirs, as launch/gke.py runs the image).
+# tests/test_docker.py checks both, and these install lines, against requirements.txt and
+# pyproject.toml's gcs extra.
 # The working directory holds the checkout (configs/ included), so --config=configs/... works;
 # launch/gke.py runs the image on GKE.
 ARG PYTHON_VERSION=3.11
@@ -38,7 +40,8 @@ RUN case "$ACCELERATOR" in \
       tpu) links="--find-links=$LIBTPU_FIND_LINKS" ;; \
       *) echo "ACCELERATOR=$ACCELERATOR: expected cpu, cuda12 or tpu" >&2; exit 2 ;; \
     esac && \
-    pip install $links -r requirements.txt "jax[$ACCELERATOR]==$JAX_VERSION"
+    pip install $links -r requirements.txt "jax[$ACCELERATOR]==$JAX_VERSION" \
+      "gcsfs>=2024.2" "google-cloud-storage>=2.14,<4"
 
 COPY . .
 RUN pip install --no-deps . && pip check

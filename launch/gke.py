@@ -27,9 +27,10 @@ pod is one jaxlm process:
     num_processes = slices x hosts, and process_id = slice x hosts per slice + host, read
     from the pod's JobSet job index and Job completion index: the order JAX itself gives TPU
     hosts. The overrides may not set config.distributed.*.
-  - The workdir, gs://BUCKET/PATH, is the run's resume point: the bucket is mounted in every
-    pod with GKE's Cloud Storage FUSE CSI driver at /gcs/BUCKET (jaxlm takes filesystem paths
-    only), and jaxlm gets --workdir=/gcs/BUCKET/PATH.
+  - The workdir, gs://BUCKET/PATH, is the run's resume point: every pod reads and writes it
+    directly (jaxlm's gs:// workdirs: Orbax to Cloud Storage, the lease lock object; the
+    image installs the gcs extra). The pods' Kubernetes service account (--service-account)
+    needs read and write access to the bucket, e.g. through Workload Identity.
   - Preemption: SIGTERM (spot reclaim, eviction, maintenance) reaches jaxlm, which saves at the
     next step and exits 0; the pod then exits 143 all the same, so that the JobSet restarts
     every pod (up to --max-restarts times, crashes included) and the run resumes from the
@@ -56,8 +57,7 @@ import sys
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 CONTAINER = "jaxlm"
 COORDINATOR_PORT = 8482      # the port JAX's own GKE TPU detection uses for process 0
-GCS_ROOT = "/gcs"            # buckets are mounted at /gcs/BUCKET
-IMAGE_UID = 1000             # the Dockerfile's user: owner of the files the bucket mount shows
+IMAGE_UID = 1000             # the Dockerfile's user: the pods run as it (runAsNonRoot)
 EXIT_CODE_BAD_INPUT = 2      # jaxlm's exit code for a bad config or flag: restarting cannot help
 
 # GKE's TPU node labels (cloud.google.com/gke-tpu-accelerator) and slice shapes, as GKE's
@@ -192,19 +192,19 @@ def gpu_shape(gpus: int, nodes: int, gpu_type: str | None) -> Shape:
     return Shape(1, nodes, "nvidia.com/gpu", gpus, selector, tpu=False)
 
 
-def bucket_workdir(workdir: str) -> tuple[str, str]:
-    """(bucket, the workdir's path in the pods) for gs://BUCKET[/PATH]."""
+def check_workdir(workdir: str) -> str:
+    """gs://BUCKET[/PATH], checked: the workdir every pod gets."""
     m = re.fullmatch(r"gs://([^/]*)(/.*)?", workdir, re.DOTALL)
     if not m:
         raise LaunchError(f"--workdir={workdir}: expected gs://BUCKET/PATH, a bucket every pod "
-                          "mounts: the run's resume point after a restart")
+                          "reaches: the run's resume point after a restart")
     bucket, path = m.group(1), (m.group(2) or "").rstrip("/")
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
         raise LaunchError(f"--workdir={workdir}: {bucket!r} is not a bucket name (3-222 of "
                           "a-z, 0-9, '.', '-', '_')")
     if any(part in (".", "..") for part in path.split("/")):
-        raise LaunchError(f"--workdir={workdir}: '.' and '..' would leave the mounted bucket")
-    return bucket, f"{GCS_ROOT}/{bucket}{path}"
+        raise LaunchError(f"--workdir={workdir}: '.' and '..' are not folders in a bucket")
+    return f"gs://{bucket}{path}"
 
 
 def default_name(config: str) -> str:
@@ -286,7 +286,7 @@ def manifest(args) -> dict:
     rjob = "slice"
     name = args.name if args.name is not None else default_name(args.config)
     check_name(name, rjob, shape)
-    bucket, workdir = bucket_workdir(args.workdir)
+    workdir = check_workdir(args.workdir)
     processes = shape.replicas * shape.hosts
     count = str(shape.per_host)  # a Kubernetes quantity: a string
 
@@ -306,8 +306,8 @@ def manifest(args) -> dict:
         ],
         "ports": [{"containerPort": COORDINATOR_PORT, "name": "coordinator"}],
         "resources": {"requests": {shape.resource: count}, "limits": {shape.resource: count}},
-        "volumeMounts": [{"name": "workdir", "mountPath": f"{GCS_ROOT}/{bucket}"},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID},
     }
     pod_spec = {
         "restartPolicy": "Never",  # a failed pod fails its Job; the JobSet restarts them all
@@ -315,14 +315,7 @@ def manifest(args) -> dict:
         "nodeSelector": shape.node_selector,
         "tolerations": [{"key": shape.resource, "operator": "Exists", "effect": "NoSchedule"}],
         "containers": [container],
-        "volumes": [
-            {"name": "workdir", "csi": {
-                "driver": "gcsfuse.csi.storage.gke.io",
-                "volumeAttributes": {
-                    "bucketName": bucket,
-                    "mountOptions": f"implicit-dirs,uid={IMAGE_UID},gid={IMAGE_UID}"}}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # collectives' shared memory
-        ],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],  # collectives' shared memory
     }
     if not shape.node_selector:
         del pod_spec["nodeSelector"]
@@ -335,8 +328,7 @@ def manifest(args) -> dict:
         "backoffLimit": 0,
         "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
             "containerName": CONTAINER, "operator": "In", "values": [EXIT_CODE_BAD_INPUT]}}]},
-        "template": {"metadata": {"annotations": {"gke-gcsfuse/volumes": "true"}},
-                     "spec": pod_spec},
+        "template": {"spec": pod_spec},
     }
     metadata = {"name": name, "labels": {"app.kubernetes.io/name": "jaxlm"}}
     if args.namespace:

@@ -86,8 +86,10 @@ def test_the_install_line_asks_pip_for_the_requirements_and_the_pinned_jax(tmp_p
     subprocess.run(["sh", "-c", _install_line()], check=True, env=env, cwd=tmp_path, timeout=30)
     argv = [w.decode() for w in (tmp_path / "argv").read_bytes().split(b"\0")[:-1]]
     links = [f"--find-links={a['LIBTPU_FIND_LINKS']}"] if accelerator == "tpu" else []
+    gcs = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["gcs"]  # gs:// workdirs, which launch/gke.py gives the pods
     assert argv == ["install", *links, "-r", "requirements.txt",
-                    f"jax[{accelerator}]=={a['JAX_VERSION']}"]
+                    f"jax[{accelerator}]=={a['JAX_VERSION']}", *gcs]
     assert a["LIBTPU_FIND_LINKS"] == ("https://storage.googleapis.com/jax-releases/"
                                       "libtpu_releases.html")
 
@@ -117,7 +119,7 @@ def test_the_image_runs_as_a_non_root_user():
     assert users == ["1000:1000"]  # numeric: Kubernetes' runAsNonRoot can check it
     assert any("useradd --uid 1000 --gid 1000" in r for r in run_lines())
     assert steps[-1] == ("CMD", '["python", "-m", "jaxlm"]')
-    # launch/gke.py mounts the workdir's bucket as this user's
+    # launch/gke.py runs the pods as this user
     assert "IMAGE_UID = 1000 " in (REPO / "launch" / "gke.py").read_text()
 
 
