@@ -109,6 +109,11 @@ def _configure_clients() -> None:
     """Points epath, gcsfs and TensorStore at the same storage (see the module docstring).
     Runs before any of them opens a gs:// path; variables already set are kept."""
     os.environ.setdefault("EPATH_USE_TF", "false")
+    try:  # epath caches its TensorFlow check at the first path it opens (Orbax opens local
+        from etils.epath import gpath  # ones early): read the variable again
+        getattr(gpath, "_is_tf_installed", None).cache_clear()
+    except (ImportError, AttributeError):  # an epath without that cache reads it each time
+        pass
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
         url = emulator if "://" in emulator else f"http://{emulator}"

@@ -357,3 +357,16 @@ def test_other_schemes_and_exports_to_a_bucket_are_refused(trained, tmp_path):
 def test_the_repository_paths_are_not_touched():
     """The emulator's data lives in its own temporary folder, not in the repository."""
     assert not (REPO / "gs:").exists()
+
+
+def test_gs_paths_avoid_tensorflow_even_after_epath_cached_its_check(monkeypatch):
+    """epath caches whether to use tf.io.gfile (whose GCS client ignores the emulator) at
+    the first path it opens; Orbax opens local paths before any gs:// workdir is seen, as
+    an earlier test in this process may have."""
+    pytest.importorskip("tensorflow", reason="the TensorFlow backend needs TensorFlow")
+    from etils.epath import backend, gpath
+    monkeypatch.delenv("EPATH_USE_TF", raising=False)
+    gpath._is_tf_installed.cache_clear()
+    assert gpath._is_tf_installed()  # cached: TensorFlow is installed, the variable unset
+    assert files.path("gs://bucket/run")._backend is not backend.tf_backend
+    gpath._is_tf_installed.cache_clear()
