@@ -23,8 +23,9 @@ Exports (`python -m jaxlm.export`) hold the parameters only, for evaluation and 
 on any mesh: EXPORT/{params, meta}. Every folder of params or weight files (an export, a
 quantized export, an import from or export to Hugging Face, fine-tuning's best params, a
 run's frozen base) is written by `writing`: refused before anything is written when the
-disk lacks the room, staged beside its destination and renamed into place when complete;
-a failure (a full disk: one line naming the destination) leaves nothing behind.
+disk lacks the room, staged beside its destination and renamed into place when complete
+(in a bucket: written in place, complete once its last object is there); a failure (a full
+disk: one line naming the destination) leaves nothing behind.
 
 A run that trains part of the model (config.train.trainable) keeps its frozen base once, as
 an export in WORKDIR/frozen written when the run starts; each checkpoint's state holds the
@@ -60,7 +61,7 @@ from jaxlm import config as config_lib
 from jaxlm import files as files_lib
 from jaxlm import models
 from jaxlm.errors import (CheckpointError, ConfigError, JaxlmError, abandoned_coroutine,
-                          disk_error)
+                          disk_error, first_line)
 from jaxlm.models import transforms
 from jaxlm.trainable import Trainable
 
@@ -546,12 +547,10 @@ def save_frozen(workdir: pathlib.Path, frozen, cfg: ml_collections.ConfigDict, t
     """Writes the frozen base of a run to WORKDIR/frozen (all processes call this) and
     returns its digest, which every checkpoint's meta then names. A leftover from a run
     that never saved a checkpoint is replaced (it is made again from the same init)."""
-    path = pathlib.Path(workdir).absolute() / FROZEN
+    path = files_lib.absolute(files_lib.path(workdir)) / FROZEN
     if path.exists() and jax.process_index() == 0:
-        shutil.rmtree(path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("jaxlm: old frozen base removed")
+        files_lib.remove_tree(path)
+    sync("jaxlm: old frozen base removed")
     export_params(path, frozen, make_export_meta(cfg, tokenizer, 0), "the frozen base")
     return read_export_meta(path)["sha256"]
 
@@ -559,8 +558,8 @@ def save_frozen(workdir: pathlib.Path, frozen, cfg: ml_collections.ConfigDict, t
 def load_frozen(workdir: pathlib.Path, meta: dict, abstract, shardings, check: bool):
     """The frozen base that checkpoint `meta` names, placed into `shardings`; refused if
     WORKDIR/frozen is missing or is not the export the checkpoint was saved with."""
-    path = pathlib.Path(workdir).absolute() / FROZEN
-    if not (path / "meta").is_dir():
+    path = files_lib.absolute(files_lib.path(workdir)) / FROZEN
+    if not is_export(path):
         raise CheckpointError(f"{path} is missing: the checkpoints of {workdir} train part of "
                               "the model (config.train.trainable) and keep the frozen rest there")
     frozen_meta = read_export_meta(path)
@@ -599,7 +598,13 @@ def writing(path: pathlib.Path, what: str, nbytes: int):
     folder, which may be deleted.
 
     All processes call it: the check and the staging name are the same on each (a shared
-    filesystem), process 0 renames, and all return once `path` is there."""
+    filesystem), process 0 renames, and all return once `path` is there.
+
+    In a bucket (gs://) there is no rename: the folder is written in place and is complete
+    once its last object, jaxlm.files.COMPLETE, is there; a failure removes its objects."""
+    if files_lib.is_remote(path):
+        yield from _writing_to_bucket(path, what)
+        return
     path = pathlib.Path(path).absolute()
     if path.exists():
         raise CheckpointError(f"{path} already exists; not overwriting it")
@@ -633,9 +638,40 @@ def writing(path: pathlib.Path, what: str, nbytes: int):
             f"writing {what} to {path} failed: {where}{cause.strerror or cause}; "
             f"{_disk_advice(cause.errno, 'write it elsewhere')}; nothing was left there") from e
     shutil.rmtree(staging, ignore_errors=True)
+    sync(f"jaxlm: wrote {path}")
+
+
+def _writing_to_bucket(path, what: str):
+    """`writing`'s body for a gs:// `path` (a generator: `writing` yields from it)."""
+    if path.exists():
+        raise CheckpointError(f"{path} already exists; not overwriting it")
+    threads_before = set(threading.enumerate())
+    try:
+        with _quiet_orbax(logging.CRITICAL):
+            yield path
+        sync(f"jaxlm: wrote the objects of {path}")
+        if jax.process_index() == 0:
+            (path / files_lib.COMPLETE).write_text(f"{what}\n")
+    except BaseException as e:
+        _settle(threads_before, e)  # no write still going on may remake an object
+        if jax.process_index() == 0:
+            try:
+                files_lib.remove_tree(path)
+            except Exception:  # the bucket refuses deletes too: say what may be left
+                raise CheckpointError(f"writing {what} to {path} failed, and removing what "
+                                      f"was written failed too: {first_line(e)}") from e
+        if isinstance(e, (JaxlmError, KeyboardInterrupt)) or not isinstance(e, Exception):
+            raise
+        raise CheckpointError(f"writing {what} to {path} failed: {first_line(e)}; nothing "
+                              "was left there") from e
+    sync(f"jaxlm: wrote {path}")
+
+
+def sync(name: str) -> None:
+    """Waits until every process got here (one process: returns)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"jaxlm: wrote {path}")
+        multihost_utils.sync_global_devices(name)
 
 
 def export_params(path: pathlib.Path, params, meta: dict, what: str = "the export",
@@ -656,12 +692,13 @@ def export_params(path: pathlib.Path, params, meta: dict, what: str = "the expor
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 if isinstance(value, str):
                     (folder / name).write_text(value)
-                else:  # copyfile, not copy: the copy's mode comes from the umask
-                    shutil.copyfile(value, folder / name)
+                else:  # written, not copied: the file's mode comes from the umask
+                    (folder / name).write_bytes(pathlib.Path(value).read_bytes())
 
 
 def is_export(path: pathlib.Path) -> bool:
-    return (path / "meta").is_dir() and (path / "params").is_dir()
+    return ((path / "meta").is_dir() and (path / "params").is_dir()
+            and files_lib.complete(path))
 
 
 def latest_meta(path: pathlib.Path, what: str) -> dict:
@@ -684,6 +721,10 @@ def read_export_meta(path: pathlib.Path, any_layout: bool = False) -> dict:
     if not (path / "meta").is_dir():
         raise CheckpointError(f"config.evaluate.params={str(path)!r} is not a jaxlm export "
                               "(no meta inside; make one with python -m jaxlm.export)")
+    if not files_lib.complete(path):
+        raise CheckpointError(f"config.evaluate.params={str(path)!r} is an incomplete export "
+                              f"(no {files_lib.COMPLETE} object: its writer failed or is still "
+                              "writing)")
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

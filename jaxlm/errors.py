@@ -43,6 +43,12 @@ class Interrupted(JaxlmError):
     exit_code = 130
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its type's name if it has none), for a one-line
+    error that quotes a library's exception."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 def abandoned_coroutine(u) -> bool:
     """A coroutine destroyed unfinished that raised as it was closed. Orbax runs each
     restore in an event loop of its own and closes it as soon as one array fails to read,

@@ -4,7 +4,8 @@
         [--config.checkpoint.step=N]
 
 Writes PATH/params (an Orbax checkpoint of the parameters alone: no optimizer state, so
-about a third of a train checkpoint in fp32) and PATH/meta (config, tokenizer, step).
+about a third of a train checkpoint in fp32) and PATH/meta (config, tokenizer, step). PATH
+and the workdir may be local or gs:// (docs/cloud.md).
 Evaluate it with `python -m jaxlm.evaluate --config=FILE --workdir=OUT
 --config.evaluate.params=PATH`, on whatever mesh config.mesh describes there.
 
@@ -39,7 +40,7 @@ MERGE = cli.Flag("merge", "fold a LoRA run's adapters into the weights: a plain 
 def export(cfg, workdir: pathlib.Path, output: pathlib.Path, merge: bool = False) -> int:
     """Exports checkpoint config.checkpoint.step (-1: latest) of `workdir` (or the export
     config.evaluate.params), with `merge` its LoRA adapters folded in; returns the step."""
-    output = workdir_lib.check_output(output)
+    output = workdir_lib.check_output(output, bucket=True)
     workdir = workdir_lib.check(workdir, must_exist=not cfg.evaluate.params)
     setup = build(cfg)
     if merge and not setup.cfg.lora.rank:

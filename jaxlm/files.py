@@ -6,9 +6,13 @@ code that reads and writes a run's files does not ask which it has, except where
 differ, here:
 
 - writes whole or not at all (`write_text`): on a disk a temporary file renamed into place;
-  in a bucket one object upload, which GCS makes visible only once it is complete.
-- free space: a bucket has no free-space figure, so the check before a checkpoint save is
-  skipped there (jaxlm.checkpoint; exports are written to local paths only).
+  in a bucket one object upload, which GCS makes visible only once it is complete. A
+  folder of params (an export) is renamed into place on a disk, and in a bucket complete
+  once its last object, COMPLETE, is there (jaxlm.checkpoint.writing).
+- free space: a bucket has no free-space figure, so the checks before a checkpoint save
+  or an export are skipped there (jaxlm.checkpoint).
+- datasets: TFDS's array_record files are read from a local mirror of a bucket's
+  (jaxlm.data.tfds_split).
 - appends: objects cannot be appended to; the metrics log is rewritten whole instead
   (jaxlm.train.metrics).
 - the one-writer lock: jaxlm.workdir (flock on a disk, a lease object in a bucket).
@@ -28,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import shutil
 
 from jaxlm.errors import ConfigError
 
@@ -103,6 +108,38 @@ def write_text(p, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+# A folder of params written to a bucket (an export, a frozen base, best params) is
+# complete once this object is in it, the last one written: objects cannot be renamed into
+# place at once, so readers of a bucket look for it instead (a local folder is renamed).
+COMPLETE = "jaxlm_complete"
+
+
+def complete(folder) -> bool:
+    """Whether `folder` (of params) is there and whole: see COMPLETE."""
+    if is_remote(folder):
+        return (folder / COMPLETE).exists()
+    return pathlib.Path(folder).is_dir()
+
+
+def remove_tree(folder) -> None:
+    """Removes `folder` and everything in it, if it is there."""
+    if not is_remote(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.exists():
+        folder.rmtree()
+
+
+def copy_tree(src, dst) -> None:
+    """Copies the bucket folder `src` to `dst` (object by object, on the server), its
+    COMPLETE object last so that `dst` is complete only once everything is there."""
+    import gcsfs
+    fs = gcsfs.GCSFileSystem()
+    src_key, dst_key = os.fspath(src).rstrip("/"), os.fspath(dst).rstrip("/")
+    names = sorted(fs.find(src_key), key=lambda name: name.endswith("/" + COMPLETE))
+    for name in names:
+        fs.copy(name, dst_key + name[len(src_key.removeprefix("gs://")):])
 
 
 def _configure_clients() -> None:

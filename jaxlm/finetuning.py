@@ -11,12 +11,11 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 
 import jax
 import ml_collections
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, files
 from jaxlm import config as config_lib
 
 log = logging.getLogger("jaxlm")
@@ -61,14 +60,26 @@ class Validation:
 
     def __init__(self, cfg, workdir: pathlib.Path, source):
         self.cfg, self.source, self.metric = cfg, source, cfg.finetune.best_metric
-        self.best_dir = pathlib.Path(workdir) / "best"
-        old = self.best_dir.with_name("best.old")
-        if old.is_dir() and not self.best_dir.exists():  # killed between the two renames
-            os.rename(old, self.best_dir)
+        self.best_dir = files.path(workdir) / "best"
+        self._recover()
+        checkpoint.sync("jaxlm: best params recovered")
         self.best = self.best_metrics().get(self.metric)
 
+    def _recover(self) -> None:
+        """Completes a swap of WORKDIR/best (`_keep`) that a killed process left half done."""
+        new, old = self.best_dir.with_name("best.new"), self.best_dir.with_name("best.old")
+        if jax.process_index() != 0 or checkpoint.is_export(self.best_dir):
+            return
+        if not files.is_remote(self.best_dir):
+            if old.is_dir() and not self.best_dir.exists():  # killed between the renames
+                os.rename(old, self.best_dir)
+        elif checkpoint.is_export(new):  # killed while copying best.new to best
+            files.remove_tree(self.best_dir)
+            files.copy_tree(new, self.best_dir)
+            files.remove_tree(new)
+
     def best_metrics(self) -> dict:
-        if not (self.best_dir / "meta").is_dir():
+        if not checkpoint.is_export(self.best_dir):
             return {}
         return checkpoint.read_export_meta(self.best_dir).get("metrics", {})
 
@@ -86,17 +97,25 @@ class Validation:
                 if isinstance(v, float) or v is None}
 
     def _keep(self, setup, params, step: int, scores: dict) -> None:
-        """Replaces WORKDIR/best: written beside it, then swapped in by renames."""
+        """Replaces WORKDIR/best: written beside it, then swapped in by renames (in a
+        bucket: best removed, best.new copied to best and removed; see `_recover`)."""
         new, old = self.best_dir.with_name("best.new"), self.best_dir.with_name("best.old")
-        for leftover in (new, old):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if jax.process_index() == 0:
+            for leftover in (new, old):
+                files.remove_tree(leftover)
+        checkpoint.sync("jaxlm: leftovers of best removed")
         meta = {**checkpoint.make_export_meta(setup.cfg, setup.tokenizer, step), "metrics": scores}
         checkpoint.export_params(new, params, meta, "the best params so far")
         if jax.process_index() == 0:
-            if self.best_dir.exists():
-                os.rename(self.best_dir, old)
-            os.rename(new, self.best_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            if files.is_remote(self.best_dir):
+                files.remove_tree(self.best_dir)
+                files.copy_tree(new, self.best_dir)
+            else:
+                if self.best_dir.exists():
+                    os.rename(self.best_dir, old)
+                os.rename(new, self.best_dir)
+            files.remove_tree(old)
+            files.remove_tree(new)
         log.info("step %d: best %s so far (%.4f); params kept in %s", step, self.metric,
                  scores[self.metric], self.best_dir)
 
@@ -104,8 +123,8 @@ class Validation:
 def best_params(cfg, setup, workdir: pathlib.Path):
     """(params, step) of the export config.evaluate.params (e.g. an int8 one, python -m
     jaxlm.quantize), else of WORKDIR/best, else of the checkpoint config.checkpoint.step."""
-    best = workdir / "best"
-    if cfg.evaluate.params or not (best / "meta").is_dir():
+    best = files.path(workdir) / "best"
+    if cfg.evaluate.params or not checkpoint.is_export(best):
         return checkpoint.load_params(cfg, setup, workdir)
     meta = checkpoint.read_export_meta(best)
     checkpoint.check_meta(meta, cfg, setup.tokenizer, f"export {best}")

@@ -21,7 +21,7 @@ import copy
 import logging
 import pathlib
 
-from jaxlm import checkpoint, cli
+from jaxlm import checkpoint, cli, files
 from jaxlm import config as config_lib
 from jaxlm.errors import ConfigError
 from jaxlm.workdir import check_output
@@ -40,7 +40,7 @@ FLAGS = [
 def source_of(workdir: str, params: str) -> pathlib.Path:
     if bool(workdir) == bool(params):
         raise ConfigError("give one of --workdir=DIR (a training run) or --params=EXPORT")
-    path = pathlib.Path(workdir or params)
+    path = files.path(workdir or params, "--workdir" if workdir else "--params")
     if params and not checkpoint.is_export(path):
         raise ConfigError(f"--params={params}: not a jaxlm params export (no meta and params "
                           "inside)")
@@ -57,7 +57,7 @@ def quantize(cfg, source: pathlib.Path, out: pathlib.Path) -> dict:
     from jaxlm import models
     from jaxlm.models import transforms
     from jaxlm.setup import build
-    out = check_output(out, "--out")
+    out = check_output(out, "--out", bucket=True)
     if cfg.quant.mode == "none":
         raise ConfigError("config.quant.mode: give int8_weight or int8 (what to quantize to)")
     is_export = checkpoint.is_export(source)
@@ -84,7 +84,7 @@ def quantize(cfg, source: pathlib.Path, out: pathlib.Path) -> dict:
     sizes = {"float_bytes": checkpoint.tree_bytes(params),
              "bytes": checkpoint.tree_bytes(quantized)}
     meta = {**checkpoint.make_export_meta(qcfg, qsetup.tokenizer, step),
-            "quantized_from": str(source.absolute()), **sizes}
+            "quantized_from": str(files.absolute(source)), **sizes}
     checkpoint.export_params(out, quantized, meta)
     log.info("quantized step %d of %s to %s (%s): %d quantized weights; %.2f MB of params, "
              "were %.2f MB", step, source, out, qcfg.quant.mode,
@@ -100,7 +100,7 @@ def main(argv):
     meta = checkpoint.latest_meta(source, str(source))
     cfg = args.saved_config(meta["config"], f"the config saved in {source}")
     cli.start(cfg)
-    return quantize(cfg, source, pathlib.Path(args.flags["out"]))
+    return quantize(cfg, source, args.flags["out"])
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import threading
 import time
 
 from jaxlm import files
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, first_line
 
 log = logging.getLogger("jaxlm")
 
@@ -112,25 +112,26 @@ class Claim:
                     break
 
 
-def _check_bucket(text: str, must_exist: bool):
-    """A gs:// workdir, after checking that the clients are installed and the bucket exists
-    (and, with `must_exist`, holds the workdir). Whether it is writable shows when the lock
-    object is created (`claim`): the first write, refused whole by the bucket."""
-    files.require_gcs(text)
-    path = files.path(text)
+def _check_bucket(text: str, must_exist: bool, flag: str = "--workdir"):
+    """A gs:// path (`flag`'s value), after checking that the clients are installed and
+    the bucket exists (and, with `must_exist`, holds the path). Whether it is writable shows
+    at the first write (for a workdir the lock object, `claim`), refused whole by the
+    bucket."""
+    files.require_gcs(text, flag)
+    path = files.path(text, flag)
     bucket, key = files.bucket_and_key(path)
     from google.api_core import exceptions
     try:
         if _client().lookup_bucket(bucket) is None:
-            raise ConfigError(f"--workdir={text}: the bucket gs://{bucket} does not exist "
+            raise ConfigError(f"{flag}={text}: the bucket gs://{bucket} does not exist "
                               "(create it first, or check the name)")
         if must_exist and not path.exists():
-            raise ConfigError(f"--workdir={text}: no such folder in gs://{bucket}")
+            raise ConfigError(f"{flag}={text}: no such folder in gs://{bucket}")
     except exceptions.GoogleAPIError as e:
-        raise ConfigError(f"--workdir={text}: cannot read the bucket gs://{bucket}: "
-                          f"{_first_line(e)}") from None
+        raise ConfigError(f"{flag}={text}: cannot read the bucket gs://{bucket}: "
+                          f"{first_line(e)}") from None
     except OSError as e:  # gcsfs's, or no route to the storage endpoint
-        raise ConfigError(f"--workdir={text}: cannot reach gs://{bucket}: {_first_line(e)}") from None
+        raise ConfigError(f"{flag}={text}: cannot reach gs://{bucket}: {first_line(e)}") from None
     return path
 
 
@@ -145,10 +146,6 @@ def _client():
         from google.cloud import storage
         _CLIENT = storage.Client()
     return _CLIENT
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 class ObjectClaim:
@@ -204,7 +201,7 @@ class ObjectClaim:
                               "exist (create it first, or check the name)") from None
         except (exceptions.Forbidden, exceptions.Unauthorized) as e:
             raise ConfigError(f"--workdir={workdir}: cannot write to gs://{bucket_name} "
-                              f"({_first_line(e)}); nothing was written") from None
+                              f"({first_line(e)}); nothing was written") from None
 
     def accept(self) -> None:
         """The run passed its checks: what the claim wrote stays."""
@@ -256,9 +253,9 @@ class ObjectClaim:
             except Exception as e:  # noqa: BLE001 (unreachable for now: retried next beat)
                 if time.monotonic() - last > self._holder["lease_seconds"]:
                     return _lost(f"--workdir={self.workdir}: could not renew this run's lock "
-                                 f"for a whole lease ({_first_line(e)}); stopping at once")
+                                 f"for a whole lease ({first_line(e)}); stopping at once")
                 log.warning("--workdir=%s: renewing the lock failed (%s); retrying",
-                            self.workdir, _first_line(e))
+                            self.workdir, first_line(e))
 
 
 def _lost(message: str) -> None:
@@ -299,13 +296,18 @@ def _in_use(workdir, holder: dict) -> ConfigError:
                        "wait for it to finish, or use another --workdir")
 
 
-def check_output(output, flag: str = "--output") -> pathlib.Path:
+def check_output(output, flag: str = "--output", bucket: bool = False) -> pathlib.Path:
     """The path an export will be written to, refused now (before a possibly long restore)
-    if it exists or its folder is not writable."""
+    if it exists or its folder is not writable. `bucket`: a gs:// path is allowed (written
+    by jaxlm.checkpoint.writing), else refused naming `flag`."""
     if files.is_remote(output):
-        raise ConfigError(f"{flag}={os.fspath(output)}: written to local paths only (a gs:// "
-                          "workdir is read directly); write it here and copy it, e.g. with "
-                          "gcloud storage cp -r")
+        if not bucket:
+            raise ConfigError(f"{flag}={os.fspath(output)}: written to local paths only; "
+                              "write it here and copy it, e.g. with gcloud storage cp -r")
+        path = _check_bucket(os.fspath(output), False, flag)
+        if path.exists():
+            raise ConfigError(f"{flag}={os.fspath(output)} already exists; not overwriting it")
+        return path
     output = pathlib.Path(output)
     if output.exists():
         raise ConfigError(f"{flag}={output} already exists; not overwriting it")

@@ -28,6 +28,7 @@ from test_checkpoint import assert_trees_equal, run_beside, saved_params
 from test_main import TINY
 
 from jaxlm import checkpoint, files, workdir
+from jaxlm.errors import ConfigError
 from jaxlm.runlog import read_history
 
 emulator = pytest.importorskip(
@@ -343,15 +344,107 @@ def test_without_the_gcs_extra_the_error_names_it(bucket, monkeypatch):
                        "pip install 'jaxlm[gcs]'")
 
 
-def test_other_schemes_and_exports_to_a_bucket_are_refused(trained, tmp_path):
+def test_other_schemes_and_hugging_face_exports_to_a_bucket_are_refused(trained, tmp_path):
     code, errors = command("train", DEBUG, "--workdir=s3://b/run", *TINY)
     assert code == 2 and errors == ["error: --workdir=s3://b/run: s3:// is not supported; "
                                     "jaxlm writes to local paths and gs:// buckets"], errors
     before = objects(trained)
-    code, errors = command("export", DEBUG, "--workdir=gs://trained/run", *TINY,
-                           "--output=gs://trained/export")
+    code, errors = command("interop", "export", "--workdir=gs://trained/run",
+                           "--out=gs://trained/hf")
     assert code == 2 and len(errors) == 1 and "written to local paths only" in errors[0], errors
     assert objects(trained) == before
+    code, errors = command("interop", "export", "--workdir=gs://trained/run",
+                           f"--out={tmp_path / 'hf'}")  # read from the bucket, written here
+    assert code == 0 and (tmp_path / "hf" / "config.json").is_file(), errors
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def test_exports_and_int8_exports_are_written_to_the_bucket(trained):
+    code, errors = command("export", DEBUG, "--workdir=gs://trained/run", *TINY,
+                           "--output=gs://trained/exports/plain")
+    assert code == 0, errors
+    assert "exports/plain/" + files.COMPLETE in objects(trained, "exports/plain/")
+    export = files.path("gs://trained/exports/plain")
+    assert checkpoint.is_export(export)
+    assert_trees_equal(checkpoint.load_export(export, *_abstract(export)),
+                       _checkpoint_params("gs://trained/run", 4))
+
+    code, errors = command("quantize", "--params=gs://trained/exports/plain",
+                           "--out=gs://trained/exports/int8", "--config.quant.mode=int8_weight")
+    assert code == 0, errors
+    assert checkpoint.read_export_meta(files.path("gs://trained/exports/int8"))["quantized_from"] \
+        == "gs://trained/exports/plain"
+
+    before = objects(trained)
+    code, errors = command("export", DEBUG, "--workdir=gs://trained/run", *TINY,
+                           "--output=gs://trained/exports/plain")
+    assert code == 2 and errors == ["error: --output=gs://trained/exports/plain already exists; "
+                                    "not overwriting it"], errors
+    assert objects(trained) == before
+
+    # Without its last object an export is one still being written, or a failed one.
+    copy_prefix(trained, "exports/plain", "exports/partial")
+    trained.blob("exports/partial/" + files.COMPLETE).delete()
+    assert not checkpoint.is_export(files.path("gs://trained/exports/partial"))
+    with pytest.raises(checkpoint.CheckpointError, match="is an incomplete export"):
+        checkpoint.read_export_meta(files.path("gs://trained/exports/partial"))
+
+
+def test_a_failed_export_leaves_no_object_behind(trained, monkeypatch):
+    sync = checkpoint.sync
+
+    def fail_after_the_objects(name):  # e.g. the connection drops before the last object
+        if name.startswith("jaxlm: wrote the objects"):
+            raise OSError(5, "Input/output error")
+        sync(name)
+    monkeypatch.setattr(checkpoint, "sync", fail_after_the_objects)
+    code, errors = command("export", DEBUG, "--workdir=gs://trained/run", *TINY,
+                           "--output=gs://trained/exports/failed")
+    assert code == 2 and errors == ["error: writing the export to gs://trained/exports/failed "
+                                    "failed: [Errno 5] Input/output error; nothing was left "
+                                    "there"], errors
+    assert objects(trained, "exports/failed") == {}
+
+
+def test_a_lora_run_in_a_bucket_resumes_as_the_local_run_trains(bucket, tmp_path):
+    """A run that trains part of the model keeps its frozen base in WORKDIR/frozen: in a
+    bucket it is written there, and a resume reads it back."""
+    lora = ("--config.lora.rank=2", "--config.checkpoint.every=2", "--config.train.log_every=1")
+    url = f"gs://{bucket.name}/lora"
+    for steps in (2, 4):
+        code, errors = command("train", DEBUG, f"--workdir={url}", *TINY, *lora,
+                               f"--config.train.steps={steps}")
+        assert code == 0, errors
+    code, errors = command("train", DEBUG, f"--workdir={tmp_path / 'lora'}", *TINY, *lora,
+                           "--config.train.steps=4")
+    assert code == 0, errors
+    assert f"lora/frozen/{files.COMPLETE}" in objects(bucket, "lora/frozen/")
+    assert [h["loss"] for h in read_history(files.path(url))] == \
+        [h["loss"] for h in read_history(tmp_path / "lora")]
+    assert_trees_equal(saved_params(files.path(url), 4), saved_params(tmp_path / "lora", 4))
+
+
+def test_fine_tuning_keeps_its_best_params_in_the_bucket(bucket, tmp_path):
+    from test_finetune import ft_config, run_finetune
+    url = f"gs://{bucket.name}/ft"
+    in_bucket, local = run_finetune(ft_config(), url), run_finetune(ft_config(), tmp_path / "ft")
+    assert in_bucket["epochs"] == local["epochs"]
+    assert in_bucket["validation"] == local["validation"]
+    names = set(objects(bucket, "ft/"))
+    assert f"ft/best/{files.COMPLETE}" in names and "ft/results.json" in names
+    assert not any(n.startswith(("ft/best.new/", "ft/best.old/")) for n in names)
+
+    # Killed while copying best.new over best: the next start completes the copy.
+    copy_prefix(bucket, "ft/best", "ft/best.new")
+    trained_best = objects(bucket, "ft/best/")
+    for blob in bucket.client.list_blobs(bucket.name, prefix="ft/best/"):
+        if blob.name.endswith(("/" + files.COMPLETE, "/metadata")):
+            blob.delete()
+    assert run_finetune(ft_config(), url)["validation"] == local["validation"]
+    assert objects(bucket, "ft/best/") == trained_best
+    assert objects(bucket, "ft/best.new/") == {}
 
 
 def test_the_repository_paths_are_not_touched():
@@ -370,3 +463,41 @@ def test_gs_paths_avoid_tensorflow_even_after_epath_cached_its_check(monkeypatch
     assert gpath._is_tf_installed()  # cached: TensorFlow is installed, the variable unset
     assert files.path("gs://bucket/run")._backend is not backend.tf_backend
     gpath._is_tf_installed.cache_clear()
+
+
+def test_a_data_dir_in_the_bucket_is_prepared_read_and_cached_as_a_local_one(bucket, tmp_path,
+                                                                            monkeypatch):
+    """Prepared into the bucket through a local staging folder, read through a local
+    mirror that follows the bucket: the same tokens as the dataset prepared on a disk."""
+    from jaxlm.data import sources, text_dataset, tfds_split
+    from jaxlm.data.tokenizers import get_tokenizer
+    from test_data_tfds import PARAGRAPHS, data_cfg, require_tensorflow
+    require_tensorflow()
+    monkeypatch.setattr(tfds_split, "MIRROR_ROOT", str(tmp_path / "mirror"))
+    (tmp_path / "a.txt").write_text("\n\n".join(PARAGRAPHS) + "\n")
+    url = f"gs://{bucket.name}/tfds"
+
+    def prepare(data_dir, **kw):
+        return text_dataset.prepare_text("my_corpus", {"train": [str(tmp_path / "a.txt")]},
+                                         data_dir, unit="paragraph", **kw)
+
+    def tokens(data_dir, cache):
+        cfg = data_cfg(tmp_path, data_dir=data_dir, cache_dir=str(tmp_path / "cache" / cache))
+        return sources.make_source(cfg.data, get_tokenizer("byte")).cache.tokens.tolist()
+
+    for data_dir in (url, str(tmp_path / "tfds")):
+        assert prepare(data_dir) == {"train": len(PARAGRAPHS)}
+    assert "tfds/my_corpus/1.0.0/dataset_info.json" in objects(bucket, "tfds/")
+    assert tokens(url, "bucket") == tokens(str(tmp_path / "tfds"), "local")
+    assert (tmp_path / "mirror" / bucket.name / "tfds" / "my_corpus" / ".jaxlm_mirror.json").is_file()
+
+    before = objects(bucket)
+    assert prepare(url) == {"train": len(PARAGRAPHS)}  # the same files: nothing uploaded
+    assert objects(bucket) == before
+    (tmp_path / "a.txt").write_text("other text, long enough for a sequence\n")
+    with pytest.raises(ConfigError, match="already holds a dataset 'my_corpus' made from other"):
+        prepare(url)
+    assert objects(bucket) == before
+    assert prepare(url, overwrite=True) == {"train": 1}
+    prepare(str(tmp_path / "tfds-2"))
+    assert tokens(url, "bucket-2") == tokens(str(tmp_path / "tfds-2"), "local-2")

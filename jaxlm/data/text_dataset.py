@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import types
 from typing import ClassVar
 
+from jaxlm import files as files_lib
 from jaxlm.data.text_files import UNITS, read_text_file
-from jaxlm.data.tfds_split import write_prepared
+from jaxlm.data.tfds_split import staging, upload, write_prepared
 from jaxlm.errors import ConfigError
 
 
@@ -57,8 +59,6 @@ def prepare_text(name: str, splits: dict[str, list[str]], data_dir: str, *, unit
     splits: split name -> files. Returns documents per split. An existing dataset of the
     same name made from other files is refused unless `overwrite`.
     """
-    from etils import epath  # a TFDS dependency; handles local and gs:// paths
-
     tfds = _tfds()
     if unit not in UNITS:
         raise ConfigError(f"--unit={unit!r}: expected one of {UNITS}")
@@ -73,17 +73,24 @@ def prepare_text(name: str, splits: dict[str, list[str]], data_dir: str, *, unit
             h.update(f"{split}\0{path.name}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
     cls = _builder_class(name)
     cls.splits, cls.fingerprint = docs, h.hexdigest()
-    if "://" not in data_dir:  # gs:// and other remote paths go to TFDS unchanged
-        data_dir = str(pathlib.Path(data_dir).expanduser())
-    builder = cls(data_dir=data_dir, file_format="array_record")
-    info = epath.Path(builder.data_dir) / "dataset_info.json"
-    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    if info.is_file() and cls.fingerprint not in info.read_text():
-        if not overwrite:
-            raise ConfigError(f"{builder.data_dir} already holds a dataset {name!r} made from "
-                              "other files; pass --overwrite or choose another --name")
-        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    data_dir = os.fspath(files_lib.path(data_dir, "--data_dir"))
+    remote = files_lib.is_remote(data_dir)
     nbytes = sum(pathlib.Path(f).expanduser().stat().st_size for fs in splits.values() for f in fs)
-    write_prepared(builder, name, nbytes, tfds.download.DownloadConfig(
-        download_mode=mode, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    with staging(data_dir) as local:  # gs://: prepared here, then uploaded
+        builder = cls(data_dir=local, file_format="array_record")
+        version = pathlib.Path(builder.data_dir).relative_to(builder.data_dir_root)
+        target = files_lib.path(data_dir) / version.as_posix()
+        info = target / "dataset_info.json"
+        mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        if info.is_file() and cls.fingerprint not in info.read_text():
+            if not overwrite:
+                raise ConfigError(f"{target} already holds a dataset {name!r} made from "
+                                  "other files; pass --overwrite or choose another --name")
+            mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+        elif info.is_file() and remote:
+            return {split: len(d) for split, d in docs.items()}  # there already
+        write_prepared(builder, name, nbytes, tfds.download.DownloadConfig(
+            download_mode=mode, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        if remote:
+            upload(builder, data_dir)
     return {split: len(d) for split, d in docs.items()}

@@ -5,6 +5,11 @@ text_key), or a DataError naming the example that cannot be read.
 
 jaxlm reads array_record files with `tfds.data_source` (random access, no TensorFlow);
 datasets prepared as tfrecord are read through tf.data, which needs TensorFlow.
+
+A data_dir in a bucket (gs://): array_record's reader and writer open local files only, so
+a dataset there is read from a local mirror (`mirror`: ~/.cache/jaxlm/tfds/BUCKET/PATH,
+refreshed when the bucket's objects change; each host keeps its own), and one prepared
+there is written to a local temporary data_dir first, then uploaded (`upload`).
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 import pathlib
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 
+from jaxlm import files
 from jaxlm.errors import ConfigError, DataError, disk_error
 
 
@@ -80,12 +88,11 @@ def open_split(name: str, split: str, data_dir: str, text_key: str = "",
     from etils import epath
 
     tfds.disable_progress_bar()
-    data_dir = data_dir or default_data_dir()
+    data_dir = os.fspath(files.path(data_dir or default_data_dir(), "config.data.data_dir"))
     if not is_remote(data_dir):
-        data_dir = str(pathlib.Path(data_dir).expanduser())
         if not pathlib.Path(data_dir).is_dir() and not manual_dir:
             raise ConfigError(f"config.data.data_dir={data_dir!r} does not exist")
-    builder = _builder(name, f"config.data.name={name!r}", data_dir=data_dir, missing=(
+    builder = _builder(name, f"config.data.name={name!r}", data_dir=mirror(data_dir, name), missing=(
         f"config.data.name={name!r}: no TFDS dataset of that name, neither in the catalog nor "
         f"prepared under {data_dir} (make one from local files with python -m "
         "jaxlm.data.prepare text)"))
@@ -100,9 +107,9 @@ def open_split(name: str, split: str, data_dir: str, text_key: str = "",
         lock = (_file_lock(pathlib.Path(data_dir) / f".{safe_name}.prepare.lock")
                 if not is_remote(data_dir) else contextlib.nullcontext())
         with lock:
-            if not tfds.builder(name, data_dir=data_dir).is_prepared():
+            if not tfds.builder(name, data_dir=mirror(data_dir, name)).is_prepared():
                 prepare_catalog(name, data_dir, manual_dir)
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=mirror(data_dir, name))
     splits = list(builder.info.splits)
     if split.split("[")[0] not in splits:
         raise ConfigError(f"config.data.split={split!r}: {name} has splits {sorted(splits)}")
@@ -141,12 +148,13 @@ def prepare_catalog(name: str, data_dir: str, manual_dir: str) -> str:
     if not manual.is_dir() or not any(manual.iterdir()):
         raise ConfigError(f"config.data.manual_dir={manual_dir!r}: no such directory, or it is "
                           f"empty (it must hold the source files of {name!r})")
-    builder = _builder(name, f"config.data.name={name!r}", data_dir=data_dir,
-                       file_format="array_record")
-    nbytes = sum(f.stat().st_size for f in manual.rglob("*") if f.is_file())
-    write_prepared(builder, name, nbytes, tfds.download.DownloadConfig(
-        manual_dir=str(manual), try_download_gcs=False))
-    return str(builder.data_dir)
+    with staging(data_dir) as local:
+        builder = _builder(name, f"config.data.name={name!r}", data_dir=local,
+                           file_format="array_record")
+        nbytes = sum(f.stat().st_size for f in manual.rglob("*") if f.is_file())
+        write_prepared(builder, name, nbytes, tfds.download.DownloadConfig(
+            manual_dir=str(manual), try_download_gcs=False))
+        return upload(builder, data_dir) if is_remote(data_dir) else str(builder.data_dir)
 
 
 def write_prepared(builder, name: str, nbytes: int, download_config) -> None:
@@ -184,8 +192,8 @@ def builder_for(name: str, data_dir: str, what: str):
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    data_dir = data_dir or default_data_dir()
-    builder = _builder(name, what, data_dir=data_dir)
+    data_dir = os.fspath(files.path(data_dir or default_data_dir(), "config.data.data_dir"))
+    builder = _builder(name, what, data_dir=mirror(data_dir, name))
     if not builder.is_prepared():
         raise ConfigError(f"{what}: {name!r} is not prepared under {data_dir} and nothing is "
                           "downloaded; prepare it there first (TFDS manual_dir)")
@@ -206,3 +214,89 @@ def _builder(name: str, what: str, missing: str = "", **kwargs):
             raise
         raise ConfigError(f"{what}: {name!r} is not a TFDS dataset name (NAME, NAME/CONFIG or "
                           "NAME:VERSION; lower case, no spaces)") from None
+
+
+# ----------------------------------------------------------------------------- gs:// data_dir
+
+MIRROR_ROOT = "~/.cache/jaxlm/tfds"
+_MANIFEST = ".jaxlm_mirror.json"
+
+
+def mirror(data_dir: str, name: str) -> str:
+    """The data_dir to open dataset `name` from: `data_dir` itself if local; for a gs://
+    one, a local copy of its folder NAME (every version and config), downloaded again
+    whenever the bucket's objects differ from those the copy was made from."""
+    if not is_remote(data_dir):
+        return data_dir
+    files.require_gcs(data_dir, "config.data.data_dir")
+    bucket, key = files.bucket_and_key(data_dir)
+    root = pathlib.Path(MIRROR_ROOT).expanduser() / bucket / key
+    base = name.split("/")[0].split(":")[0]
+    fs = _gcs()
+    prefix = f"{bucket}/{key}/{base}" if key else f"{bucket}/{base}"
+    remote = {path[len(prefix) + 1:]: info.get("md5Hash") or str(info["size"])
+              for path, info in fs.find(prefix, detail=True).items()}
+    local = root / base
+    if not remote:
+        return str(root)  # nothing there: TFDS reports it as not prepared
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f".{base}.mirror.lock"):
+        manifest = local / _MANIFEST
+        if manifest.is_file() and json.loads(manifest.read_text()) == remote:
+            return str(root)
+        partial = root / f".{base}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            for rel in remote:
+                (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            names = sorted(remote)
+            fs.get([f"{prefix}/{rel}" for rel in names], [str(partial / rel) for rel in names])
+            (partial / _MANIFEST).write_text(json.dumps(remote))
+            shutil.rmtree(local, ignore_errors=True)
+            os.rename(partial, local)
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise DataError(f"config.data.data_dir={data_dir}: copying {base} to {root} failed: "
+                            f"{e.strerror or e}") from None
+    return str(root)
+
+
+@contextlib.contextmanager
+def staging(data_dir: str):
+    """The data_dir TFDS prepares into: `data_dir` itself if local, else a temporary local
+    folder (removed afterwards) whose dataset `upload` then puts into the bucket."""
+    if not is_remote(data_dir):
+        yield data_dir
+        return
+    files.require_gcs(data_dir, "--data_dir")
+    with tempfile.TemporaryDirectory(prefix="jaxlm-prepare-") as local:
+        yield local
+
+
+def upload(builder, data_dir: str) -> str:
+    """Copies the dataset version `builder` prepared (in a `staging` folder) to the same
+    place under the gs:// `data_dir`, replacing what is there, its dataset_info.json last
+    (TFDS takes a version folder holding it as prepared); returns the bucket folder. On
+    failure what was uploaded is removed."""
+    local = pathlib.Path(str(builder.data_dir))
+    rel = local.relative_to(pathlib.Path(str(builder.data_dir_root))).as_posix()
+    target = f"{data_dir.rstrip('/')}/{rel}"
+    fs = _gcs()
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
+    names = sorted((p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
+                   key=lambda n: n == "dataset_info.json")
+    try:
+        for name in names:
+            fs.put_file(str(local / name), f"{target}/{name}")
+    except Exception as e:
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        raise DataError(f"uploading {builder.name} to {target} failed: {e}; nothing of it was "
+                        "kept") from None
+    return target
+
+
+def _gcs():
+    import gcsfs
+    return gcsfs.GCSFileSystem()

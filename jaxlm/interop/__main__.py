@@ -32,7 +32,9 @@ def main(argv):
               f"{cfg.model.d_model}); evaluate it with --config={f['out']}/config.py "
               f"--config.evaluate.params={f['out']}")
         return cfg
-    cfg, params = hf.load_jaxlm(pathlib.Path(f["workdir"]))
+    from jaxlm.workdir import check_output
+    check_output(f["out"], "--out")  # before the restore; a bucket is refused here
+    cfg, params = hf.load_jaxlm(f["workdir"])
     hf.export_folder(cfg, params, cfg.data.tokenizer, pathlib.Path(f["out"]))
     print(f"wrote {f['out']}: open it with transformers' from_pretrained")
     return cfg

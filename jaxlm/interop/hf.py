@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import models
+from jaxlm import files, models
 from jaxlm import workdir as workdir_lib
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
@@ -204,10 +204,10 @@ def load_jaxlm(path: pathlib.Path, devices=None):
     from jaxlm import checkpoint
     from jaxlm.config import base_config, from_dict
     from jaxlm.setup import build
-    path = pathlib.Path(path)
+    path = files.path(path)
     meta = checkpoint.latest_meta(path, f"--workdir={path}")
     cfg = from_dict(meta["config"], f"{path}")
-    if (path / TOKENIZER).is_dir():  # an import's own tokenizer files, wherever it is now
+    if not files.is_remote(path) and (path / TOKENIZER).is_dir():  # an import's own tokenizer files, wherever it is now
         cfg.data.tokenizer = f"{cfg.data.tokenizer.partition(':')[0]}:{path.resolve() / TOKENIZER}"
     cfg.mesh = base_config().mesh  # whatever mesh wrote it: load on this machine's default
     cfg.evaluate.params = str(path) if (path / "meta").is_dir() else ""

@@ -157,10 +157,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, devices=None,
     non-finite loss, and how often the step was compiled (1 unless something is wrong).
     """
     workdir = workdir_lib.check(workdir, must_exist=False)
-    if files.is_remote(workdir) and (cfg.train.trainable or cfg.lora.rank):
-        raise ConfigError(f"--workdir={workdir}: a run that trains part of the model "
-                          "(config.train.trainable, config.lora) keeps its frozen base as an "
-                          "export, which jaxlm writes to local paths only: use a local --workdir")
     claim = _claim(workdir)
     try:
         return _train(cfg, workdir, devices, claim, hooks or Hooks())
