@@ -146,7 +146,8 @@ SCHEMA = {
                           "~/tensorflow_datasets"),
         "manual_dir": Field("", None, "folder with a catalog dataset's source files: an "
                             "unprepared dataset is prepared from it (nothing is downloaded)"),
-        "cache_dir": Field("", None, "token caches; empty: <data_dir>/jaxlm_tokens"),
+        "cache_dir": Field("", None, "token caches (a local folder); empty: <data_dir>/"
+                            "jaxlm_tokens, or ~/.cache/jaxlm/tokens for a gs:// data_dir"),
         "packing": Field(False, None, "false: the token stream cut into windows; true: whole "
                          "documents per sequence with segment ids and position resets"),
         "mixture": Field((), None, "with name=mixture: NAME=WEIGHT entries"),

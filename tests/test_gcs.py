@@ -501,3 +501,12 @@ def test_a_data_dir_in_the_bucket_is_prepared_read_and_cached_as_a_local_one(buc
     assert prepare(url, overwrite=True) == {"train": 1}
     prepare(str(tmp_path / "tfds-2"))
     assert tokens(url, "bucket-2") == tokens(str(tmp_path / "tfds-2"), "local-2")
+
+
+def test_a_token_cache_in_a_bucket_is_refused_naming_the_field(tmp_path):
+    from jaxlm.data import token_cache
+    with pytest.raises(ConfigError, match=r"^config.data.cache_dir=gs://b/cache: token caches "
+                                          "are memory-mapped and must be on a local disk"):
+        token_cache.cache_root("gs://b/cache", str(tmp_path))
+    assert token_cache.cache_root("", "gs://b/tfds") == \
+        pathlib.Path("~/.cache/jaxlm/tokens").expanduser()

@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxlm.data.tfds_split import TfdsSplit, default_data_dir, is_remote
 from jaxlm.data.tokenizers import Tokenizer
-from jaxlm.errors import DataError
+from jaxlm.errors import ConfigError, DataError
 
 FORMAT = 1  # bump when the on-disk layout changes
 
@@ -51,6 +51,10 @@ class TokenCache:
 
 
 def cache_root(cache_dir: str, data_dir: str) -> pathlib.Path:
+    if is_remote(cache_dir):
+        raise ConfigError(f"config.data.cache_dir={cache_dir}: token caches are memory-mapped "
+                          "and must be on a local disk (each host builds its own); leave it "
+                          "empty or give a local folder")
     if cache_dir:
         return pathlib.Path(cache_dir).expanduser()
     data_dir = data_dir or default_data_dir()
