@@ -19,7 +19,10 @@ config.finetune.null_threshold) and scored with the official exact match and F1;
 of the best epoch by F1 are kept in WORKDIR/best. The run ends by answering with them once
 more and writes WORKDIR/results.json (EM, F1, HasAns/NoAns for v2.0, the best epoch, every
 epoch's scores) and WORKDIR/predictions.json ({id: answer}, the input of the official
-evaluation scripts).
+evaluation scripts). For v2.0 the scores also hold the no-answer threshold that would have
+been best on the validation questions (best_exact/best_f1 and their _thresh, as the
+official v2.0 script reports them), and WORKDIR/null_odds.json the margin of each question
+(the script's --na-prob-file); tune config.finetune.null_threshold with them.
 """
 
 from __future__ import annotations
@@ -98,12 +101,22 @@ def windows(cfg, tokenizer, questions) -> squad_data.Windows:
                               ft.max_query_len)
 
 
-def answer(cfg, setup, params, questions, win: squad_data.Windows) -> dict[str, str]:
-    """{question id: predicted answer} of `params` (v2.0: "" for no answer)."""
+def answer(cfg, setup, params, questions, win: squad_data.Windows) -> tuple[dict, dict]:
+    """({question id: predicted answer}, its scores) of `params`. v2.0: "" for no answer,
+    and the scores include the no-answer threshold that would have been best on these
+    questions (best_f1_thresh; jaxlm.evaluate.squad.best_threshold)."""
     ft = cfg.finetune
     start_NxL, end_NxL = squad_eval.span_logits(setup, params, win, cfg.evaluate.batch_size)
-    return squad_eval.decode(questions, win, start_NxL, end_NxL, ft.n_best, ft.max_answer_len,
-                             ft.null_threshold if ft.squad_v2 else None)
+    spans = squad_eval.best_spans(questions, win, start_NxL, end_NxL, ft.n_best,
+                                  ft.max_answer_len)
+    if not ft.squad_v2:
+        predictions = {qid: text for qid, (text, _) in spans.items()}
+        return predictions, squad_eval.score(questions, predictions)
+    predictions = {qid: "" if margin > ft.null_threshold else text
+                   for qid, (text, margin) in spans.items()}
+    return predictions, (squad_eval.score(questions, predictions)
+                         | squad_eval.best_threshold(questions, spans)
+                         | {"null_odds": {qid: margin for qid, (_, margin) in spans.items()}})
 
 
 class Validation(finetuning.Validation):
@@ -115,8 +128,9 @@ class Validation(finetuning.Validation):
         self.questions, self.win = questions, win
 
     def measure(self, setup, params) -> dict:
-        return squad_eval.score(self.questions,
-                                answer(self.cfg, setup, params, self.questions, self.win))
+        _, found = answer(self.cfg, setup, params, self.questions, self.win)
+        found.pop("null_odds", None)
+        return found
 
 
 def squad(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
@@ -144,8 +158,8 @@ def squad(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     setup = build(run)
     params, best_step = finetuning.best_params(run, setup, workdir)
-    predictions = answer(run, setup, params, val_q, val_win)
-    found = squad_eval.score(val_q, predictions)
+    predictions, found = answer(run, setup, params, val_q, val_win)
+    null_odds = found.pop("null_odds", None)
     steps_per_epoch = run.checkpoint.every
     out = {"version": "v2.0" if cfg.finetune.squad_v2 else "v1.1",
            "validation": found, "best_step": best_step,
@@ -158,10 +172,15 @@ def squad(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
            "train": summary}
     if jax.process_index() == 0:
         workdir_lib.write_text(workdir / "predictions.json", json.dumps(predictions, indent=2))
+        if null_odds is not None:  # the official v2.0 script's --na-prob-file
+            workdir_lib.write_text(workdir / "null_odds.json", json.dumps(null_odds, indent=2))
         workdir_lib.write_text(workdir / "results.json", json.dumps(out, indent=2))
         print(f"\nSQuAD {out['version']} validation at the best step ({best_step}, epoch "
               f"{out['best_epoch']}, by F1): exact {found['exact']:.2f}  f1 {found['f1']:.2f}",
               flush=True)
+        if null_odds is not None:
+            print(f"with config.finetune.null_threshold={found['best_f1_thresh']:g} (the best "
+                  f"on these questions) f1 would be {found['best_f1']:.2f}", flush=True)
     return out
 
 

@@ -114,6 +114,28 @@ def test_windows_label_an_answer_only_where_it_is_whole_and_decoding_recovers_it
     assert squad_eval.score(questions, got)["exact"] == 100
 
 
+@pytest.mark.parametrize("seed", [0, 6, 8])  # 6 and 8: the best margin is a tie
+def test_the_best_no_answer_threshold_is_the_best_of_every_threshold_tried(tmp_path, seed):
+    """best_threshold against trying each threshold with decode's rule and score()."""
+    answers = ["northern hills of Bako", "three hundred kilometres", "Kazrel", "1990s"]
+    qas = [qa(str(i), "Q?", answers[i % 4] if i % 3 else None, impossible=not i % 3)
+           for i in range(24)]
+    questions = squad.read(squad_file(tmp_path, qas))
+    rng = np.random.default_rng(seed)
+    guesses = ["", "northern hills", "three hundred kilometres", "Kazrel", "dog", "1990s"]
+    spans = {q.id: (str(rng.choice(guesses)), float(rng.integers(-4, 5)))  # ties included
+             for q in questions}
+    got = squad_eval.best_threshold(questions, spans)
+    for name in ("exact", "f1"):
+        tried = {t: squad_eval.score(questions, {qid: "" if margin > t else text for qid,
+                                                 (text, margin) in spans.items()})[name]
+                 for t in [min(m for _, m in spans.values()) - 1.0]
+                 + sorted({m for _, m in spans.values()})}
+        assert got[f"best_{name}"] == pytest.approx(max(tried.values()))
+        assert tried[got[f"best_{name}_thresh"]] == pytest.approx(got[f"best_{name}"])
+    assert got["best_f1"] > squad_eval.score(questions, {q.id: "" for q in questions})["f1"]
+
+
 def test_a_token_seen_by_two_windows_is_judged_in_the_one_where_it_is_central(tmp_path):
     tok = get_tokenizer("byte:bert")
     questions = squad.read(squad_file(tmp_path, [qa("1", "Which?", "Kazrel")]))
@@ -281,7 +303,15 @@ def test_squad_v2_end_to_end_from_a_pretrained_mlm_checkpoint(pretrained, marker
     predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
     questions = squad.read_questions(cfg, "validation_data")
     assert set(predictions) == {q.id for q in questions}
-    assert results["validation"] == out["validation"] == squad_eval.score(questions, predictions)
+    assert results["validation"] == out["validation"]
+    official = squad_eval.score(questions, predictions)
+    assert {k: v for k, v in results["validation"].items() if k in official} == official
+    # the threshold search: never worse than the threshold used (0), which it also tries
+    assert results["validation"]["best_f1"] >= official["f1"] - 1e-9
+    null_odds = json.loads((tmp_path / "run" / "null_odds.json").read_text())
+    assert set(null_odds) == set(predictions)
+    assert all(text == "" for qid, text in predictions.items() if null_odds[qid] > 0)
+    assert all(null_odds[qid] <= 0 for qid, text in predictions.items() if text)
     assert len(results["epochs"]) == 4 and 1 <= results["best_epoch"] <= 4
     best = max(e["f1"] for e in results["epochs"])
     assert results["validation"]["f1"] == pytest.approx(best)

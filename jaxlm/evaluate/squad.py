@@ -85,6 +85,16 @@ def decode(questions: list[Question], win: Windows, start_logits_NxL: np.ndarray
            null_threshold: float | None = None) -> dict[str, str]:
     """{question id: answer text} from the windows' start and end logits (module doc);
     `null_threshold` None: always a span (v1.1), else v2.0's no-answer rule."""
+    found = best_spans(questions, win, start_logits_NxL, end_logits_NxL, n_best, max_answer_len)
+    return {qid: "" if null_threshold is not None and margin > null_threshold else text
+            for qid, (text, margin) in found.items()}
+
+
+def best_spans(questions: list[Question], win: Windows, start_logits_NxL: np.ndarray,
+               end_logits_NxL: np.ndarray, n_best: int = 20,
+               max_answer_len: int = 30) -> dict[str, tuple[str, float]]:
+    """{question id: (its best span's text, the null score minus that span's score)}: v2.0
+    answers "" where the second exceeds the threshold (`decode`, `best_threshold`)."""
     best = {}  # question index -> (score, text)
     null = {}  # question index -> smallest null score
     for w in range(len(win.ids)):
@@ -106,13 +116,36 @@ def decode(questions: list[Question], win: Windows, start_logits_NxL: np.ndarray
                     c0 = int(win.context_start[w])
                     text = questions[qi].context[ctx.starts[c0 + i]:ctx.ends[c0 + j]]
                     best[qi] = (total, text)
-    answers = {}
+    out = {}
     for qi, q in enumerate(questions):
         span_score, text = best.get(qi, (-np.inf, ""))
-        if null_threshold is not None and null.get(qi, np.inf) - span_score > null_threshold:
-            text = ""
-        answers[q.id] = text
-    return answers
+        out[q.id] = (text, null.get(qi, np.inf) - span_score)
+    return out
+
+
+def best_threshold(questions: list[Question], spans: dict[str, tuple[str, float]]) -> dict:
+    """The v2.0 no-answer threshold that maximises exact match and F1 on these questions,
+    as the official v2.0 script reports it (best_exact, best_exact_thresh, best_f1,
+    best_f1_thresh; scores in percent): questions are taken in order of their margin
+    (`best_spans`), and the threshold at a question means answering it and every one of
+    smaller margin with its span, the rest with "". Put best_f1_thresh in
+    config.finetune.null_threshold to use it."""
+    order = sorted(questions, key=lambda q: spans[q.id][1])
+    margins = [spans[q.id][1] for q in order]
+    out = {}
+    for name, metric in (("exact", exact), ("f1", f1)):
+        def gain(q, text):
+            return max(metric(text, g) for g in q.answers or [""])
+        total = best = sum(gain(q, "") for q in questions)  # below every margin: all ""
+        threshold = margins[0] - 1.0 if margins else 0.0
+        for k, q in enumerate(order):
+            total += gain(q, spans[q.id][0]) - gain(q, "")
+            tied = k + 1 < len(order) and margins[k + 1] == margins[k]  # answered together
+            if total > best and not tied:
+                best, threshold = total, margins[k]
+        out[f"best_{name}"] = 100 * best / max(len(questions), 1)
+        out[f"best_{name}_thresh"] = float(threshold)
+    return out
 
 
 def _most_context(win: Windows, w: int, i: int) -> bool:
