@@ -115,6 +115,10 @@ SCHEMA = {
         "layer_norm_eps": Field(1e-5, POSITIVE, "LayerNorm epsilon"),
         "dtype": Field("float32", DTYPES, "compute dtype (bfloat16 for mixed precision)"),
         "param_dtype": Field("float32", DTYPES, "storage dtype of parameters and optimizer state"),
+        "wide_logits": Field(True, None, "vocabulary logits in fp32 (accumulator and result) "
+                             "whatever the compute dtype; false: rounded to the compute dtype "
+                             "(MaxText's default), half their memory in training, the loss "
+                             "still computed in fp32"),
         "attention_impl": Field("xla", ("auto", "xla", "cudnn", "splash"),
                                 "attention kernel (jaxlm.models.attention): xla everywhere, "
                                 "cudnn on NVIDIA GPUs (bf16/fp16), splash on TPU, auto = the "

@@ -95,6 +95,39 @@ def test_bf16_compute_keeps_fp32_params():
     assert float(jnp.max(jnp.abs(logits - ref))) < 0.1  # close to fp32, not equal
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_in_the_compute_dtype_when_not_wide(tie):
+    cfg = tiny_config(dtype="bfloat16", tie_embeddings=tie, wide_logits=False).model
+    model, params = init(cfg)
+    tokens = random_tokens(2, 16, cfg.vocab_size)
+    logits = model.apply({"params": params}, tokens)
+    wide = GPT(tiny_config(dtype="bfloat16", tie_embeddings=tie).model).apply(
+        {"params": params}, tokens)
+    assert logits.dtype == jnp.bfloat16 and wide.dtype == jnp.float32
+    assert jnp.array_equal(logits, wide.astype(jnp.bfloat16))  # the same sums, rounded
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 7, 11)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_nll_and_its_gradient_equal_autodiff_of_log_softmax(shape, dtype):
+    """objectives.token_nll's own backward pass (softmax - one_hot from the logits) against
+    JAX's autodiff of -log_softmax[target], for classes [B, C] and tokens [B, L, V]."""
+    from jaxlm.train.objectives import token_nll
+    logits = (3 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)
+    targets = jax.random.randint(jax.random.PRNGKey(1), shape[:-1], 0, shape[-1])
+    weights = jax.random.uniform(jax.random.PRNGKey(2), shape[:-1])
+
+    def reference(x):
+        logp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    ours, ours_grad = jax.value_and_grad(lambda x: jnp.sum(token_nll(x, targets) * weights))(logits)
+    ref, ref_grad = jax.value_and_grad(lambda x: jnp.sum(reference(x) * weights))(logits)
+    assert token_nll(logits, targets).dtype == jnp.float32 and ours_grad.dtype == dtype
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours_grad, np.float32), np.asarray(ref_grad, np.float32),
+                               rtol=1e-5, atol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
 def test_remat_gives_same_loss_and_grads():
     cfg = tiny_config().model
     model, params = init(cfg)

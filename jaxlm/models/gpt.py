@@ -70,7 +70,7 @@ class GPT(nn.Module):
             else:
                 # fp32 accumulator and result, as layers.logits for the tied table
                 wide_dot = functools.partial(jax.lax.dot_general,
-                                             preferred_element_type=layers.wide(cfg.dtype))
+                                             preferred_element_type=layers.logits_dtype(cfg))
                 logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
                                         kernel_init=layers.init(cfg.init_std, ("embed", "vocab")),
                                         dot_general=wide_dot, **layers.dtypes(cfg))(x_BxLxD)

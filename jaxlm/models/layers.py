@@ -10,6 +10,7 @@ pos (rows of the learned position table).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import einops
 import flax.linen as nn
@@ -28,6 +29,12 @@ def wide(dtype) -> jnp.dtype:
     """The dtype of softmax statistics and logits: at least fp32 (fp64 stays fp64, for
     parity tests under jax_enable_x64)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def logits_dtype(cfg: Config) -> jnp.dtype:
+    """The dtype vocabulary logits are produced in: fp32 or wider (`wide`), or with
+    config.model.wide_logits=false the compute dtype."""
+    return wide(cfg.dtype) if cfg.get("wide_logits", True) else jnp.dtype(cfg.dtype)
 
 
 def dtypes(cfg: Config) -> dict:
@@ -186,7 +193,7 @@ class Embeddings(nn.Module):
         cfg = self.cfg
         self.tokens = Embed(cfg.vocab_size, cfg.d_model,
                             embedding_init=init(cfg.init_std, ("vocab", "embed")),
-                            **dtypes(cfg))
+                            logits_dtype=logits_dtype(cfg), **dtypes(cfg))
         if cfg.position == "learned":
             self.positions = nn.Embed(cfg.max_len, cfg.d_model,
                                       embedding_init=init(cfg.init_std / 2, ("pos", "embed")),
@@ -215,17 +222,18 @@ class Embed(nn.Embed):
     """nn.Embed whose `attend` (the tied output projection) runs in this module, on its own
     table, as a transform (quantization, LoRA) needs to see it, and keeps a wide
     accumulator (layers.logits) where nn.Embed's would be the compute dtype."""
+    logits_dtype: Any = None  # None: wide(dtype)
 
     def attend(self, x_BxLxD: Array) -> Array:
-        return logits(x_BxLxD, self.embedding, self.dtype)
+        return logits(x_BxLxD, self.embedding, self.dtype, self.logits_dtype)
 
 
-def logits(x_BxLxD: Array, table_VxD: Array, dtype) -> Array:
-    """x @ table^T in the compute dtype with a wide (fp32) accumulator and result, whatever
-    the compute dtype: a bf16 logit keeps ~3 significant digits."""
+def logits(x_BxLxD: Array, table_VxD: Array, dtype, out_dtype=None) -> Array:
+    """x @ table^T in the compute dtype with a wide (fp32) accumulator and result (a bf16
+    logit keeps ~3 significant digits), or a result in `out_dtype` (logits_dtype)."""
     dtype = jnp.dtype(dtype)
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD.astype(dtype),
-                      preferred_element_type=wide(dtype))
+                      preferred_element_type=out_dtype or wide(dtype))
 
 
 # ----------------------------------------------------------------------------- attention

@@ -64,9 +64,37 @@ _PARTNER_RANGE = 1024
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
                   weights_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights), both fp32 scalars."""
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    nll_BxL = token_nll(logits_BxLxV, targets_BxL)
     return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
+
+
+@jax.custom_vjp
+def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per position, in fp32: logsumexp minus the target's
+    logit. Its gradient, softmax - one_hot(target), is formed from the logits in the
+    backward pass, so the step keeps one [B, L, V] array (the logits) for it, where
+    autodiff of log_softmax keeps a second one (logits minus their max, fp32): 0.4 GB a
+    sequence at GPT-2's vocabulary and 2048 tokens (BENCHMARKS.md, fit table)."""
+    return _nll_forward(logits_BxLxV, targets_BxL)[0]
+
+
+def _nll_forward(logits_BxLxV, targets_BxL):
+    logits = logits_BxLxV.astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits, axis=-1)
+    picked_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+    return lse_BxL - picked_BxL, (logits_BxLxV, targets_BxL, lse_BxL)
+
+
+def _nll_backward(saved, g_BxL):
+    logits_BxLxV, targets_BxL, lse_BxL = saved
+    p_BxLxV = jnp.exp(logits_BxLxV.astype(jnp.float32) - lse_BxL[..., None])
+    hit_BxLxV = (jax.lax.broadcasted_iota(jnp.int32, p_BxLxV.shape, p_BxLxV.ndim - 1)
+                 == targets_BxL[..., None])
+    grad = (p_BxLxV - hit_BxLxV.astype(jnp.float32)) * g_BxL[..., None]
+    return grad.astype(logits_BxLxV.dtype), None
+
+
+token_nll.defvjp(_nll_forward, _nll_backward)
 
 
 def _correct(logits, targets, weights) -> jax.Array:
