@@ -131,11 +131,17 @@ def remove_tree(folder) -> None:
         folder.rmtree()
 
 
+def gcs():
+    """gcsfs's file system, for what epath's paths do not offer (listings with checksums,
+    server-side copies, uploads of local files)."""
+    import gcsfs
+    return gcsfs.GCSFileSystem()
+
+
 def copy_tree(src, dst) -> None:
     """Copies the bucket folder `src` to `dst` (object by object, on the server), its
     COMPLETE object last so that `dst` is complete only once everything is there."""
-    import gcsfs
-    fs = gcsfs.GCSFileSystem()
+    fs = gcs()
     src_key, dst_key = os.fspath(src).rstrip("/"), os.fspath(dst).rstrip("/")
     names = sorted(fs.find(src_key), key=lambda name: name.endswith("/" + COMPLETE))
     for name in names:
@@ -148,7 +154,7 @@ def _configure_clients() -> None:
     os.environ.setdefault("EPATH_USE_TF", "false")
     try:  # epath caches its TensorFlow check at the first path it opens (Orbax opens local
         from etils.epath import gpath  # ones early): read the variable again
-        getattr(gpath, "_is_tf_installed", None).cache_clear()
+        gpath._is_tf_installed.cache_clear()
     except (ImportError, AttributeError):  # an epath without that cache reads it each time
         pass
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")

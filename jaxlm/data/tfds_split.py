@@ -92,7 +92,8 @@ def open_split(name: str, split: str, data_dir: str, text_key: str = "",
     if not is_remote(data_dir):
         if not pathlib.Path(data_dir).is_dir() and not manual_dir:
             raise ConfigError(f"config.data.data_dir={data_dir!r} does not exist")
-    builder = _builder(name, f"config.data.name={name!r}", data_dir=mirror(data_dir, name), missing=(
+    local = mirror(data_dir, name)  # data_dir itself, unless it is a bucket
+    builder = _builder(name, f"config.data.name={name!r}", data_dir=local, missing=(
         f"config.data.name={name!r}: no TFDS dataset of that name, neither in the catalog nor "
         f"prepared under {data_dir} (make one from local files with python -m "
         "jaxlm.data.prepare text)"))
@@ -107,9 +108,10 @@ def open_split(name: str, split: str, data_dir: str, text_key: str = "",
         lock = (_file_lock(pathlib.Path(data_dir) / f".{safe_name}.prepare.lock")
                 if not is_remote(data_dir) else contextlib.nullcontext())
         with lock:
-            if not tfds.builder(name, data_dir=mirror(data_dir, name)).is_prepared():
+            if not tfds.builder(name, data_dir=local).is_prepared():
                 prepare_catalog(name, data_dir, manual_dir)
-        builder = tfds.builder(name, data_dir=mirror(data_dir, name))
+                local = mirror(data_dir, name)
+        builder = tfds.builder(name, data_dir=local)
     splits = list(builder.info.splits)
     if split.split("[")[0] not in splits:
         raise ConfigError(f"config.data.split={split!r}: {name} has splits {sorted(splits)}")
@@ -232,7 +234,7 @@ def mirror(data_dir: str, name: str) -> str:
     bucket, key = files.bucket_and_key(data_dir)
     root = pathlib.Path(MIRROR_ROOT).expanduser() / bucket / key
     base = name.split("/")[0].split(":")[0]
-    fs = _gcs()
+    fs = files.gcs()
     prefix = f"{bucket}/{key}/{base}" if key else f"{bucket}/{base}"
     remote = {path[len(prefix) + 1:]: info.get("md5Hash") or str(info["size"])
               for path, info in fs.find(prefix, detail=True).items()}
@@ -281,7 +283,7 @@ def upload(builder, data_dir: str) -> str:
     local = pathlib.Path(str(builder.data_dir))
     rel = local.relative_to(pathlib.Path(str(builder.data_dir_root))).as_posix()
     target = f"{data_dir.rstrip('/')}/{rel}"
-    fs = _gcs()
+    fs = files.gcs()
     if fs.exists(target):
         fs.rm(target, recursive=True)
     names = sorted((p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
@@ -295,8 +297,3 @@ def upload(builder, data_dir: str) -> str:
         raise DataError(f"uploading {builder.name} to {target} failed: {e}; nothing of it was "
                         "kept") from None
     return target
-
-
-def _gcs():
-    import gcsfs
-    return gcsfs.GCSFileSystem()

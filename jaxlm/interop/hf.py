@@ -207,7 +207,8 @@ def load_jaxlm(path: pathlib.Path, devices=None):
     path = files.path(path)
     meta = checkpoint.latest_meta(path, f"--workdir={path}")
     cfg = from_dict(meta["config"], f"{path}")
-    if not files.is_remote(path) and (path / TOKENIZER).is_dir():  # an import's own tokenizer files, wherever it is now
+    # an import's own tokenizer files, wherever it is now (imports are local folders)
+    if not files.is_remote(path) and (path / TOKENIZER).is_dir():
         cfg.data.tokenizer = f"{cfg.data.tokenizer.partition(':')[0]}:{path.resolve() / TOKENIZER}"
     cfg.mesh = base_config().mesh  # whatever mesh wrote it: load on this machine's default
     cfg.evaluate.params = str(path) if (path / "meta").is_dir() else ""
