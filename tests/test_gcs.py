@@ -510,3 +510,30 @@ def test_a_token_cache_in_a_bucket_is_refused_naming_the_field(tmp_path):
         token_cache.cache_root("gs://b/cache", str(tmp_path))
     assert token_cache.cache_root("", "gs://b/tfds") == \
         pathlib.Path("~/.cache/jaxlm/tokens").expanduser()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["train", DEBUG, "--workdir=gs://b/run", *TINY], "--workdir=gs://b/run"),
+    (["export", DEBUG, "--workdir=gs://b/run", *TINY, "--output=gs://b/export"],
+     "--output=gs://b/export"),  # checked first, before a possibly long restore
+    (["train", DEBUG, "--workdir=WORKDIR", *TINY, "--config.data.name=my_corpus",
+      "--config.data.data_dir=gs://b/tfds"], "config.data.data_dir=gs://b/tfds"),
+    (["prepare", "text", "--name=my_corpus", "--data_dir=gs://b/tfds", "--split=train:A_TXT"],
+     "--data_dir=gs://b/tfds"),
+])
+def test_missing_credentials_are_one_line_naming_the_flag(args, flag, tmp_path, monkeypatch):
+    """Without Application Default Credentials google-auth raises at the first client; the
+    line names the flag and what to do, and nothing is made."""
+    from google.auth.exceptions import DefaultCredentialsError
+
+    def no_credentials():
+        raise DefaultCredentialsError("Your default credentials were not found.")
+    monkeypatch.setattr(workdir, "_client", no_credentials)
+    (tmp_path / "a.txt").write_text("some text\n")
+    args = [a.replace("WORKDIR", str(tmp_path / "run")).replace("A_TXT", str(tmp_path / "a.txt"))
+            for a in args]
+    code, errors = command(*args)
+    assert code == 2 and len(errors) == 1, (code, errors)
+    assert errors[0].startswith(f"error: {flag}: no Google Cloud credentials to reach gs://b "
+                                "(gcloud auth application-default login"), errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
