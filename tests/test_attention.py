@@ -51,6 +51,18 @@ def test_splash_equals_xla_values_and_gradients(causal):
         np.testing.assert_allclose(g, r, atol=5e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_attention_keeps_bf16_inputs_in_bf16(impl):
+    """bf16 queries, keys and values give a bf16 output. The splash path once scaled the
+    queries by a NumPy float64, which made them, and the kernel's output and residuals,
+    fp32: two to four extra [B, L, H, K] fp32 buffers a layer on TPU (BENCHMARKS.md, fit
+    table)."""
+    spec = MaskSpec.of_self_attention(positions(), jnp.asarray(SEGMENTS), True)
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
+    out = jax.eval_shape(lambda q, k, v: attend(q, k, v, spec, impl, interpret=True), q, k, v)
+    assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+
+
 @pytest.mark.parametrize("length", [128, 256])
 def test_causal_blocks_equal_the_full_square(length):
     """The XLA path skips key blocks wholly after a query block (2 blocks at 128, 4 at 256):

@@ -128,6 +128,26 @@ def test_token_nll_and_its_gradient_equal_autodiff_of_log_softmax(shape, dtype):
                                rtol=1e-5, atol=1e-6 if dtype == jnp.float32 else 1e-2)
 
 
+def test_token_nll_picks_the_target_from_the_logits_as_given():
+    """The target's logit is gathered from the logits in their own dtype and widened after:
+    gathered from an fp32 copy of bf16 logits, XLA:TPU wrote that whole [B, L, V] copy out
+    (0.4 GB a sequence at 50257 tokens and 2048 positions; BENCHMARKS.md, fit table)."""
+    from jaxlm.train.objectives import token_nll
+    logits = jnp.zeros((2, 3, 7), jnp.bfloat16)
+    targets = jnp.zeros((2, 3), jnp.int32)
+
+    def gathers(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "gather":
+                yield eqn.invars[0].aval
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from gathers(sub)
+    for x in (logits, logits.astype(jnp.float32)):
+        found = list(gathers(jax.make_jaxpr(jax.grad(
+            lambda x: jnp.sum(token_nll(x, targets))))(x).jaxpr))
+        assert [a.dtype for a in found] == [x.dtype], found
+
+
 def test_remat_gives_same_loss_and_grads():
     cfg = tiny_config().model
     model, params = init(cfg)

@@ -28,7 +28,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlm.errors import ConfigError
 
@@ -218,7 +217,7 @@ def _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, spec: MaskSpec, interpret: bool):
     segments = spec.q_segments_BxL if spec.q_segments_BxL is not None else jnp.ones((B, L), jnp.int32)
 
     def local(q, k, v, seg):  # this device's rows and heads: [b, L, h, K]
-        scale = 1.0 / np.sqrt(K)
+        scale = 1.0 / K ** 0.5  # a Python float: np.sqrt's float64 turned bf16 q into fp32
         one_row = lambda q, k, v, s: kernel(  # noqa: E731  (kernel takes [h, L, K])
             (q * scale).swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
             segment_ids=sk.SegmentIds(q=s, kv=s)).swapaxes(0, 1)

@@ -79,9 +79,11 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
 
 
 def _nll_forward(logits_BxLxV, targets_BxL):
-    logits = logits_BxLxV.astype(jnp.float32)
-    lse_BxL = jax.nn.logsumexp(logits, axis=-1)
-    picked_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV.astype(jnp.float32), axis=-1)
+    # The target's logit is picked before widening it: picked from the fp32 copy, XLA
+    # writes that whole copy out (a [B, L, V] fp32 array) for the gather to read.
+    picked_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    picked_BxL = picked_BxL.astype(jnp.float32)
     return lse_BxL - picked_BxL, (logits_BxLxV, targets_BxL, lse_BxL)
 
 
