@@ -152,6 +152,8 @@ def test_finetune_end_to_end_and_evaluation_only(pretrained, tmp_path):
         assert (tmp_path / "ft" / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     history = read_history(tmp_path / "ft")
     assert [h["step"] for h in history if "validation_accuracy" in h] == [4, 8]
+    # exp(loss) of a class objective is no perplexity: none is logged
+    assert all("loss" in h and "perplexity" not in h for h in history if "grad_norm" in h)
     # evaluation-only: the best params on another labelled set
     got = labelled_eval(cfg, tmp_path / "ft", "synthetic:facts:train")
     assert got["examples"] == 225 and 0 <= got["accuracy"] <= 1

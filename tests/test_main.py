@@ -4,6 +4,7 @@ resuming; refusing a workdir that holds another model."""
 import hashlib
 import importlib
 import json
+import math
 import pathlib
 import shutil
 
@@ -83,6 +84,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
     losses = lambda d: [(h["step"], h["loss"], h["grad_norm"]) for h in read_history(d)]
     assert losses(full) == losses(resumed) and len(losses(full)) == 6
+    assert all(h["perplexity"] == pytest.approx(math.exp(h["loss"])) for h in read_history(full))
     states = []
     for d in (full, resumed):
         ckpt = checkpoint.Checkpointer(d)

@@ -114,7 +114,8 @@ class MetricSink:
                                for k, v in clean.items() if v is not None))
             return
         tps = clean.get("tokens_per_second")
-        text = (f"loss {clean['loss']:.4f}  ppl {clean['perplexity']:.2f}  "
+        text = (f"loss {clean['loss']:.4f}  "
+                + (f"ppl {clean['perplexity']:.2f}  " if "perplexity" in clean else "")
                 + (f"acc {clean['accuracy']:.3f}  " if clean.get("accuracy") is not None else "")
                 + (f"tok/s {tps:,.0f}" if tps is not None else "tok/s - (compiling)"))
         if self.bar is not None:

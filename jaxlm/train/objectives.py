@@ -150,6 +150,7 @@ class CausalLM:
 
     name = "causal_lm"
     extra_tokens = 1  # the last target
+    tokens_loss = True  # the loss is a mean over tokens: exp(loss) is a perplexity
     metrics = ("accuracy",)
 
     def __init__(self, seq_len: int, packed: bool, loss_chunk: int = 0):
@@ -191,6 +192,7 @@ class MaskedLM:
 
     name = "masked_lm"
     extra_tokens = 0
+    tokens_loss = True
 
     def __init__(self, seq_len: int, packed: bool, tokenizer, seed: int,
                  mask_prob: float = 0.15, whole_word: bool = False,
