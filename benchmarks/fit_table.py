@@ -16,7 +16,8 @@ JSON line per compile is appended to --out.
 
 Settings on both sides: fp32 weights and Adam(W) moments, bf16 compute, full remat, scanned
 layers, FSDP over all chips, the given per-chip batch, no dropout for the GPT rows, full
-(unchunked) logits. jaxlm keeps GPT-2's 50257-token vocabulary unpadded; MaxText's is
+(unchunked) logits, rounded to bf16 for the GPT rows (MaxText's default; jaxlm's own default
+keeps them in fp32: add --config.model.wide_logits=true for that). jaxlm keeps GPT-2's 50257-token vocabulary unpadded; MaxText's is
 padded to 50304 (--maxtext-vocab). BERT-large runs on jaxlm's side only (MaxText has no
 BERT); it keeps configs/bert/bert_large.py's vocabulary (30522) and dropout (0.1).
 
@@ -86,7 +87,10 @@ def jaxlm_overrides(row: str, batch: int, n_chips: int) -> list[str]:
            "mesh.data=1", "mesh.fsdp=-1", f"train.batch_size={batch * n_chips}",
            "train.microbatches=1"]
     if family == "gpt":
-        out += ["model.vocab_size=50257", "model.dropout=0.0", "model.attention_dropout=0.0"]
+        # bf16 logits, as MaxText's default (logits_dot_in_fp32: false); jaxlm's own default
+        # is fp32 logits (--config.model.wide_logits=true brings it back here).
+        out += ["model.vocab_size=50257", "model.dropout=0.0", "model.attention_dropout=0.0",
+                "model.wide_logits=false"]
     return out
 
 
