@@ -17,8 +17,8 @@ JSON line per compile is appended to --out.
 Settings on both sides: fp32 weights and Adam(W) moments, bf16 compute, full remat, scanned
 layers, FSDP over all chips, the given per-chip batch, no dropout for the GPT rows, full
 (unchunked) logits, rounded to bf16 for the GPT rows (MaxText's default; jaxlm's own default
-keeps them in fp32: add --config.model.wide_logits=true for that). jaxlm keeps GPT-2's 50257-token vocabulary unpadded; MaxText's is
-padded to 50304 (--maxtext-vocab). BERT-large runs on jaxlm's side only (MaxText has no
+keeps them in fp32: add --config.model.wide_logits=true for that). jaxlm keeps GPT-2's
+50257-token vocabulary unpadded; MaxText's is padded to 50304 (--maxtext-vocab). BERT-large runs on jaxlm's side only (MaxText has no
 BERT); it keeps configs/bert/bert_large.py's vocabulary (30522) and dropout (0.1).
 
 `--table` estimates the largest per-chip batch within HBM (jaxlm.plan's figure for the
