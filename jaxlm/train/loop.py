@@ -252,7 +252,7 @@ def _run(cfg, workdir, train_step, source, ckpt, watchdog, state, meta, start, h
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.time()
         tps = (step - window[0]) * B * T / (now - window[1]) if step > start + 1 else None
-        if getattr(objective, "tokens_loss", False):  # not for classes, spans, regression
+        if objective.tokens_loss:  # a perplexity only for token losses
             m["perplexity"] = math.exp(min(m["loss"], 30.0))
         m.update(tokens_per_second=tps,
                  mfu=metrics_lib.mfu(fpt, tps, n_devices, peak) if tps else None,

@@ -333,6 +333,7 @@ class Classification:
     `types` (sentence A = 0, B = 1), `segments` (1 on the text, 0 on padding) and `label`."""
 
     name = "classification"
+    tokens_loss = False  # exp(loss) of a class, span or regression loss is no perplexity
     extra_tokens = 0
     metrics = ("accuracy",)
 
@@ -369,6 +370,7 @@ class Regression:
     the `label` a float; logged beside the loss: the mean absolute error."""
 
     name = "regression"  # config.train.objective=classification with a one-output head
+    tokens_loss = False
     extra_tokens = 0
     metrics = ("abs_error",)
 
@@ -401,6 +403,7 @@ class SpanExtraction:
     argmax start and end both hit the labels."""
 
     name = "span_extraction"
+    tokens_loss = False
     extra_tokens = 0
     metrics = ("exact_span",)
 
@@ -455,6 +458,7 @@ class Distill:
     per target, at temperature T."""
 
     name = "distill"
+    tokens_loss = False  # a KL term is mixed in, even over tokens
 
     def __init__(self, base, temperature: float, alpha: float):
         if not isinstance(base, (CausalLM, Classification)):
