@@ -19,8 +19,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # cache and 98 s with this one.)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-")
+    os.environ["JAXLM_TESTS_XLA_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# Under pytest-xdist (the README's `-n 2`) each worker gets a folder of its own inside that
+# one, for itself and the commands it starts: two workers compiling the same tiny programs
+# at once would otherwise read each other's half-written entries far more often.
+if os.environ.get("PYTEST_XDIST_WORKER") and \
+        os.environ.get("JAXLM_TESTS_XLA_CACHE") == os.environ["JAX_COMPILATION_CACHE_DIR"]:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["JAXLM_TESTS_XLA_CACHE"], os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
