@@ -24,7 +24,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 # Under pytest-xdist (the README's `-n 2`) each worker gets a folder of its own inside that
 # one, for itself and the commands it starts: two workers compiling the same tiny programs
-# at once would otherwise read each other's half-written entries far more often.
+# at once could otherwise read each other's half-written entries (JAX writes in place).
 if os.environ.get("PYTEST_XDIST_WORKER") and \
         os.environ.get("JAXLM_TESTS_XLA_CACHE") == os.environ["JAX_COMPILATION_CACHE_DIR"]:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
