@@ -119,6 +119,11 @@ SCHEMA = {
                              "whatever the compute dtype; false: rounded to the compute dtype "
                              "(MaxText's default), half their memory in training, the loss "
                              "still computed in fp32"),
+        "embed_lookup": Field("gather", ("gather", "one_hot"),
+                              "token embedding lookup: gather rows, or one_hot (a one-hot "
+                              "matmul, as MaxText's use_iota_embed; the same rows): 2*V*D "
+                              "more FLOPs a token each way; under FSDP on TPU less memory "
+                              "at some shapes and more at others (BENCHMARKS.md, fit table)"),
         "attention_impl": Field("xla", ("auto", "xla", "cudnn", "splash"),
                                 "attention kernel (jaxlm.models.attention): xla everywhere, "
                                 "cudnn on NVIDIA GPUs (bf16/fp16), splash on TPU, auto = the "

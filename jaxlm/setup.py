@@ -92,7 +92,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
                           "splits heads into")
     tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
     init = lambda model: jax.eval_shape(  # noqa: E731
-        lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(0))
+        lambda rng, t: model.init(rng, t)["params"], jax.random.PRNGKey(0), tokens)
     boxed = init(model)
     if cfg.quant.mode != "none" or cfg.lora.rank:
         model = transforms.transform(model, cfg, boxed)

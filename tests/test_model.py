@@ -107,6 +107,33 @@ def test_logits_in_the_compute_dtype_when_not_wide(tie):
     assert jnp.array_equal(logits, wide.astype(jnp.bfloat16))  # the same sums, rounded
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_hot_lookup_gives_the_gathered_rows_and_their_gradient(dtype):
+    """config.model.embed_lookup=one_hot: one_hot(tokens) @ table has one term per sum, so
+    the logits are the gather's bit for bit; the table's gradient sums the same terms."""
+    cfg = tiny_config(dtype=dtype).model
+    model, params = init(cfg)
+    hot = GPT(tiny_config(dtype=dtype, embed_lookup="one_hot").model)
+    tokens = random_tokens(2, 16, cfg.vocab_size)
+    assert jnp.array_equal(model.apply({"params": params}, tokens),
+                           hot.apply({"params": params}, tokens))
+
+    def grad(m):
+        return jax.grad(lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, tokens))))(params)
+    got, want = grad(hot), grad(model)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_lookup_refuses_an_int8_token_table():
+    from jaxlm.errors import ConfigError
+    from jaxlm.setup import build
+    cfg = tiny_config(embed_lookup="one_hot")
+    cfg.quant.update(mode="int8_weight", train=True, skip=())
+    with pytest.raises(ConfigError, match=r"embed_lookup='one_hot' with a quantized token"):
+        build(cfg, jax.devices()[:1])
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (2, 7, 11)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_token_nll_and_its_gradient_equal_autodiff_of_log_softmax(shape, dtype):

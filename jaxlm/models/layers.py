@@ -193,7 +193,8 @@ class Embeddings(nn.Module):
         cfg = self.cfg
         self.tokens = Embed(cfg.vocab_size, cfg.d_model,
                             embedding_init=init(cfg.init_std, ("vocab", "embed")),
-                            logits_dtype=logits_dtype(cfg), **dtypes(cfg))
+                            logits_dtype=logits_dtype(cfg),
+                            one_hot=cfg.get("embed_lookup", "gather") == "one_hot", **dtypes(cfg))
         if cfg.position == "learned":
             self.positions = nn.Embed(cfg.max_len, cfg.d_model,
                                       embedding_init=init(cfg.init_std / 2, ("pos", "embed")),
@@ -221,8 +222,22 @@ class Embeddings(nn.Module):
 class Embed(nn.Embed):
     """nn.Embed whose `attend` (the tied output projection) runs in this module, on its own
     table, as a transform (quantization, LoRA) needs to see it, and keeps a wide
-    accumulator (layers.logits) where nn.Embed's would be the compute dtype."""
+    accumulator (layers.logits) where nn.Embed's would be the compute dtype.
+
+    one_hot (config.model.embed_lookup): the lookup is one_hot(tokens) @ table, the same
+    rows exactly (one term per sum). Under FSDP a gather from a table split along D
+    exchanges each token's slice of every shard between devices (on TPU a slice narrower
+    than 128 is padded to 128); the matmul has no such exchange, but costs 2*V*D FLOPs a
+    token forward and again for the table's gradient."""
     logits_dtype: Any = None  # None: wide(dtype)
+    one_hot: bool = False
+
+    def __call__(self, inputs: Array) -> Array:
+        if not self.one_hot:
+            return super().__call__(inputs)
+        hot = inputs[..., None] == jnp.arange(self.num_embeddings)
+        return jnp.einsum("...v,vd->...d", hot.astype(self.dtype),
+                          self.embedding.astype(self.dtype))
 
     def attend(self, x_BxLxD: Array) -> Array:
         return logits(x_BxLxD, self.embedding, self.dtype, self.logits_dtype)

@@ -111,6 +111,10 @@ def rules(cfg: ml_collections.ConfigDict, params) -> list[qwix.QuantizationRule]
 
 
 def _check_token_table(cfg: ml_collections.ConfigDict, modules) -> None:
+    if cfg.model.get("embed_lookup") == "one_hot" and "/".join(TOKEN_TABLE) in modules:
+        raise ConfigError("config.model.embed_lookup='one_hot' with a quantized token "
+                          "table: the lookup's matmul would read int8 rows; keep '^embed/' "
+                          "in config.quant.skip, or use embed_lookup=gather")
     if is_quantized(cfg) and cfg.model.tie_embeddings and "/".join(TOKEN_TABLE) in modules:
         raise ConfigError("config.quant.skip does not skip the token table, which with "
                           "config.model.tie_embeddings is also the input lookup (a gather "
