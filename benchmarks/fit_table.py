@@ -28,6 +28,13 @@ larger batches differently), and shows the largest batch compiled within that bu
 the next batch's verdict, where such compiles are in --out (`--batches=N,N+1`). XLA's own
 limit is higher (it reports 15.75G, GiB, available on a 16 GiB v5e and refuses to compile
 above it: "does not fit" in --out), so a step over 16e9 bytes may still compile.
+
+`--search` (instead of --batches) finds that largest batch by compiling: batch 1 and 2, the
+estimate, then steps away from it until one batch fits and the next does not (`boundary`);
+about 4-8 compiles a row and side.
+
+    python benchmarks/fit_table.py --search --topology=v5p:4x4x4 --rows=gpt3-13b \
+        --maxtext-python=/tmp/fit/mt/bin/python --out=/tmp/fit/search.jsonl
 """
 
 from __future__ import annotations
@@ -248,6 +255,67 @@ def measure(side: str, row: str, topology: str, batch: int, args, log_dir) -> di
     return entry
 
 
+def boundary(fits, start: int, lo: int = 1) -> tuple[int, int]:
+    """(b, b + 1) with fits(b) and not fits(b + 1), for a `fits` that holds up to some batch
+    and not beyond and holds at `lo`: from `start` (an estimate) in steps of 1, 2, 4, ...
+    until the boundary is crossed, then halving the gap. Each new fits() is a compile."""
+    b, hi, step = max(start, lo + 1), None, 1
+    if fits(b):
+        lo = b
+        while hi is None:
+            b, step = lo + step, step * 2
+            lo, hi = (b, None) if fits(b) else (lo, b)
+    else:
+        hi = b
+        while hi - step > lo:
+            b, step = hi - step, step * 2
+            if fits(b):
+                lo = b
+                break
+            hi = b
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, hi
+
+
+def search(side: str, row: str, topology: str, args, log_dir, record) -> None:
+    """Compiles `side`'s step for `row` at per-chip batches 1, 2, the linear estimate
+    (largest_batch) and then as `boundary` asks, until the largest batch within the HBM
+    budget and the next one are both known; every compile goes through `record`."""
+    seen = {}
+
+    def fits(batch):
+        if batch not in seen:
+            seen[batch] = record(measure(side, row, topology, batch, args, log_dir))
+        e = seen[batch]
+        if e["status"] != "ok" and "does not fit" not in e["status"]:
+            raise RuntimeError(f"{side} {row} b{batch}: {e['status']}")
+        return e["status"] == "ok" and e["peak_bytes"] <= budget(topology, args)
+
+    try:
+        if not fits(1):
+            return
+        if fits(2):
+            boundary(fits, largest_batch(seen[1], seen[2], budget(topology, args)) or 3, 2)
+    except RuntimeError as e:  # a compile that failed for another reason: say so, go on
+        print(f"search stopped: {e}", flush=True)
+
+
+def budget(topology: str, args) -> float:
+    """HBM bytes per chip for --search: --hbm-gb when given, else jaxlm.plan's figure for
+    the topology's chip (from a jaxlm compile recorded this run)."""
+    if args.hbm_gb:
+        return args.hbm_gb * 1e9
+    if topology not in HBM_SEEN:
+        raise SystemExit(f"--search: no jaxlm compile for {topology} yet to take the chip's "
+                         "HBM from; give --hbm-gb or put jaxlm first in --sides")
+    return HBM_SEEN[topology]
+
+
+HBM_SEEN: dict[str, float] = {}  # topology -> hbm_bytes of a jaxlm compile this run
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -341,26 +409,41 @@ def main():
                    help="kill a compile whose host resident set passes this")
     p.add_argument("--out", default="fit_table.jsonl")
     p.add_argument("--table", action="store_true", help="print the table of --out and stop")
-    p.add_argument("--hbm-gb", type=float, default=16.0,
-                   help="--table: HBM per chip when a result does not carry it")
+    p.add_argument("--hbm-gb", type=float, default=None,
+                   help="HBM per chip (GB) for --search and --table; default: jaxlm.plan's "
+                        "figure for the chip, 16 for --table when a result does not carry it")
+    p.add_argument("--search", action="store_true",
+                   help="instead of --batches: compile each row and side at the batches "
+                        "that find its largest per-chip batch within HBM (`search`)")
     args = common.parse(p)  # + --config.FIELD=VALUE arguments for jaxlm's side
     if args.one:
         return jaxlm_worker(json.loads(args.one))
     if args.table:
-        return print(table(args.out, args.hbm_gb * 1e9))
+        return print(table(args.out, (args.hbm_gb or 16.0) * 1e9))
     log_dir = pathlib.Path(args.out).resolve().parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+
+    def record(e: dict) -> dict:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(e) + "\n")
+        if e.get("hbm_bytes"):
+            HBM_SEEN[e["topology"]] = e["hbm_bytes"]
+        brief = {k: e.get(k) for k in ("side", "row", "topology", "per_chip_batch", "status",
+                                       "argument_bytes", "temp_bytes", "peak_bytes",
+                                       "process_wall_s", "max_rss_bytes", "error")}
+        print(json.dumps(brief), flush=True)
+        return e
+
     for topology in args.topology.split(","):
+        if args.search:
+            for row in args.rows.split(","):
+                for side in args.sides.split(","):
+                    search(side, row, topology, args, log_dir, record)
+            continue
         for batch in (int(b) for b in args.batches.split(",")):
             for row in args.rows.split(","):
                 for side in args.sides.split(","):
-                    e = measure(side, row, topology, batch, args, log_dir)
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(e) + "\n")
-                    brief = {k: e.get(k) for k in ("side", "row", "topology", "per_chip_batch",
-                             "status", "argument_bytes", "temp_bytes", "peak_bytes",
-                             "process_wall_s", "max_rss_bytes", "error")}
-                    print(json.dumps(brief), flush=True)
+                    record(measure(side, row, topology, batch, args, log_dir))
 
 
 if __name__ == "__main__":

@@ -75,11 +75,28 @@ def topology_devices(spec: str) -> list:
     if kind == "tpu":
         from jax.experimental import topologies
         try:
-            return topologies.get_topology_desc(platform="tpu", topology_name=rest).devices
+            return topologies.get_topology_desc(platform="tpu", topology_name=rest,
+                                                **wraparound(rest)).devices
         except Exception as e:  # libtpu missing or unknown name: say which
             raise ConfigError(f"--topology={spec}: no TPU topology description ({e}); "
                               "install libtpu matching your jax version") from None
     raise ConfigError(f"--topology={spec}: expected cpu:N or tpu:<name>")
+
+
+def wraparound(name: str) -> dict:
+    """get_topology_desc's `wrap` for a TPU slice name (v5p:4x4x4), where any side closes
+    into a ring: v4 and v5p slices whose sides are all multiples of 4 are 3D tori, and a v5e
+    or v6e side of 16 chips wraps (the wraparound MaxText's accelerator table gives each
+    slice). libtpu assumes an open mesh unless told. Compiled for an open 4x4x4 v5p, or
+    with the devices in host order (sharding.make_mesh), XLA gathered FSDP shards with
+    all-reduces where the real torus takes all-gathers (BENCHMARKS.md, "Device order")."""
+    try:
+        sides = [int(d) for d in name.partition(":")[2].split("x")]
+    except ValueError:
+        return {}  # libtpu names the problem
+    wrap = ((all(s % 4 == 0 for s in sides),) * 3 if len(sides) == 3
+            else tuple(s == 16 for s in sides) + (False,) * (3 - len(sides)))
+    return {"wrap": wrap} if any(wrap) else {}
 
 
 @dataclasses.dataclass

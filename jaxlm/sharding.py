@@ -8,8 +8,9 @@ Pipeline stages (config.mesh.pipeline > 1) add a "stage" axis, outermost, over w
 scanned blocks' stacked layer axis is split (logical "layers" -> "stage"); with one stage
 the mesh has no such axis, so nothing changes for a model without stages.
 
-Multi-slice (TPU slices joined by the data-centre network, or GPU hosts): config.mesh.dcn_*
-say how many slices each axis spans. The mesh is then built with
+A single slice's devices are ordered by `mesh_utils.create_device_mesh` (on TPU: along the
+physical torus). Multi-slice (TPU slices joined by the data-centre network, or GPU hosts):
+config.mesh.dcn_* say how many slices each axis spans. The mesh is then built with
 `mesh_utils.create_hybrid_device_mesh`, so that only those axes cross the slow network.
 """
 
@@ -86,7 +87,14 @@ def make_mesh(cfg_mesh, devices=None) -> Mesh:
     dcn = tuple(cfg_mesh.get(f"dcn_{_FIELD.get(a, a)}", 1) if a in DCN_AXES else 1 for a in axes)
     slices = math.prod(dcn)
     if slices == 1:
-        return Mesh(np.asarray(devices).reshape(mesh_shape(cfg_mesh, len(devices))), axes)
+        # On TPU, create_device_mesh lays each axis along the chips' torus (rings of
+        # neighbours); a plain reshape of the device list follows host order instead (on a
+        # v5p 4x4x4 XLA then gathered FSDP shards with all-reduces: BENCHMARKS.md, "Device
+        # order").
+        # Elsewhere it is that reshape (GPU: sorted by id).
+        grid = mesh_utils.create_device_mesh(mesh_shape(cfg_mesh, len(devices)), devices,
+                                             allow_split_physical_axes=True)
+        return Mesh(grid, axes)
     if len(devices) % slices:
         raise ConfigError(f"config.mesh.dcn_*: {slices} slices do not divide {len(devices)} devices")
     ici = mesh_shape(cfg_mesh, len(devices) // slices, where=" per slice")

@@ -134,6 +134,31 @@ def test_one_hot_lookup_refuses_an_int8_token_table():
         build(cfg, jax.devices()[:1])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_projection_gradients_are_autodiffs_and_a_frozen_table_costs_none(dtype):
+    """layers.logits ties its two gradients together (an optimization barrier): the same
+    numbers as autodiff of the plain einsum, bit for bit; and when only x is differentiated
+    (a frozen table) the step has no matmul for the table's gradient."""
+    from jaxlm.models import layers
+
+    def plain(x, t):
+        d = jnp.dtype(dtype)
+        return jnp.einsum("bld,vd->blv", x.astype(d), t.astype(d),
+                          preferred_element_type=layers.wide(d))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
+    t = jax.random.normal(jax.random.PRNGKey(1), (40, 16))
+
+    def loss(f):
+        return lambda x, t: jnp.sum(jnp.sin(f(x, t)))
+    tied = lambda x, t: layers.logits(x, t, dtype)  # noqa: E731
+    for got, want in zip(jax.grad(loss(tied), (0, 1))(x, t), jax.grad(loss(plain), (0, 1))(x, t)):
+        assert jnp.array_equal(got, want)
+    dots = [jax.jit(jax.grad(loss(f))).lower(x, t).as_text().count("dot_general")
+            for f in (tied, plain)]
+    assert dots[0] == dots[1] == 2  # the forward's and x's gradient's
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (2, 7, 11)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_token_nll_and_its_gradient_equal_autodiff_of_log_softmax(shape, dtype):

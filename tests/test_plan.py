@@ -80,6 +80,16 @@ def test_cli_prints_memory_and_shardings():
     assert "fits: unknown (no memory size known for cpu; pass --device-memory=GB)" in proc.stdout
 
 
+@pytest.mark.parametrize("name,wrap", [
+    ("v5p:4x4x4", (True, True, True)), ("v4:4x4x8", (True, True, True)),
+    ("v5p:2x4x4", None), ("v5p:2x2x2", None),
+    ("v5e:16x16", (True, True, False)), ("v5e:8x16", (False, True, False)),
+    ("v6e:16x16", (True, True, False)), ("v5e:4x4", None), ("v5e:8x8", None),
+])
+def test_full_tori_are_compiled_with_their_wraparound(name, wrap):
+    assert plan.wraparound(name) == ({"wrap": wrap} if wrap else {})
+
+
 def test_unknown_topology_is_a_clear_error():
     proc = subprocess.run([sys.executable, "-m", "jaxlm.plan", f"--config={REPO}/configs/gpt/debug.py",
                            "--topology=gpu:8"], capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -1,6 +1,7 @@
 """Sharding strategies on 8 fake CPU devices: same maths as one device, and the shardings
 really are what the strategy says."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import fresh_step, random_batch, tiny_bert_config, tiny_config
 
-from jaxlm import models
+from jaxlm import models, sharding
 from jaxlm.errors import ConfigError
 from jaxlm.setup import build
 
@@ -122,6 +123,35 @@ def test_sequence_axis_splits_activations():
     flat = plan.make_plan(cfg, jax.devices())
     assert seq.mesh["sequence"] == 4
     assert seq.temp_bytes < flat.temp_bytes
+
+
+def test_single_slice_mesh_follows_the_tpu_torus():
+    """A v5p 4x4x4's chips, listed host by host (2x2x1 chips a host) as the runtime lists
+    them: every tensor group of the mesh is a line of 4 neighbouring chips on one physical
+    axis, where reshaping the list as it comes puts two hosts' corners in one group."""
+    @dataclasses.dataclass(frozen=True)
+    class Chip:  # what mesh_utils reads of a TPU device
+        id: int
+        coords: tuple
+        core_on_chip: int = 0
+        platform: str = "tpu"
+        device_kind: str = "TPU v5"
+        process_index: int = 0
+        slice_index: int = 0
+
+    cubes = [(x, y, z) for z in range(4) for hy in (0, 2) for hx in (0, 2)
+             for y in (hy, hy + 1) for x in (hx, hx + 1)]
+    chips = [Chip(i, c) for i, c in enumerate(cubes)]
+    cfg = sharded_config("fsdp_tp")
+    cfg.mesh.update(fsdp=16, tensor=4)
+    mesh = sharding.make_mesh(cfg.mesh, chips)
+    assert mesh.shape["fsdp"] == 16 and mesh.shape["tensor"] == 4
+    for group in mesh.devices.reshape(-1, 4):
+        coords = np.array([c.coords for c in group])
+        varying = [axis for axis in range(3) if len(set(coords[:, axis])) > 1]
+        assert len(varying) == 1 and sorted(coords[:, varying[0]]) == [0, 1, 2, 3], coords
+    plain = np.array([c.coords for c in chips]).reshape(-1, 4, 3)
+    assert all((g.max(0) > g.min(0)).sum() == 2 for g in plain)  # a 2x2 square each
 
 
 def test_mesh_errors_name_the_numbers():

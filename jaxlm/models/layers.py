@@ -245,10 +245,41 @@ class Embed(nn.Embed):
 
 def logits(x_BxLxD: Array, table_VxD: Array, dtype, out_dtype=None) -> Array:
     """x @ table^T in the compute dtype with a wide (fp32) accumulator and result (a bf16
-    logit keeps ~3 significant digits), or a result in `out_dtype` (logits_dtype)."""
+    logit keeps ~3 significant digits), or a result in `out_dtype` (logits_dtype). Its two
+    gradients leave the backward pass together (`gradients_together`)."""
     dtype = jnp.dtype(dtype)
+    x_BxLxD, table_VxD = gradients_together(x_BxLxD, table_VxD)
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD.astype(dtype),
                       preferred_element_type=out_dtype or wide(dtype))
+
+
+@jax.custom_vjp
+def gradients_together(x: Array, table: Array) -> tuple[Array, Array]:
+    """(x, table) unchanged. In the backward pass their two gradients go through one
+    optimization barrier, so neither flows on before both are made: the output
+    projection's table gradient is then made before the layers' backward pass, and the
+    [B, L, V] logits' gradient it reads is freed there. Without it XLA's TPU scheduler made
+    the table gradient after the layers' backward pass and kept that array alive through
+    it: 0.21 GB a sequence at GPT-2's vocabulary and 2048 tokens (BENCHMARKS.md, "The
+    logits' gradient, freed early"). With one of the two not differentiated (a frozen
+    table: LoRA) nothing is tied, so the unused gradient is never computed."""
+    return x, table
+
+
+def _together_fwd(x, table):
+    # symbolic_zeros=True: the arguments come as CustomVJPPrimal(value, perturbed); the
+    # residual, empty or not, tells the backward pass whether both are differentiated.
+    both = x.perturbed and table.perturbed
+    return (x.value, table.value), ((jnp.zeros((0,)),) if both else ())
+
+
+def _together_bwd(both, grads):
+    if both and not any(isinstance(g, jax.custom_derivatives.SymbolicZero) for g in grads):
+        return jax.lax.optimization_barrier(grads)
+    return grads
+
+
+gradients_together.defvjp(_together_fwd, _together_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- attention
