@@ -73,9 +73,18 @@ _LAX_DOT = jax.lax.dot_general
 _LAX_DOT_CODE = _LAX_DOT.__code__
 
 
+_JNP_EINSUM = jnp.einsum
+_JNP_EINSUM_CODE = _JNP_EINSUM.__code__
+
+
 def _dot_intercepted() -> bool:
     dot = jax.lax.dot_general
     return dot is not _LAX_DOT or getattr(dot, "__code__", None) is not _LAX_DOT_CODE
+
+
+def _einsum_intercepted() -> bool:
+    return _dot_intercepted() or jnp.einsum is not _JNP_EINSUM or \
+        getattr(jnp.einsum, "__code__", None) is not _JNP_EINSUM_CODE
 
 
 def cpu_kernel_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
@@ -246,9 +255,13 @@ class Embed(nn.Embed):
 def logits(x_BxLxD: Array, table_VxD: Array, dtype, out_dtype=None) -> Array:
     """x @ table^T in the compute dtype with a wide (fp32) accumulator and result (a bf16
     logit keeps ~3 significant digits), or a result in `out_dtype` (logits_dtype). Its two
-    gradients leave the backward pass together (`gradients_together`)."""
+    gradients leave the backward pass together (`gradients_together`), unless a matmul
+    interceptor is active (qwix's QAT or LoRA) or the table is not a plain array: the
+    interceptor must see the module's own parameter in the einsum, not the output of a
+    two-input op (as cpu_kernel_dot yields)."""
     dtype = jnp.dtype(dtype)
-    x_BxLxD, table_VxD = gradients_together(x_BxLxD, table_VxD)
+    if not _einsum_intercepted() and isinstance(table_VxD, jax.Array):
+        x_BxLxD, table_VxD = gradients_together(x_BxLxD, table_VxD)
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD.astype(dtype),
                       preferred_element_type=out_dtype or wide(dtype))
 
