@@ -31,7 +31,7 @@ above it: "does not fit" in --out), so a step over 16e9 bytes may still compile.
 
 `--search` (instead of --batches) finds that largest batch by compiling: batch 1 and 2, the
 estimate, then steps away from it until one batch fits and the next does not (`boundary`);
-about 4-8 compiles a row and side.
+6 to 9 compiles a row and side in the runs BENCHMARKS.md reports.
 
     python benchmarks/fit_table.py --search --topology=v5p:4x4x4 --rows=gpt3-13b \
         --maxtext-python=/tmp/fit/mt/bin/python --out=/tmp/fit/search.jsonl

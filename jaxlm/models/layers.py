@@ -274,8 +274,9 @@ def gradients_together(x: Array, table: Array) -> tuple[Array, Array]:
     [B, L, V] logits' gradient it reads is freed there. Without it XLA's TPU scheduler made
     the table gradient after the layers' backward pass and kept that array alive through
     it: 0.21 GB a sequence at GPT-2's vocabulary and 2048 tokens (BENCHMARKS.md, "The
-    logits' gradient, freed early"). With one of the two not differentiated (a frozen
-    table: LoRA) nothing is tied, so the unused gradient is never computed."""
+    logits' gradient, freed early"). With one of the two not differentiated (a table
+    frozen by config.train.trainable) nothing is tied, so the unused gradient is never
+    computed."""
     return x, table
 
 
