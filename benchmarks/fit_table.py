@@ -230,7 +230,10 @@ def measure(side: str, row: str, topology: str, batch: int, args, log_dir) -> di
             return {**entry, "status": "not run: MaxText has no BERT model"}
         base = subprocess.run([args.maxtext_python, "-c", "import maxtext, os; print("
                                "os.path.join(os.path.dirname(maxtext.__file__), 'configs', "
-                               "'base.yml'))"], capture_output=True, text=True, check=True)
+                               "'base.yml'))"], capture_output=True, text=True)
+        if base.returncode:
+            raise SystemExit(f"--maxtext-python={args.maxtext_python}: cannot import maxtext "
+                             "there (give the Python of a venv with maxtext[tpu])")
         flags = [f"run_name=fit_{row}_b{batch}", f"base_output_directory={args.maxtext_out}",
                  *maxtext_flags(row, batch, topology, args.maxtext_vocab)]
         entry.update(maxtext_flags=flags, vocab_size=args.maxtext_vocab,
