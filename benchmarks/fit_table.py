@@ -22,12 +22,12 @@ keeps them in fp32: add --config.model.wide_logits=true for that). jaxlm keeps G
 BERT); it keeps configs/bert/bert_large.py's vocabulary (30522) and dropout (0.1).
 
 `--table` estimates the largest per-chip batch within HBM (jaxlm.plan's figure for the
-device kind: 16e9 bytes for v5e) from the growth of the temporaries between batch 1 and 2
-(linear in the batch: an estimate, marked as such; it misses both ways, since XLA schedules
-larger batches differently), and shows the largest batch compiled within that budget with
-the next batch's verdict, where such compiles are in --out (`--batches=N,N+1`). XLA's own
-limit is higher (it reports 15.75G, GiB, available on a 16 GiB v5e and refuses to compile
-above it: "does not fit" in --out), so a step over 16e9 bytes may still compile.
+device kind, the HBM that XLA lets a program use: 15.75 GiB on a v5e, 95.73 GiB on a v5p)
+from the growth of the temporaries between batch 1 and 2 (linear in the batch: an estimate,
+marked as such; it misses both ways, since XLA schedules larger batches differently), and
+shows the largest batch compiled within that budget with the next batch's verdict, where
+such compiles are in --out (`--batches=N,N+1`). Above the budget XLA refuses to compile
+("does not fit" in --out).
 
 `--search` (instead of --batches) finds that largest batch by compiling: batch 1 and 2, the
 estimate, then steps away from it until one batch fits and the next does not (`boundary`);

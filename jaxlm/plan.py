@@ -52,11 +52,17 @@ from jaxlm.errors import ConfigError
 from jaxlm.models.layers import bubble_fraction
 from jaxlm.train.build import build_train
 
-# HBM per device, for the "does it fit" verdict (vendor spec sheets). Matched as substrings
-# of device_kind like metrics.PEAK_FLOPS.
+# HBM per device, for the "does it fit" verdict. Matched as substrings of device_kind like
+# metrics.PEAK_FLOPS. GPUs: vendor spec sheets. v5e, v5p, v6e: what XLA lets one program
+# use, the "available HBM" of its compile-time out-of-memory error under libtpu 0.0.52
+# (BENCHMARKS.md, "HBM as XLA counts it"). These are GiB: 95e9 bytes, the v5p figure here
+# before, was 7.8 GB short of what XLA compiles. v4: the spec's 32 GB, not checked (XLA's
+# AOT compile reports 15.25 GiB per v4 device, which may be one of its two cores).
+GiB = 2 ** 30
 HBM_BYTES = (
     ("H200", 141e9), ("H100", 80e9), ("A100", 80e9),
-    ("TPU v6 lite", 32e9), ("TPU v5 lite", 16e9), ("TPU v5", 95e9), ("TPU v4", 32e9),
+    ("TPU v6 lite", 31.24 * GiB), ("TPU v5 lite", 15.75 * GiB), ("TPU v5", 95.73 * GiB),
+    ("TPU v4", 32e9),
 )
 
 

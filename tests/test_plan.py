@@ -128,7 +128,8 @@ def test_candidates_keep_the_maths_and_come_cheapest_first():
 
 
 def test_device_memory_budget():
-    assert plan.device_memory("TPU v5 lite") == 16e9
+    assert plan.device_memory("TPU v5 lite") == 15.75 * 2 ** 30  # as XLA counts it
+    assert plan.device_memory("TPU v5") == 95.73 * 2 ** 30
     assert plan.device_memory("NVIDIA H100 80GB HBM3") == 80e9
     assert plan.device_memory("cpu") is None
     assert plan.memory_flag("24GB") == plan.memory_flag("24") == 24e9
