@@ -34,7 +34,7 @@ import os
 import pathlib
 import shutil
 
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, first_line
 
 EXTRA = "gcs"  # pip install 'jaxlm[gcs]'
 
@@ -136,6 +136,47 @@ def gcs():
     server-side copies, uploads of local files)."""
     import gcsfs
     return gcsfs.GCSFileSystem()
+
+
+def check_bucket(text: str, must_exist: bool, flag: str = "--workdir"):
+    """A gs:// path (`flag`'s value), after checking that the clients are installed and
+    the bucket exists (and, with `must_exist`, holds the path). Whether it is writable shows
+    at the first write (for a workdir the lock object, `claim`), refused whole by the
+    bucket."""
+    require_gcs(text, flag)
+    p = path(text, flag)
+    bucket, _ = bucket_and_key(p)
+    from google.api_core import exceptions
+    from google.auth.exceptions import GoogleAuthError
+    try:
+        if storage_client().lookup_bucket(bucket) is None:
+            raise ConfigError(f"{flag}={text}: the bucket gs://{bucket} does not exist "
+                              "(create it first, or check the name)")
+        if must_exist and not p.exists():
+            raise ConfigError(f"{flag}={text}: no such folder in gs://{bucket}")
+    except GoogleAuthError as e:
+        raise ConfigError(f"{flag}={text}: no Google Cloud credentials to reach gs://{bucket} "
+                          "(gcloud auth application-default login, or a service account on "
+                          f"GKE/GCE): {first_line(e)}") from None
+    except exceptions.GoogleAPIError as e:
+        raise ConfigError(f"{flag}={text}: cannot read the bucket gs://{bucket}: "
+                          f"{first_line(e)}") from None
+    except OSError as e:  # gcsfs's, or no route to the storage endpoint
+        raise ConfigError(f"{flag}={text}: cannot reach gs://{bucket}: {first_line(e)}") from None
+    return p
+
+
+_STORAGE_CLIENT = None
+
+
+def storage_client():
+    """The google-cloud-storage client of this process (STORAGE_EMULATOR_HOST: the
+    emulator's, without credentials)."""
+    global _STORAGE_CLIENT
+    if _STORAGE_CLIENT is None:
+        from google.cloud import storage
+        _STORAGE_CLIENT = storage.Client()
+    return _STORAGE_CLIENT
 
 
 def copy_tree(src, dst) -> None:

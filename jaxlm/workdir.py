@@ -63,7 +63,7 @@ def check(workdir: str | os.PathLike, *, must_exist: bool):
     if not text.strip():
         raise ConfigError("--workdir= is empty; expected --workdir=DIR")
     if files.is_remote(text):
-        return check_bucket(text, must_exist)
+        return files.check_bucket(text, must_exist)
     path = pathlib.Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--workdir={text} is a file, not a folder")
@@ -112,47 +112,6 @@ class Claim:
                     break
 
 
-def check_bucket(text: str, must_exist: bool, flag: str = "--workdir"):
-    """A gs:// path (`flag`'s value), after checking that the clients are installed and
-    the bucket exists (and, with `must_exist`, holds the path). Whether it is writable shows
-    at the first write (for a workdir the lock object, `claim`), refused whole by the
-    bucket."""
-    files.require_gcs(text, flag)
-    path = files.path(text, flag)
-    bucket, key = files.bucket_and_key(path)
-    from google.api_core import exceptions
-    from google.auth.exceptions import GoogleAuthError
-    try:
-        if _client().lookup_bucket(bucket) is None:
-            raise ConfigError(f"{flag}={text}: the bucket gs://{bucket} does not exist "
-                              "(create it first, or check the name)")
-        if must_exist and not path.exists():
-            raise ConfigError(f"{flag}={text}: no such folder in gs://{bucket}")
-    except GoogleAuthError as e:
-        raise ConfigError(f"{flag}={text}: no Google Cloud credentials to reach gs://{bucket} "
-                          "(gcloud auth application-default login, or a service account on "
-                          f"GKE/GCE): {first_line(e)}") from None
-    except exceptions.GoogleAPIError as e:
-        raise ConfigError(f"{flag}={text}: cannot read the bucket gs://{bucket}: "
-                          f"{first_line(e)}") from None
-    except OSError as e:  # gcsfs's, or no route to the storage endpoint
-        raise ConfigError(f"{flag}={text}: cannot reach gs://{bucket}: {first_line(e)}") from None
-    return path
-
-
-_CLIENT = None
-
-
-def _client():
-    """The google-cloud-storage client of this process (STORAGE_EMULATOR_HOST: the
-    emulator's, without credentials)."""
-    global _CLIENT
-    if _CLIENT is None:
-        from google.cloud import storage
-        _CLIENT = storage.Client()
-    return _CLIENT
-
-
 class ObjectClaim:
     """A held lease on a gs:// workdir: the object WORKDIR/.lock (see the module
     docstring); the same interface as `Claim`."""
@@ -169,7 +128,8 @@ class ObjectClaim:
     def take(cls, workdir) -> ObjectClaim:
         from google.api_core import exceptions
         bucket_name, key = files.bucket_and_key(workdir)
-        blob = _client().bucket(bucket_name).blob(f"{key}/{LOCK_NAME}" if key else LOCK_NAME)
+        blob = files.storage_client().bucket(bucket_name).blob(
+            f"{key}/{LOCK_NAME}" if key else LOCK_NAME)
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": datetime.datetime.now().isoformat(timespec="seconds"),
                   "lease_seconds": LEASE_SECONDS, "token": os.urandom(8).hex()}
@@ -309,7 +269,7 @@ def check_output(output, flag: str = "--output", bucket: bool = False) -> pathli
         if not bucket:
             raise ConfigError(f"{flag}={os.fspath(output)}: written to local paths only; "
                               "write it here and copy it, e.g. with gcloud storage cp -r")
-        path = check_bucket(os.fspath(output), False, flag)
+        path = files.check_bucket(os.fspath(output), False, flag)
         if path.exists():
             raise ConfigError(f"{flag}={os.fspath(output)} already exists; not overwriting it")
         return path

@@ -80,7 +80,7 @@ def gcs(tmp_path_factory):
         server.wait()
         os.environ.clear()
         os.environ.update(saved)
-        workdir._CLIENT = None
+        files._STORAGE_CLIENT = None
 
 
 @pytest.fixture
@@ -528,7 +528,7 @@ def test_missing_credentials_are_one_line_naming_the_flag(args, flag, tmp_path, 
 
     def no_credentials():
         raise DefaultCredentialsError("Your default credentials were not found.")
-    monkeypatch.setattr(workdir, "_client", no_credentials)
+    monkeypatch.setattr(files, "storage_client", no_credentials)
     (tmp_path / "a.txt").write_text("some text\n")
     args = [a.replace("WORKDIR", str(tmp_path / "run")).replace("A_TXT", str(tmp_path / "a.txt"))
             for a in args]

@@ -230,8 +230,7 @@ def mirror(data_dir: str, name: str) -> str:
     whenever the bucket's objects differ from those the copy was made from."""
     if not is_remote(data_dir):
         return data_dir
-    from jaxlm.workdir import check_bucket
-    check_bucket(data_dir, must_exist=False, flag="config.data.data_dir")
+    files.check_bucket(data_dir, must_exist=False, flag="config.data.data_dir")
     bucket, key = files.bucket_and_key(data_dir)
     root = pathlib.Path(MIRROR_ROOT).expanduser() / bucket / key
     base = name.split("/")[0].split(":")[0]
@@ -271,8 +270,7 @@ def staging(data_dir: str):
     if not is_remote(data_dir):
         yield data_dir
         return
-    from jaxlm.workdir import check_bucket
-    check_bucket(data_dir, must_exist=False, flag="--data_dir")
+    files.check_bucket(data_dir, must_exist=False, flag="--data_dir")
     with tempfile.TemporaryDirectory(prefix="jaxlm-prepare-") as local:
         yield local
 
