@@ -159,6 +159,32 @@ def test_output_projection_gradients_are_autodiffs_and_a_frozen_table_costs_none
     assert dots[0] == dots[1] == 2  # the forward's and x's gradient's
 
 
+def test_norms_outside_the_scan_keep_their_input_not_an_fp32_copy():
+    """LayerNorm(recompute=True) gives the same values and gradients, and keeps for the
+    backward pass only its bf16 input (and scale); a bf16 GPT's saved residuals then hold
+    no fp32 [B, L, D] array (the final norm's copy, before recompute)."""
+    from jaxlm.models import layers
+    cfg = tiny_config(dtype="bfloat16", remat=True, scan_layers=True).model
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, cfg.d_model)).astype(jnp.bfloat16)
+    outs = []
+    for recompute in (False, True):
+        norm = layers.LayerNorm(cfg, recompute=recompute)
+        params = norm.init(jax.random.PRNGKey(1), x)
+        y, vjp = jax.vjp(norm.apply, params, x)
+        outs.append((y, vjp(jnp.ones_like(y))))
+        saved = [(r.shape, r.dtype) for r in jax.tree_util.tree_leaves(vjp) if r.ndim == 3]
+        assert (((2, 8, cfg.d_model), jnp.float32) in saved) != recompute
+    for a, b in zip(*map(jax.tree_util.tree_leaves, outs)):
+        assert jnp.array_equal(a, b)
+
+    model, params = init(cfg)
+    tokens = random_tokens(2, 16, cfg.vocab_size)
+    _, vjp = jax.vjp(lambda p: model.apply({"params": p}, tokens), params)
+    saved = [(r.shape, r.dtype) for r in jax.tree_util.tree_leaves(vjp)]
+    assert ((2, 16, cfg.d_model), jnp.bfloat16) in saved
+    assert ((2, 16, cfg.d_model), jnp.float32) not in saved
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (2, 7, 11)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_token_nll_and_its_gradient_equal_autodiff_of_log_softmax(shape, dtype):

@@ -50,7 +50,8 @@ class BERT(nn.Module):
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         embed = layers.Embeddings(cfg, name="embed")
-        x_BxLxD = layers.LayerNorm(cfg, name="ln_embed")(embed(tokens_BxL, positions_BxL, types_BxL))
+        x_BxLxD = embed(tokens_BxL, positions_BxL, types_BxL)
+        x_BxLxD = layers.LayerNorm(cfg, name="ln_embed", recompute=True)(x_BxLxD)
         x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
         x_BxLxD = layers.apply_blocks(cfg, False, x_BxLxD, positions_BxL, segments_BxL,
@@ -62,7 +63,7 @@ class BERT(nn.Module):
         if "logits" in wanted or init:
             h_BxLxD = layers.dense(cfg, cfg.d_model, ("embed", None), cfg.init_std,
                                    name="mlm_dense")(x_BxLxD)
-            h_BxLxD = layers.LayerNorm(cfg, name="mlm_ln")(layers.activation(cfg, h_BxLxD))
+            h_BxLxD = layers.LayerNorm(cfg, name="mlm_ln", recompute=True)(layers.activation(cfg, h_BxLxD))
             bias_V = self.param("mlm_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), jnp.dtype(cfg.param_dtype))
             logits_BxLxV = embed.attend(h_BxLxD) + bias_V  # fp32 (layers.logits)

@@ -58,7 +58,7 @@ class GPT(nn.Module):
             x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
             x_BxLxD = layers.apply_blocks(cfg, True, x_BxLxD, positions_BxL, segments_BxL,
                                           deterministic, decode)
-            x_BxLxD = layers.LayerNorm(cfg, name="ln_final")(x_BxLxD)
+            x_BxLxD = layers.LayerNorm(cfg, name="ln_final", recompute=True)(x_BxLxD)
         else:
             x_BxLxD = hidden_BxLxD
 

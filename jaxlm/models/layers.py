@@ -161,16 +161,25 @@ class FusedDense(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with logically named scale and bias; statistics are computed in fp32."""
+    """LayerNorm with logically named scale and bias; statistics are computed in fp32.
+
+    recompute=True: the backward pass recomputes the norm from x, so what it keeps is x
+    itself, not the fp32 copy of x the statistics are taken from (twice x's size in a bf16
+    step). For the norms outside the layers' scan, whose remat does not reach them: that
+    copy of the final norm's input stayed live through the whole backward scan (XLA's
+    memory report, 1.3B b2 on a v5e 8x8: f32 [2, 2048, 2048]; BENCHMARKS.md, "The final
+    norm, recomputed")."""
     cfg: Config
+    recompute: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return nn.LayerNorm(
+        norm = nn.remat(nn.LayerNorm) if self.recompute else nn.LayerNorm
+        return norm(
             epsilon=self.cfg.layer_norm_eps,
             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            **dtypes(self.cfg))(x)
+            name="LayerNorm_0", **dtypes(self.cfg))(x)
 
 
 # ----------------------------------------------------------------------------- positions
