@@ -56,8 +56,9 @@ from jaxlm.train.build import build_train
 # metrics.PEAK_FLOPS. GPUs: vendor spec sheets. v5e, v5p, v6e: what XLA lets one program
 # use, the "available HBM" of its compile-time out-of-memory error under libtpu 0.0.52
 # (BENCHMARKS.md, "HBM as XLA counts it"). These are GiB: 95e9 bytes, the v5p figure here
-# before, was 7.8 GB short of what XLA compiles. v4: the spec's 32 GB, not checked (XLA's
-# AOT compile reports 15.25 GiB per v4 device, which may be one of its two cores).
+# before, was 7.8 GB short of what XLA compiles (benchmarks/tpu_hbm.py measures them). v4:
+# the spec's 32 GB a chip; libtpu's AOT description of a v4 slice makes each of a chip's two
+# cores a device instead, with 15.25 GiB available to each.
 GiB = 2 ** 30
 HBM_BYTES = (
     ("H200", 141e9), ("H100", 80e9), ("A100", 80e9),
