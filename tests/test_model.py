@@ -107,13 +107,15 @@ def test_logits_in_the_compute_dtype_when_not_wide(tie):
     assert jnp.array_equal(logits, wide.astype(jnp.bfloat16))  # the same sums, rounded
 
 
+@pytest.mark.parametrize("lookup", ["one_hot", "gather_whole"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_hot_lookup_gives_the_gathered_rows_and_their_gradient(dtype):
-    """config.model.embed_lookup=one_hot: one_hot(tokens) @ table has one term per sum, so
-    the logits are the gather's bit for bit; the table's gradient sums the same terms."""
-    cfg = tiny_config(dtype=dtype).model
+def test_lookups_give_the_gathered_rows_and_their_gradient(dtype, lookup):
+    """config.model.embed_lookup: one_hot(tokens) @ table has one term per sum, and
+    gather_whole takes the same rows from the gathered table, so the logits are the
+    gather's bit for bit; the table's gradient sums the same terms."""
+    cfg = tiny_config(dtype=dtype, embed_lookup="gather").model
     model, params = init(cfg)
-    hot = GPT(tiny_config(dtype=dtype, embed_lookup="one_hot").model)
+    hot = GPT(tiny_config(dtype=dtype, embed_lookup=lookup).model)
     tokens = random_tokens(2, 16, cfg.vocab_size)
     assert jnp.array_equal(model.apply({"params": params}, tokens),
                            hot.apply({"params": params}, tokens))
@@ -123,6 +125,19 @@ def test_one_hot_lookup_gives_the_gathered_rows_and_their_gradient(dtype):
     got, want = grad(hot), grad(model)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_lookup_gathers_the_whole_table_where_tpu_slices_are_narrow():
+    """setup.embed_lookup: "auto" is gather_whole on TPU when D's slices are narrower than
+    128 (GPT-3 125M over 256 chips: 3 values), else gather; a choice is kept as it is."""
+    from jaxlm.setup import embed_lookup
+    assert embed_lookup("auto", 768, 256, "tpu") == "gather_whole"
+    assert embed_lookup("auto", 5120, 64, "tpu") == "gather_whole"  # 80 values
+    assert embed_lookup("auto", 2048, 16, "tpu") == "gather"  # 128: a whole tile
+    assert embed_lookup("auto", 768, 1, "tpu") == "gather"  # D not split
+    assert embed_lookup("auto", 768, 256, "gpu") == embed_lookup("auto", 768, 8, "cpu") == "gather"
+    assert embed_lookup("one_hot", 768, 256, "tpu") == "one_hot"
+    assert embed_lookup("gather", 768, 256, "tpu") == "gather"
 
 
 def test_one_hot_lookup_refuses_an_int8_token_table():

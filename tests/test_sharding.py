@@ -88,6 +88,20 @@ def test_bert_strategy_matches_single_device(case):
                            jax.device_get(state.params), jax.device_get(ref_state.params))
 
 
+@pytest.mark.parametrize("case", ["fsdp", "fsdp_tp"])
+def test_whole_table_lookup_matches_single_device(case):
+    """embed_lookup=gather_whole (the table all-gathered, rows taken locally) under FSDP and
+    FSDP+TP: the losses and parameters of one device."""
+    cfg = sharded_config(case)
+    cfg.model.update(dropout=0.0, embed_lookup="gather_whole")
+    batches = make_batches(cfg)
+    ref_state, ref_losses = run_steps(tiny_config(vocab_size=264), jax.devices()[:1], batches)
+    state, losses = run_steps(cfg, jax.devices(), batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           jax.device_get(state.params), jax.device_get(ref_state.params))
+
+
 def test_fsdp_shards_params_and_adam_moments_eightfold():
     cfg = sharded_config("fsdp")
     state, _ = run_steps(cfg, jax.devices(), make_batches(cfg, 1))

@@ -212,7 +212,7 @@ class Embeddings(nn.Module):
         self.tokens = Embed(cfg.vocab_size, cfg.d_model,
                             embedding_init=init(cfg.init_std, ("vocab", "embed")),
                             logits_dtype=logits_dtype(cfg),
-                            one_hot=cfg.get("embed_lookup", "gather") == "one_hot", **dtypes(cfg))
+                            lookup=cfg.get("embed_lookup", "gather"), **dtypes(cfg))
         if cfg.position == "learned":
             self.positions = nn.Embed(cfg.max_len, cfg.d_model,
                                       embedding_init=init(cfg.init_std / 2, ("pos", "embed")),
@@ -242,20 +242,27 @@ class Embed(nn.Embed):
     table, as a transform (quantization, LoRA) needs to see it, and keeps a wide
     accumulator (layers.logits) where nn.Embed's would be the compute dtype.
 
-    one_hot (config.model.embed_lookup): the lookup is one_hot(tokens) @ table, the same
-    rows exactly (one term per sum). Under FSDP a gather from a table split along D
-    exchanges each token's slice of every shard between devices (on TPU a slice narrower
-    than 128 is padded to 128); the matmul has no such exchange, but costs 2*V*D FLOPs a
-    token forward and again for the table's gradient."""
+    lookup (config.model.embed_lookup, "auto" resolved by setup.build), three ways to the
+    same rows. Under FSDP the table is split along D:
+    - "gather": rows taken where the table lies: each token goes to every device holding a
+      slice of D and its slice comes back (two all-to-alls; on TPU a slice narrower than
+      128 values is padded to 128, and the buffers then hold up to 40x their data).
+    - "gather_whole": the table all-gathered to every device (as the output projection
+      gathers it anyway), then rows taken locally: no token exchange.
+    - "one_hot": one_hot(tokens) @ table, one term per sum (MaxText's use_iota_embed):
+      no exchange either, but 2*V*D FLOPs a token forward and again for the gradient."""
     logits_dtype: Any = None  # None: wide(dtype)
-    one_hot: bool = False
+    lookup: str = "gather"
 
     def __call__(self, inputs: Array) -> Array:
-        if not self.one_hot:
-            return super().__call__(inputs)
-        hot = inputs[..., None] == jnp.arange(self.num_embeddings)
-        return jnp.einsum("...v,vd->...d", hot.astype(self.dtype),
-                          self.embedding.astype(self.dtype))
+        table = self.embedding
+        if self.lookup == "one_hot":
+            hot = inputs[..., None] == jnp.arange(self.num_embeddings)
+            return jnp.einsum("...v,vd->...d", hot.astype(self.dtype), table.astype(self.dtype))
+        if self.lookup == "gather_whole" and isinstance(table, jax.Array):
+            table = constrain(table.astype(self.dtype), ("vocab", None))
+            return jnp.take(table, inputs, axis=0)
+        return super().__call__(inputs)
 
     def attend(self, x_BxLxD: Array) -> Array:
         return logits(x_BxLxD, self.embedding, self.dtype, self.logits_dtype)
