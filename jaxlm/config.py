@@ -119,14 +119,14 @@ SCHEMA = {
                              "whatever the compute dtype; false: rounded to the compute dtype "
                              "(MaxText's default), half their memory in training, the loss "
                              "still computed in fp32"),
-        "embed_lookup": Field("auto", ("auto", "gather", "gather_whole", "one_hot"),
+        "embed_lookup": Field("gather", ("gather", "gather_whole", "one_hot"),
                               "token embedding lookup, the same rows each way "
                               "(layers.Embed): gather rows where the table lies, "
                               "gather_whole (the table all-gathered first, then rows taken "
                               "locally), or one_hot (a one-hot matmul, as MaxText's "
-                              "use_iota_embed: 2*V*D more FLOPs a token each way); auto: "
-                              "gather_whole on TPU when the table's D is split into slices "
-                              "narrower than 128, else gather (setup.embed_lookup)"),
+                              "use_iota_embed: 2*V*D more FLOPs a token each way). Under FSDP "
+                              "on TPU each lowers the peak at some shapes and raises it at "
+                              "others (BENCHMARKS.md, fit table)"),
         "attention_impl": Field("xla", ("auto", "xla", "cudnn", "splash"),
                                 "attention kernel (jaxlm.models.attention): xla everywhere, "
                                 "cudnn on NVIDIA GPUs (bf16/fp16), splash on TPU, auto = the "

@@ -48,21 +48,6 @@ class Setup:
         return nn.meta.unbox(self.model.init(rng, tokens)["params"])
 
 
-def embed_lookup(choice: str, d_model: int, d_parts: int, platform: str) -> str:
-    """config.model.embed_lookup for the devices, "auto" resolved: "gather_whole" on TPU when
-    the token table's D is split into slices narrower than a TPU tile's 128 lanes, else
-    "gather" (layers.Embed). There the gather's exchange pads each slice to 128 and holds
-    every token of the global batch at that width: on a v5e 16x16, GPT-3 125M (768 / 256 = 3
-    values a slice), two 128 MiB buffers at one sequence a chip. Measured against the
-    exchange, whole-table gathers lower the peak at those shapes and are level or not
-    compiled differently where slices are 128 or wider (BENCHMARKS.md, "The token lookup,
-    without the exchange")."""
-    if choice != "auto":
-        return choice
-    narrow = d_parts > 1 and d_model // d_parts < 128
-    return "gather_whole" if platform == "tpu" and narrow else "gather"
-
-
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     """Tokenizer, model, mesh (over `devices`, default all) and parameter shardings.
 
@@ -84,8 +69,6 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     # compiled for from this host): checked, and "auto" chosen, before anything compiles.
     model_cfg = cfg.model.copy_and_resolve_references()
     model_cfg.attention_impl = attention.resolve(cfg.model, platform, log=log)
-    model_cfg.embed_lookup = embed_lookup(cfg.model.embed_lookup, cfg.model.d_model,
-                                          sharding.split_count(mesh, cfg.mesh, "embed"), platform)
     with model_cfg.unlocked():  # layers.kernel_dot picks its matmul for this platform
         model_cfg.platform = platform
         if sharding.stage_count(mesh) > 1:  # layers.apply_blocks pipelines the blocks

@@ -127,19 +127,6 @@ def test_lookups_give_the_gathered_rows_and_their_gradient(dtype, lookup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_auto_lookup_gathers_the_whole_table_where_tpu_slices_are_narrow():
-    """setup.embed_lookup: "auto" is gather_whole on TPU when D's slices are narrower than
-    128 (GPT-3 125M over 256 chips: 3 values), else gather; a choice is kept as it is."""
-    from jaxlm.setup import embed_lookup
-    assert embed_lookup("auto", 768, 256, "tpu") == "gather_whole"
-    assert embed_lookup("auto", 5120, 64, "tpu") == "gather_whole"  # 80 values
-    assert embed_lookup("auto", 2048, 16, "tpu") == "gather"  # 128: a whole tile
-    assert embed_lookup("auto", 768, 1, "tpu") == "gather"  # D not split
-    assert embed_lookup("auto", 768, 256, "gpu") == embed_lookup("auto", 768, 8, "cpu") == "gather"
-    assert embed_lookup("one_hot", 768, 256, "tpu") == "one_hot"
-    assert embed_lookup("gather", 768, 256, "tpu") == "gather"
-
-
 def test_one_hot_lookup_refuses_an_int8_token_table():
     from jaxlm.errors import ConfigError
     from jaxlm.setup import build

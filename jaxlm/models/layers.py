@@ -242,15 +242,18 @@ class Embed(nn.Embed):
     table, as a transform (quantization, LoRA) needs to see it, and keeps a wide
     accumulator (layers.logits) where nn.Embed's would be the compute dtype.
 
-    lookup (config.model.embed_lookup, "auto" resolved by setup.build), three ways to the
-    same rows. Under FSDP the table is split along D:
+    lookup (config.model.embed_lookup), three ways to the same rows. Under FSDP the table is
+    split along D:
     - "gather": rows taken where the table lies: each token goes to every device holding a
       slice of D and its slice comes back (two all-to-alls; on TPU a slice narrower than
       128 values is padded to 128, and the buffers then hold up to 40x their data).
     - "gather_whole": the table all-gathered to every device (as the output projection
       gathers it anyway), then rows taken locally: no token exchange.
     - "one_hot": one_hot(tokens) @ table, one term per sum (MaxText's use_iota_embed):
-      no exchange either, but 2*V*D FLOPs a token forward and again for the gradient."""
+      no exchange either, but 2*V*D FLOPs a token forward and again for the gradient.
+    Which needs least memory depends on the shape and slice, with no rule found: against
+    "gather", "gather_whole" lowered the peak at most shapes on v5e 8x8 and 16x16 slices and
+    raised it at most on a v5p 4x4x4 (BENCHMARKS.md, "The token lookup, three ways")."""
     logits_dtype: Any = None  # None: wide(dtype)
     lookup: str = "gather"
 
