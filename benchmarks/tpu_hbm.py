@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import plan
+from jaxlm.errors import ConfigError
 
 
 def available_hbm(topology: str) -> tuple[str, float | None, str]:
@@ -41,7 +42,10 @@ def main() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     print(f"jax {jax.__version__}")
     for topology in args.topologies.split(","):
-        kind, hbm, line = available_hbm(topology)
+        try:
+            kind, hbm, line = available_hbm(topology)
+        except ConfigError as e:
+            parser.error(f"--topologies: {e}")
         ours = plan.device_memory(kind)
         shown = f"{hbm / 2**30:.2f} GiB ({hbm:.4g} bytes)" if hbm else line[:100]
         planned = f"{ours / 2**30:.2f} GiB" if ours else "none"

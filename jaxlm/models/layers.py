@@ -246,9 +246,10 @@ class Embed(nn.Embed):
     split along D:
     - "gather": rows taken where the table lies: each token goes to every device holding a
       slice of D and its slice comes back (two all-to-alls; on TPU a slice narrower than
-      128 values is padded to 128, and the buffers then hold up to 40x their data).
+      128 values is padded to 128: 3-value slices fill 3 of its 128 lanes).
     - "gather_whole": the table all-gathered to every device (as the output projection
-      gathers it anyway), then rows taken locally: no token exchange.
+      gathers it anyway), then rows taken locally: no token exchange. A table a transform
+      replaced (not a plain array, e.g. int8) is looked up by "gather".
     - "one_hot": one_hot(tokens) @ table, one term per sum (MaxText's use_iota_embed):
       no exchange either, but 2*V*D FLOPs a token forward and again for the gradient.
     Which needs least memory depends on the shape and slice, with no rule found: against
