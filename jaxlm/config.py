@@ -765,6 +765,9 @@ def check_pipeline(cfg: ml_collections.ConfigDict) -> None:
          f"with config.mesh.pipeline_repeats={cfg.mesh.pipeline_repeats}: {stages} x "
          f"{cfg.mesh.pipeline_repeats} groups of layers do not divide config.model.num_layers="
          f"{m.num_layers}"),
+        (cfg.train.microbatches < stages,
+         f"needs config.train.microbatches >= {stages} (it is {cfg.train.microbatches}): "
+         "with fewer microbatches than stages, no iteration keeps every stage busy"),
         (cfg.parallelism != "jit", f"needs config.parallelism='jit' (not {cfg.parallelism!r})"),
         (cfg.lora.rank > 0, "with config.lora.rank: adapters are not pipelined; train LoRA "
                             "without stages"),

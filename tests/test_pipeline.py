@@ -189,6 +189,8 @@ def test_forward_and_decoding_on_a_pipelined_mesh():
     ({"model.scan_layers": False}, r"config.mesh.pipeline=2 needs config.model.scan_layers=true"),
     ({"model.num_layers": 3}, r"config.mesh.pipeline=2 does not divide config.model.num_layers=3"),
     ({"parallelism": "pmap"}, r"config.mesh.pipeline=2 needs config.parallelism='jit'"),
+    ({"train.microbatches": 1}, r"config.mesh.pipeline=2 needs config.train.microbatches "
+     r">= 2 \(it is 1\)"),
     ({"lora.rank": 4, "lora.targets": ("attn/qkv",)},
      r"config.mesh.pipeline=2 with config.lora.rank"),
     ({"privacy.noise_multiplier": 1.0}, r"config.mesh.pipeline=2 with config.privacy"),
