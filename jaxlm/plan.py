@@ -9,8 +9,9 @@ each parameter's sharding (blocks folded), plain-words warnings about weak choic
 whether the step fits the device's memory (the HBM of TPU and GPU kinds it knows, or
 --device-memory=GB). When it does not, it compiles the cheapest changes that keep the
 maths (chunked loss, remat policies, wider FSDP, microbatches) and proposes the first
-that fits. Nothing is allocated: the state and batch are abstract shapes carrying their
-shardings.
+that fits. A TPU compile checks the HBM itself: over it, XLA refuses the step, and the
+verdict gives XLA's figures before the proposals. Nothing is allocated: the state and batch
+are abstract shapes carrying their shardings.
 
 With pipeline stages (config.mesh.pipeline) it also prints the GPipe bubble (the share
 of stage time idle while the pipeline fills and drains) and what one stage's devices hold:
@@ -85,8 +86,10 @@ def topology_devices(spec: str) -> list:
             return topologies.get_topology_desc(platform="tpu", topology_name=rest,
                                                 **wraparound(rest)).devices
         except Exception as e:  # libtpu missing or unknown name: say which
-            raise ConfigError(f"--topology={spec}: no TPU topology description ({e}); "
-                              "install libtpu matching your jax version") from None
+            known = "INVALID_ARGUMENT" in str(e)  # libtpu answered: not a slice it knows
+            raise ConfigError(f"--topology={spec}: no TPU topology description ({e}); " + (
+                "name a slice of a TPU kind the installed libtpu knows (e.g. v5e:4x4)" if known
+                else "install libtpu matching your jax version")) from None
     raise ConfigError(f"--topology={spec}: expected cpu:N or tpu:<name>")
 
 
@@ -151,9 +154,26 @@ class Plan:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
+class OutOfMemory(Exception):
+    """XLA refused to compile the step because it needs more memory than a device has
+    (TPU compiles check this; CPU and GPU compiles do not). str(): XLA's words."""
+
+    def __init__(self, xla_message: str, mesh: dict, device_kind: str):
+        super().__init__(xla_message)
+        self.mesh, self.device_kind = mesh, device_kind
+
+    @property
+    def reason(self) -> str:
+        """XLA's sentence alone, e.g. 'Ran out of memory on HBM, the total memory required
+        for HLO temporaries (62.66G) exceeds available HBM (15.75G)'."""
+        found = re.search(r"CompileTimeHbmOom: (.*?)(\. HLO module|$)", str(self), re.M)
+        return found.group(1) if found else str(self).splitlines()[0]
+
+
 def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | None = None):
     """AOT-compiles the jitted train step for `devices`; returns (compiled, train step).
-    dump_dir: where XLA writes its HLO and buffer-liveness dumps (none if None)."""
+    dump_dir: where XLA writes its HLO and buffer-liveness dumps (none if None).
+    OutOfMemory when XLA refuses it for want of device memory."""
     if cfg.parallelism != "jit":
         raise ConfigError("jaxlm.plan compiles the jit path; set config.parallelism=jit")
     step = build_train(cfg, devices)
@@ -165,8 +185,13 @@ def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | 
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
     lowered = step.lower(state, batch, rng)
     with sharding.activate(mesh, cfg.mesh):
-        compiled = lowered.compile(
-            compiler_options={"xla_dump_to": dump_dir} if dump_dir else None)
+        try:
+            compiled = lowered.compile(
+                compiler_options={"xla_dump_to": dump_dir} if dump_dir else None)
+        except jax.errors.JaxRuntimeError as e:
+            if "CompileTimeHbmOom" not in str(e):
+                raise
+            raise OutOfMemory(str(e), dict(mesh.shape), devices[0].device_kind) from None
     return compiled, step
 
 
@@ -406,6 +431,9 @@ def propose(cfg: ml_collections.ConfigDict, devices, budget: float, mesh_shape: 
             plan = make_plan(_with(cfg, change), devices)
         except ConfigError:
             continue  # e.g. microbatches the mesh cannot split
+        except OutOfMemory as e:
+            log(f"  tried {_flags(change)}: XLA refused it ({e.reason})")
+            continue
         log(f"  tried {_flags(change)}: peak {plan.peak_bytes / 1e9:.3f} GB")
         if plan.peak_bytes <= budget:
             return change, plan
@@ -472,7 +500,7 @@ FLAGS = [cli.Flag("topology", "cpu:N (fake CPU devices) or tpu:<name>, e.g. tpu:
                   "0", metavar="N")]
 
 
-def main(argv) -> Plan:
+def main(argv) -> Plan | None:
     # The liveness figures come from XLA's dump while it compiles; an executable from the
     # persistent compilation cache would skip that (JAX decides on the cache once per
     # process, at the first compile, so this must come first).
@@ -483,24 +511,34 @@ def main(argv) -> Plan:
         raise ConfigError(f"--top={top}: expected a number of buffer groups (0 = none)")
     given = memory_flag(args.flags["device-memory"])
     devices = topology_devices(args.flags["topology"])
-    plan = make_plan(args.config, devices, int(top))
-    print(format_plan(plan, args.config))
-    budget = device_memory(plan.device_kind, given)
-    if budget is None:
-        print(f"fits: unknown (no memory size known for {plan.device_kind}; pass "
-              "--device-memory=GB)")
-    elif plan.peak_bytes <= budget:
-        print(f"fits: yes, {plan.peak_bytes / 1e9:.3f} of {budget / 1e9:.1f} GB per device")
+    try:
+        plan = make_plan(args.config, devices, int(top))
+    except OutOfMemory as e:  # nothing compiled to print; the proposals are what helps
+        plan, mesh, kind = None, e.mesh, e.device_kind
+        budget = device_memory(kind, given) or math.inf
+        print(f"mesh {mesh} of {kind}; strategy {args.config.mesh.strategy!r}\n"
+              f"fits: NO, XLA refused to compile the step: {e.reason}; compiling the "
+              "cheapest changes that keep the maths:")
     else:
+        print(format_plan(plan, args.config))
+        mesh, kind = plan.mesh, plan.device_kind
+        budget = device_memory(kind, given)
+        if budget is None:
+            print(f"fits: unknown (no memory size known for {kind}; pass "
+                  "--device-memory=GB)")
+            return plan
+        if plan.peak_bytes <= budget:
+            print(f"fits: yes, {plan.peak_bytes / 1e9:.3f} of {budget / 1e9:.1f} GB per device")
+            return plan
         print(f"fits: NO, {plan.peak_bytes / 1e9:.3f} GB per device > {budget / 1e9:.1f} GB; "
               "compiling the cheapest changes that keep the maths:")
-        found = propose(args.config, devices, budget, plan.mesh)
-        if found:
-            change, fitted = found
-            print(f"proposal: {_flags(change)} (peak {fitted.peak_bytes / 1e9:.3f} GB, "
-                  "verified by compiling it)")
-        else:
-            print("proposal: none of those fits; use more devices or a smaller batch")
+    found = propose(args.config, devices, budget, mesh)
+    if found:
+        change, fitted = found
+        print(f"proposal: {_flags(change)} (peak {fitted.peak_bytes / 1e9:.3f} GB, "
+              "verified by compiling it)")
+    else:
+        print("proposal: none of those fits; use more devices or a smaller batch")
     return plan
 
 

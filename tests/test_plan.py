@@ -115,6 +115,37 @@ def test_a_step_that_does_not_fit_gets_a_proposal_verified_by_compiling():
     assert again.peak_bytes == fitted.peak_bytes <= budget < base.peak_bytes
 
 
+def test_a_step_xla_refuses_is_a_verdict_with_a_proposal_not_a_traceback():
+    """A TPU compile over the device's HBM is refused by XLA (CompileTimeHbmOom) instead of
+    reported: plan says NO with XLA's figures, logs the refused tries and still proposes.
+    Here the refusals are made up (a CPU compile never refuses): the first two compiles
+    fail as a TPU's would, the third compiles."""
+    refusal = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the "
+               "total memory required for HLO temporaries (62.66G) exceeds available HBM "
+               "(15.75G). HLO module: jit_train_step.")
+    code = ("import sys, jax, jax.stages; real = jax.stages.Lowered.compile; calls = []\n"
+            "def compile(self, *a, **k):\n"
+            "    calls.append(1)\n"
+            f"    if len(calls) <= 2: raise jax.errors.JaxRuntimeError({refusal!r})\n"
+            "    return real(self, *a, **k)\n"
+            "jax.stages.Lowered.compile = compile\n"
+            "from jaxlm import cli, plan; cli.run(plan.main, sys.argv[1:])")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, f"--config={REPO}/configs/gpt/debug.py", "--topology=cpu:1",
+         "--device-memory=100", "--config.model.num_layers=1", "--config.model.d_model=32",
+         "--config.model.mlp_dim=64", "--config.train.batch_size=4"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert ("fits: NO, XLA refused to compile the step: Ran out of memory on HBM, the total "
+            "memory required for HLO temporaries (62.66G) exceeds available HBM (15.75G);") in out
+    tried = [x for x in out.splitlines() if x.startswith("  tried ")]
+    assert len(tried) == 2 and "XLA refused it (Ran out of memory on HBM" in tried[0], out
+    assert tried[1].endswith(" GB") and "peak" in tried[1], out
+    proposal = tried[1].removeprefix("  tried ").split(":")[0]
+    assert f"proposal: {proposal} (peak" in out, out
+
+
 def test_candidates_keep_the_maths_and_come_cheapest_first():
     cfg = config("dp", 8, 1, 1)
     cfg.data.seq_len, cfg.model.max_len = 256, 256
