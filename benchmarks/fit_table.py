@@ -163,9 +163,9 @@ def parse_maxtext(text: str) -> dict:
 def failure(status, text: str) -> str:
     """Why a compile gave no figures: XLA's compile-time out-of-HBM verdict (the step does
     not fit), the limit that stopped it, or its exit status."""
-    oom = re.search(r"CompileTimeHbmOom: (.*?)(\. HLO module|$)", text, re.M)
-    if oom:
-        return f"does not fit: XLA {oom.group(1)}"
+    from jaxlm.plan import hbm_refusal
+    if refusal := hbm_refusal(text):
+        return f"does not fit: XLA {refusal}"
     return status if isinstance(status, str) else f"failed (exit {status})"
 
 

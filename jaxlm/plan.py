@@ -164,10 +164,15 @@ class OutOfMemory(Exception):
 
     @property
     def reason(self) -> str:
-        """XLA's sentence alone, e.g. 'Ran out of memory on HBM, the total memory required
-        for HLO temporaries (62.66G) exceeds available HBM (15.75G)'."""
-        found = re.search(r"CompileTimeHbmOom: (.*?)(\. HLO module|$)", str(self), re.M)
-        return found.group(1) if found else str(self).splitlines()[0]
+        return hbm_refusal(str(self)) or str(self).splitlines()[0]
+
+
+def hbm_refusal(text: str) -> str | None:
+    """XLA's sentence in `text` (an error, a compile's output) when it refused a program for
+    want of device memory, e.g. 'Ran out of memory on HBM, the total memory required for
+    HLO temporaries (62.66G) exceeds available HBM (15.75G)'; else None."""
+    found = re.search(r"CompileTimeHbmOom: (.*?)(\. HLO module|$)", text, re.M)
+    return found.group(1) if found else None
 
 
 def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | None = None):
