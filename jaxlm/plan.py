@@ -194,7 +194,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, devices, dump_dir: str | 
             compiled = lowered.compile(
                 compiler_options={"xla_dump_to": dump_dir} if dump_dir else None)
         except jax.errors.JaxRuntimeError as e:
-            if "CompileTimeHbmOom" not in str(e):
+            if hbm_refusal(str(e)) is None:
                 raise
             raise OutOfMemory(str(e), dict(mesh.shape), devices[0].device_kind) from None
     return compiled, step
