@@ -261,9 +261,7 @@ def _settle(threads_before=None, error: BaseException | None = None,
     import tensorstore as ts
     deadline = time.monotonic() + timeout
     left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
-    # Each of them may log the failure again (Orbax's threads, asyncio's "Task exception
-    # was never retrieved"): it is reported once, by the caller.
-    with _quiet_orbax(logging.CRITICAL, ("absl", "asyncio")):
+    with _failures_reported_once():  # each of them may log the failure again
         for thread in threading.enumerate() if threads_before is not None else ():
             if thread not in threads_before and type(thread).__module__.startswith("orbax."):
                 try:
@@ -524,6 +522,18 @@ def _quiet_orbax(below: int = logging.ERROR, loggers=("absl",)):
             logging.getLogger(name).setLevel(level)
 
 
+def _failures_reported_once():
+    """A window in which an Orbax failure is reported by jaxlm only (one line, raised by
+    the caller): Orbax's own log records of it (absl), and asyncio's of the tasks Orbax
+    leaves behind, are not shown. Orbax runs the arrays of a read or write as tasks of an
+    event loop that it closes as soon as one fails (orbax asyncio_utils.run_sync); a task
+    that fails in the loop's last turn is never looked at, and asyncio prints "Task
+    exception was never retrieved" whenever the garbage collector frees it, which may be
+    before the caller has caught the first failure. So a write is inside this window from
+    its start until its error is raised."""
+    return _quiet_orbax(logging.CRITICAL, ("absl", "asyncio"))
+
+
 def _target(abstract_tree, shardings):
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
@@ -619,24 +629,24 @@ def writing(path: pathlib.Path, what: str, nbytes: int):
         token = multihost_utils.broadcast_one_to_all(token)
     staging = path.parent / f".{path.name}.partial-{int(token[0]):08x}"
     threads_before = set(threading.enumerate())
-    try:
-        # Orbax's threads log each failed write as an error; the one line below says it.
-        with _quiet_orbax(logging.CRITICAL):
+    with _failures_reported_once():
+        try:
             if jax.process_index() == 0:
                 staging.mkdir(mode=0o700)
             yield staging / path.name
-        if jax.process_index() == 0:
-            os.rename(staging / path.name, path)
-    except BaseException as e:
-        cause = disk_error(e) if isinstance(e, Exception) and not isinstance(e, JaxlmError) else None
-        _settle(threads_before, e if cause else None)  # else writes going on remake the folder
-        shutil.rmtree(staging, ignore_errors=True)
-        if cause is None:
-            raise
-        where = f"{cause.filename}: " if cause.filename and str(staging) not in str(cause.filename) else ""
-        raise CheckpointError(
-            f"writing {what} to {path} failed: {where}{cause.strerror or cause}; "
-            f"{_disk_advice(cause.errno, 'write it elsewhere')}; nothing was left there") from e
+            if jax.process_index() == 0:
+                os.rename(staging / path.name, path)
+        except BaseException as e:
+            cause = disk_error(e) if isinstance(e, Exception) and not isinstance(e, JaxlmError) else None
+            _settle(threads_before, e if cause else None)  # else writes going on remake the folder
+            shutil.rmtree(staging, ignore_errors=True)
+            if cause is None:
+                raise
+            named = cause.filename and str(staging) not in str(cause.filename)
+            where = f"{cause.filename}: " if named else ""
+            raise CheckpointError(
+                f"writing {what} to {path} failed: {where}{cause.strerror or cause}; "
+                f"{_disk_advice(cause.errno, 'write it elsewhere')}; nothing was left there") from e
     shutil.rmtree(staging, ignore_errors=True)
     sync(f"jaxlm: wrote {path}")
 
@@ -646,24 +656,24 @@ def _writing_to_bucket(path, what: str):
     if path.exists():
         raise CheckpointError(f"{path} already exists; not overwriting it")
     threads_before = set(threading.enumerate())
-    try:
-        with _quiet_orbax(logging.CRITICAL):
+    with _failures_reported_once():
+        try:
             yield path
-        sync(f"jaxlm: wrote the objects of {path}")
-        if jax.process_index() == 0:
-            (path / files_lib.COMPLETE).write_text(f"{what}\n")
-    except BaseException as e:
-        _settle(threads_before, e)  # no write still going on may remake an object
-        if jax.process_index() == 0:
-            try:
-                files_lib.remove_tree(path)
-            except Exception:  # the bucket refuses deletes too: say what may be left
-                raise CheckpointError(f"writing {what} to {path} failed, and removing what "
-                                      f"was written failed too: {first_line(e)}") from e
-        if isinstance(e, (JaxlmError, KeyboardInterrupt)) or not isinstance(e, Exception):
-            raise
-        raise CheckpointError(f"writing {what} to {path} failed: {first_line(e)}; nothing "
-                              "was left there") from e
+            sync(f"jaxlm: wrote the objects of {path}")
+            if jax.process_index() == 0:
+                (path / files_lib.COMPLETE).write_text(f"{what}\n")
+        except BaseException as e:
+            _settle(threads_before, e)  # no write still going on may remake an object
+            if jax.process_index() == 0:
+                try:
+                    files_lib.remove_tree(path)
+                except Exception:  # the bucket refuses deletes too: say what may be left
+                    raise CheckpointError(f"writing {what} to {path} failed, and removing "
+                                          f"what was written failed too: {first_line(e)}") from e
+            if isinstance(e, (JaxlmError, KeyboardInterrupt)) or not isinstance(e, Exception):
+                raise
+            raise CheckpointError(f"writing {what} to {path} failed: {first_line(e)}; nothing "
+                                  "was left there") from e
     sync(f"jaxlm: wrote {path}")
 
 

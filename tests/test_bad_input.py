@@ -7,10 +7,14 @@ concurrency (one writer per workdir), signals (Ctrl-C), a full disk. The launche
 quoting is tested in test_launch.py.
 """
 
+import asyncio
 import contextlib
+import errno
+import gc
 import importlib
 import io
 import json
+import logging
 import os
 import resource
 import shutil
@@ -628,6 +632,33 @@ def test_exports_the_disk_refuses_are_one_line_and_leave_nothing(trained_once, h
         assert lines[0].startswith("error: writing the ") and "File too large" in lines[0], lines
         assert f"to {tmp_path / writer / 'out'} failed: " in lines[0], lines
         assert list((tmp_path / writer).iterdir()) == [], writer
+
+
+def test_a_failed_write_is_one_error_even_if_orbax_leaves_a_failure_unobserved(tmp_path, caplog):
+    """Orbax runs a write's arrays as tasks of an event loop that it closes as soon as one
+    fails (its asyncio_utils.run_sync, called here as a save calls it). An array failing in
+    the loop's last turn is never looked at, and asyncio logs "Task exception was never
+    retrieved" when the garbage collector frees it: with four writers side by side, now
+    and then before the first failure had reached jaxlm. Here the collector runs at that
+    moment: the write still ends in the one CheckpointError, and nothing is logged."""
+    from orbax.checkpoint._src import asyncio_utils
+
+    async def array(turns):
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        raise OSError(errno.EFBIG, "File too large")
+
+    async def arrays():  # one of them fails in the loop's last turn
+        await asyncio.gather(*(array(turns) for turns in range(8)))
+
+    caplog.set_level(logging.WARNING, logger="asyncio")  # whatever an earlier command set
+    with pytest.raises(checkpoint.CheckpointError, match="File too large"):
+        with checkpoint.writing(tmp_path / "out", "the export", 0):
+            try:
+                asyncio_utils.run_sync(arrays())
+            finally:
+                gc.collect()
+    assert [r.getMessage() for r in caplog.records] == [] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE")
