@@ -45,9 +45,11 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import common  # benchmarks/common.py
@@ -141,8 +143,7 @@ def jaxlm_worker(spec: dict) -> None:
               "mesh": p.mesh, "vocab_size": cfg.model.vocab_size,
               "jax": jax.__version__, "attention_impl": cfg.model.attention_impl}
     if spec["top"]:
-        result["live_bytes"] = p.live_bytes
-        result["peak_buffers"] = p.peak_buffers
+        result["temp_regions"] = p.temp_regions
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -241,7 +242,15 @@ def measure(side: str, row: str, topology: str, batch: int, args, log_dir) -> di
         env["JAX_PLATFORMS"] = "cpu"
         cmd = [args.maxtext_python, "-m", "maxtext.trainers.pre_train.train_compile",
                base.stdout.strip(), *flags]
+        if args.top:  # the same listing as jaxlm's, from XLA's dumps of MaxText's step
+            dumps = tempfile.mkdtemp(prefix="fit_table_dump_")
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dumps}".strip()
     status, text, wall, rss = run_child(cmd, env, args.timeout, args.max_rss_gb, log)
+    if side == "maxtext" and args.top:
+        from jaxlm.plan import temp_regions
+        if status == 0:
+            entry["temp_regions"] = temp_regions(dumps)[:args.top]
+        shutil.rmtree(dumps, ignore_errors=True)
     entry.update(process_wall_s=round(wall, 1), max_rss_bytes=rss, log=str(log))
     if side == "jaxlm":
         lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
@@ -405,8 +414,8 @@ def main():
                    help="MaxText's padded vocabulary for GPT-2's 50257 tokens")
     p.add_argument("--maxtext-out", default="/tmp/fit/maxtext_out")
     p.add_argument("--top", type=int, default=0,
-                   help="jaxlm: also the N largest buffer groups live at the peak (--top of "
-                        "jaxlm.plan)")
+                   help="also the N largest regions of each step's temporaries (jaxlm.plan's "
+                        "--top; MaxText's from XLA's dumps of its step)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per compile")
     p.add_argument("--max-rss-gb", type=float, default=14.0,
                    help="kill a compile whose host resident set passes this")

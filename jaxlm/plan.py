@@ -22,10 +22,12 @@ A run that trains part of its model (LoRA's adapters, config.train.trainable) al
 how many parameters train and the optimizer state per device, against training the whole
 model.
 
-`--top=N` also lists the N largest groups of buffers live at the memory peak, named by
-the JAX operation that made them (layers folded: block_3 -> block_*), from XLA's
-buffer-liveness dump. That is how to find what makes a config need more memory than
-expected (see BENCHMARKS.md, GPT-2 XL).
+`--top=N` also lists what the temporaries are made of: the N largest address regions of
+XLA's allocation (buffers not live at once share one), each named by its largest buffer's
+shape and the JAX operation that made it (layers folded: block_3 -> block_*), from XLA's
+buffer assignment. That is how to find what makes a config need more memory than
+expected, or more than another program of the same model (BENCHMARKS.md, "The largest
+batch on every slice").
 
 Topologies: `cpu:N` uses N fake CPU devices (always available); `tpu:<name>` (e.g.
 v4:2x2x2, v5e:4x4) uses libtpu's topology descriptions, which need `pip install libtpu`
@@ -139,8 +141,8 @@ class Plan:
     model_flops: float       # per device: the family's analytic count (6N + attention)
     param_shardings: dict    # parameter path -> PartitionSpec
     warnings: list
-    live_bytes: int | None = None                             # live at the peak (--top)
-    peak_buffers: list = dataclasses.field(default_factory=list)  # (op, bytes, count)
+    # --top: the temporaries' largest address regions, (largest buffer, bytes, buffers)
+    temp_regions: list = dataclasses.field(default_factory=list)
     # Part of the model trained (config.train.trainable, LoRA): parameters trained and in
     # all, and per device the optimizer state's bytes, and what training the whole model
     # (without LoRA's adapters) would hold. None when every parameter trains.
@@ -213,30 +215,57 @@ def _op_group(name: str) -> str:
     return name
 
 
-def live_at_peak(dump_dir: str) -> tuple[int, list[tuple[str, int, int]]]:
-    """From XLA's buffer-liveness dump of the train step: (bytes live at the memory peak,
-    [(operation, bytes, buffers)] largest first). Parameters appear under their argument
-    path (state.params[...], state.opt_state[...])."""
-    files = sorted(glob.glob(os.path.join(dump_dir, "*train_step*live-range.txt")),
+def _dump(dump_dir: str, suffix: str) -> str:
+    """The largest of XLA's dumps of the train step ending in `suffix` (the step's module;
+    its smaller namesakes are helper programs)."""
+    files = sorted(glob.glob(os.path.join(dump_dir, f"*train_step*{suffix}")),
                    key=os.path.getsize)
     if not files:
         raise RuntimeError(
-            f"XLA wrote no buffer-liveness dump to {dump_dir}: an executable served by JAX's "
+            f"XLA wrote no *{suffix} dump to {dump_dir}: an executable served by JAX's "
             "persistent compilation cache (JAX_COMPILATION_CACHE_DIR) is not compiled and "
             "leaves none; `python -m jaxlm.plan` turns that cache off for itself")
-    text = open(files[-1]).read()
-    found = re.search(r"Stack trace breakdown for peak usage: ([\d ]+) bytes\n(.*)", text, re.S)
-    if found is None:
-        raise RuntimeError(f"{files[-1]}: no peak-usage breakdown (unknown XLA dump format)")
-    groups: dict[str, list[int]] = {}
-    # Top-level entries of the breakdown tree (six spaces deep) are disjoint buffers.
-    for name, total in re.findall(r"^ {6}[├└]── (.*) \([\d.]+%, total: ([\d ]+) bytes",
-                                  found.group(2), re.M):
-        g = groups.setdefault(_op_group(name), [0, 0])
-        g[0] += int(total.replace(" ", ""))
-        g[1] += 1
-    ranked = sorted(((op, b, n) for op, (b, n) in groups.items()), key=lambda x: -x[1])
-    return int(found.group(1).replace(" ", "")), ranked
+    with open(files[-1]) as f:
+        return f.read()
+
+
+def temp_regions(dump_dir: str) -> list[tuple[str, int, int]]:
+    """What the temporaries' allocation is made of, from XLA's buffer assignment of the
+    train step: [(largest buffer, region bytes, buffers)], largest region first.
+
+    XLA places every temporary buffer at an offset in one allocation (its size is the
+    step's temp_bytes) and reuses an address range for buffers that are not live at the
+    same time. The ranges that overlap are merged into regions, which are disjoint and
+    add up to nearly the whole allocation; a region is named by its largest buffer (shape,
+    and the JAX operation that made it, layers folded). A per-time liveness count is no
+    substitute: on TPU, XLA's own count at its peak (the live-range dump) missed the
+    [B, L, V] logits that took half of the allocation (BENCHMARKS.md, "The largest batch
+    on every slice")."""
+    assignment = _dump(dump_dir, "after_optimizations-buffer-assignment.txt")
+    hlo = _dump(dump_dir, "after_optimizations.txt")
+    op_of = dict(re.findall(r'^\s*(?:ROOT )?%(\S+) = [^\n]*?op_name="([^"]*)"', hlo, re.M))
+    buffers, base = [], 0
+    for size, values in re.findall(r"^allocation \d+: size (\d+),(?: page \d+,)? "
+                                   r"preallocated-temp:\n((?: value:.*\n)*)", assignment, re.M):
+        for name, n, offset, shape in re.findall(
+                r"value: <\d+ (\S+?)(?:\{[\d,]*\})?(?: \(phi\))? @0> "
+                r"\(size=(\d+),offset=(\d+)\): (.*)", values):
+            shape = re.sub(r"\{[^}]*\}", "", shape)  # the layouts
+            buffers.append((base + int(offset), int(n), name, shape))
+        base += int(size)
+    regions: list[list] = []  # [start, end, [(bytes, instruction, shape)]]
+    for start, n, name, shape in sorted(buffers):
+        if regions and start < regions[-1][1]:
+            regions[-1][1] = max(regions[-1][1], start + n)
+            regions[-1][2].append((n, name, shape))
+        else:
+            regions.append([start, start + n, [(n, name, shape)]])
+    out = []
+    for start, end, held in regions:
+        _, name, shape = max(held, key=lambda b: (b[0], b[1] in op_of))
+        made_by = _op_group(op_of[name]) if name in op_of else f"{name} (XLA's own, no JAX op)"
+        out.append((f"{shape} {made_by}", end - start, len(held)))
+    return sorted(out, key=lambda r: -r[1])
 
 
 def weak_choices(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[str]:
@@ -276,10 +305,10 @@ def weak_choices(cfg: ml_collections.ConfigDict, mesh_shape: dict) -> list[str]:
 
 
 def make_plan(cfg: ml_collections.ConfigDict, devices, top: int = 0) -> Plan:
-    """top > 0: also the `top` largest groups of buffers live at the memory peak."""
+    """top > 0: also the `top` largest regions of the temporaries' allocation."""
     with tempfile.TemporaryDirectory() as dump_dir:
         compiled, step = compile_train_step(cfg, devices, dump_dir if top else None)
-        live_bytes, buffers = live_at_peak(dump_dir) if top else (None, [])
+        regions = temp_regions(dump_dir) if top else []
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -290,7 +319,7 @@ def make_plan(cfg: ml_collections.ConfigDict, devices, top: int = 0) -> Plan:
     plan = Plan(mesh_shape, devices[0].device_kind, mem.argument_size_in_bytes,
                 mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes,
                 float(cost.get("flops", 0.0)), model_flops(cfg, len(devices)), specs, warnings,
-                live_bytes, buffers[:top], trained_part(step), pipeline_part(step))
+                regions[:top], trained_part(step), pipeline_part(step))
     if cfg.model.remat and devices[0].platform == "cpu":
         warnings.append("XLA:CPU's memory analysis ignores rematerialisation (its temporaries "
                         "come out the same with and without jax.checkpoint), so with "
@@ -488,10 +517,11 @@ def format_plan(plan: Plan, cfg: ml_collections.ConfigDict) -> str:
     folded = fold_layers(plan.param_shardings)
     width = max(map(len, folded))
     lines += [f"  {name:<{width}}  {spec}" for name, spec in folded.items()]
-    if plan.live_bytes is not None:
-        lines.append(f"largest buffers live at the memory peak ({gb(plan.live_bytes)} live at "
-                     "once; the peak above is what XLA's allocator reserves):")
-        lines += [f"  {b / 1e6:10.1f} MB {n:>5} x  {op}" for op, b, n in plan.peak_buffers]
+    if plan.temp_regions:
+        lines.append("largest regions of the temporaries (address ranges XLA reuses for "
+                     "buffers not live at once; each named by its largest buffer):")
+        lines += [f"  {b / 1e6:10.1f} MB {n:>5} buffers  {what}"
+                  for what, b, n in plan.temp_regions]
     lines += ["warnings:" if plan.warnings else "warnings: none"]
     lines += [f"  - {w}" for w in plan.warnings]
     return "\n".join(lines)
@@ -501,7 +531,7 @@ FLAGS = [cli.Flag("topology", "cpu:N (fake CPU devices) or tpu:<name>, e.g. tpu:
                   "cpu:1"),
          cli.Flag("device-memory", "GB per device to fit in (default: the HBM of known TPU "
                   "and GPU kinds; none for cpu:N)", "", metavar="GB"),
-         cli.Flag("top", "also list this many largest buffer groups live at the memory peak",
+         cli.Flag("top", "also list this many largest regions of the temporaries' allocation",
                   "0", metavar="N")]
 
 
@@ -513,7 +543,7 @@ def main(argv) -> Plan | None:
     args = cli.parse(argv, "jaxlm.plan", __doc__, workdir=False, flags=FLAGS)
     top = args.flags["top"]
     if not top.isdigit():
-        raise ConfigError(f"--top={top}: expected a number of buffer groups (0 = none)")
+        raise ConfigError(f"--top={top}: expected a number of regions (0 = none)")
     given = memory_flag(args.flags["device-memory"])
     devices = topology_devices(args.flags["topology"])
     try:
