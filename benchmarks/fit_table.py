@@ -432,6 +432,8 @@ def main():
         return jaxlm_worker(json.loads(args.one))
     if args.table:
         return print(table(args.out, (args.hbm_gb or 16.0) * 1e9))
+    if args.top < 0:
+        raise SystemExit(f"--top={args.top}: expected a number of regions (0 = none)")
     log_dir = pathlib.Path(args.out).resolve().parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 

@@ -253,6 +253,9 @@ def temp_regions(dump_dir: str) -> list[tuple[str, int, int]]:
             shape = re.sub(r"\{[^}]*\}", "", shape)  # the layouts
             buffers.append((base + int(offset), int(n), name, shape))
         base += int(size)
+    if not buffers:
+        raise RuntimeError(f"XLA's buffer assignment in {dump_dir} holds no temporaries in "
+                           "a preallocated-temp allocation (unknown XLA dump format)")
     regions: list[list] = []  # [start, end, [(bytes, instruction, shape)]]
     for start, n, name, shape in sorted(buffers):
         if regions and start < regions[-1][1]:

@@ -80,6 +80,11 @@ def test_regions_merge_overlapping_buffers_and_take_the_largest_name(tmp_path):
     assert plan.temp_regions(str(tmp_path)) == [
         ("bf16[300] blocks/block_*/mlp/dot_general", 600, 2),
         ("f32[75] while.3 (XLA's own, no JAX op)", 300, 2)]
+    # A dump of another layout is an error, not an empty listing.
+    (tmp_path / "module_0001.jit_train_step.after_optimizations-buffer-assignment.txt").write_text(
+        "allocation 0: size 64, parameter 0, shape |f32[16]| at ShapeIndex {}:\n")
+    with pytest.raises(RuntimeError, match="holds no temporaries"):
+        plan.temp_regions(str(tmp_path))
 
 
 def test_cli_prints_memory_and_shardings():
