@@ -32,12 +32,13 @@ import errno
 import logging
 import os
 import pathlib
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
 from jaxlm import config as config_lib
-from jaxlm import files
+from jaxlm import files, interrupt
 from jaxlm.errors import ConfigError, JaxlmError, abandoned_coroutine
 
 
@@ -224,13 +225,13 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None):
     """Calls `main(argv)` with logging set up; a user error ends the process with one line
     and its exit code instead of a traceback. A command (argv None: the process's own)
     first restarts itself once with huge-page malloc (`_restart_with_huge_page_malloc`)."""
-    if argv is None:
-        _restart_with_huge_page_malloc()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", force=True)  # whatever an import set up before
-    logging.getLogger("jaxlm").setLevel(logging.INFO)  # ours at INFO; libraries at WARNING
-    _quiet_library_failures()
     try:
+        if argv is None:
+            _restart_with_huge_page_malloc()
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                            datefmt="%H:%M:%S", force=True)  # whatever an import set up before
+        logging.getLogger("jaxlm").setLevel(logging.INFO)  # ours at INFO; libraries at WARNING
+        _quiet_library_failures()
         return main(sys.argv[1:] if argv is None else list(argv))
     except JaxlmError as e:
         _exit(str(e), e.exit_code)
@@ -258,6 +259,9 @@ def _restart_with_huge_page_malloc() -> None:
     with 27-45% more tokens/s on a 2-core CPU, same losses (BENCHMARKS.md, "Host memory").
     No effect off Linux/glibc or where huge pages are off; glibc before 2.35 ignores it."""
     import platform
+    # SIGINT is blocked across the exec below: a Ctrl-C while the new interpreter starts
+    # (before jaxlm.interrupt is installed) waits for here instead of printing a traceback.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (sys.platform != "linux" or not sys.executable or platform.libc_ver()[0] != "glibc"
             or os.environ.get("JAXLM_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables):
@@ -265,9 +269,13 @@ def _restart_with_huge_page_malloc() -> None:
     env = {**os.environ, "GLIBC_TUNABLES": f"{tunables}:{_HUGE_PAGES}" if tunables else _HUGE_PAGES}
     sys.stdout.flush()
     sys.stderr.flush()
+    if interrupt.held():  # Ctrl-C during an import above: the new process would not know
+        raise KeyboardInterrupt
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:  # the interpreter cannot be re-executed: run on without huge pages
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
         return
 
 

@@ -481,6 +481,86 @@ def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
     assert "Traceback" not in err
 
 
+_CTRL_C = """
+import gc, os, signal, sys, time
+from jaxlm import cli, interrupt
+interrupt.install()
+case, where = sys.argv[1:]
+
+def in_a_gc_callback(phase, info):  # as JAX's: Python drops what is raised in it
+    if phase == "start" and in_a_gc_callback in gc.callbacks:
+        gc.callbacks.remove(in_a_gc_callback)
+        signal.raise_signal(signal.SIGINT)
+        sum(range(1000))  # the handler runs here
+
+def main(argv):
+    if case == "import":  # a module whose import takes Ctrl-C half-way
+        sys.path.insert(0, where)
+        import interrupted_import
+        print("imported", interrupted_import.WHOLE, flush=True)
+    else:
+        gc.callbacks.append(in_a_gc_callback)
+        gc.collect()
+        print("collected", flush=True)
+    time.sleep(60)
+    print("not interrupted", flush=True)
+
+cli.run(main, [])
+"""
+
+
+_EXTENSION_LIKE = """
+import signal
+try:  # as jaxlib's extension reports anything raised while it loads
+    signal.raise_signal(signal.SIGINT)
+    WHOLE = sum(range(10**5)) > 0
+except BaseException as e:
+    raise ImportError("Encountered an error while initializing the extension.") from e
+"""
+
+
+@pytest.mark.parametrize("case", ["import", "gc"])
+def test_ctrl_c_during_an_import_or_a_gc_callback_still_stops_the_command(tmp_path, case):
+    """Python's own handling raises KeyboardInterrupt where the signal lands: inside a C
+    extension's import it became an ImportError, inside JAX's gc callback it was dropped
+    and the run trained on. Held until the import is whole, raised again when dropped."""
+    (tmp_path / "interrupted_import.py").write_text(_EXTENSION_LIKE)
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C, case, str(tmp_path)], text=True,
+                          capture_output=True, timeout=50, start_new_session=True)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stdout == {"import": "imported True\n", "gc": "collected\n"}[case]
+    assert proc.stderr.strip().splitlines() == [
+        "error: interrupted (Ctrl-C); checkpoints already written are intact"]
+
+
+def test_ctrl_c_just_as_a_command_has_restarted_itself_is_one_line(tmp_path):
+    """A command re-executes itself once (huge-page malloc, cli.py); Ctrl-C as the new
+    interpreter starts, before jaxlm is imported, waits for cli.run instead of printing a
+    traceback; then come seconds of importing JAX."""
+    proc = subprocess.Popen(_train_cmd(tmp_path / "run"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while b"glibc.malloc.hugetlb" not in _environ(proc.pid):
+            assert proc.poll() is None and time.time() < deadline, "no restart seen"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "error: interrupted (Ctrl-C); checkpoints already written are intact"], err[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _environ(pid) -> bytes:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except OSError:  # between the exec's steps
+        return b""
+
+
 # ----------------------------------------------------------------------------- a full disk
 
 

@@ -30,7 +30,7 @@ ENTRY_POINTS = {f"{c}.__main__" if f"{c}.__main__" in MODULES else c for c in CO
 # package and everything in it; the most specific entry decides (a command inside a
 # package is a command). Every module must be placed: a new one forces a decision here.
 LAYERS = [
-    [("jaxlm", "jaxlm.errors")],
+    [("jaxlm", "jaxlm.errors", "jaxlm.interrupt")],
     # Foundations: the config schema, files, processes, mesh; no model and no data.
     [("jaxlm.config", "jaxlm.files", "jaxlm.workdir", "jaxlm.watchdog", "jaxlm.distributed", "jaxlm.sharding",
       "jaxlm.runlog", "jaxlm.trainable", "jaxlm.tracking")],

@@ -36,7 +36,9 @@ class Preemption:
 
     def _on_interrupt(self, *_):
         self._reason = "Ctrl-C"
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one stops at once
+        before = self._previous[signal.SIGINT]  # a command's (jaxlm.interrupt) or Python's
+        # The next one stops at once.
+        signal.signal(signal.SIGINT, before if callable(before) else signal.default_int_handler)
 
     def reached(self, step: int) -> str | None:
         """Why this process (all processes) should save and stop at `step`, or None.
