@@ -187,6 +187,25 @@ def test_norms_outside_the_scan_keep_their_input_not_an_fp32_copy():
     assert ((2, 16, cfg.d_model), jnp.float32) not in saved
 
 
+def test_on_tpu_the_scan_output_is_row_major_and_nothing_else_changes():
+    """Compiled for a TPU, the layers' scan output carries a row-major layout constraint
+    (layers.row_major_on_tpu: the final norm's backward pass then reads the head's copy, not
+    a second [B, L, D] array); the loss and every gradient are bit-identical without it.
+    Run here on CPU, as a GPU-compiled model (no constraint) against a TPU-compiled one."""
+    cfg = tiny_config(remat=True, scan_layers=True).model
+    tokens = random_tokens(2, 16, cfg.vocab_size)
+    results = {}
+    for platform in ("gpu", "tpu"):
+        with cfg.unlocked():
+            cfg.platform = platform
+        model, params = init(cfg)
+        loss = jax.jit(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))
+        results[platform] = jax.value_and_grad(loss)(params)
+        assert ("LayoutConstraint" in loss.lower(params).as_text()) == (platform == "tpu")
+    for a, b in zip(*map(jax.tree_util.tree_leaves, results.values())):
+        assert jnp.array_equal(a, b)
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (2, 7, 11)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_token_nll_and_its_gradient_equal_autodiff_of_log_softmax(shape, dtype):
