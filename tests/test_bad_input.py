@@ -26,6 +26,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO
+from test_launch import SIGINT_DEFAULT
 from test_main import TINY, tree_digest
 
 from jaxlm import checkpoint, cli, workdir
@@ -483,6 +484,7 @@ def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
 
 _CTRL_C = """
 import gc, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, not ignored
 from jaxlm import cli, interrupt
 interrupt.install()
 case, where = sys.argv[1:]
@@ -537,8 +539,10 @@ def test_ctrl_c_just_as_a_command_has_restarted_itself_is_one_line(tmp_path):
     """A command re-executes itself once (huge-page malloc, cli.py); Ctrl-C as the new
     interpreter starts, before jaxlm is imported, waits for cli.run instead of printing a
     traceback; then come seconds of importing JAX."""
-    proc = subprocess.Popen(_train_cmd(tmp_path / "run"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # Started as from a terminal: a suite run in the background passes SIGINT on ignored,
+    # and a command started so stays deaf to it (jaxlm.interrupt.install).
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_DEFAULT, *_train_cmd(tmp_path / "run")[1:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while b"glibc.malloc.hugetlb" not in _environ(proc.pid):
