@@ -227,7 +227,10 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None):
     first restarts itself once with huge-page malloc (`_restart_with_huge_page_malloc`)."""
     try:
         if argv is None:
-            _restart_with_huge_page_malloc()
+            _restart_with_huge_page_malloc()  # returns in the restarted process
+            # Blocked across the restart's exec: a Ctrl-C while the new interpreter started
+            # (before jaxlm.interrupt was installed) comes now, inside this `try`.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                             datefmt="%H:%M:%S", force=True)  # whatever an import set up before
         logging.getLogger("jaxlm").setLevel(logging.INFO)  # ours at INFO; libraries at WARNING
@@ -259,9 +262,6 @@ def _restart_with_huge_page_malloc() -> None:
     with 27-45% more tokens/s on a 2-core CPU, same losses (BENCHMARKS.md, "Host memory").
     No effect off Linux/glibc or where huge pages are off; glibc before 2.35 ignores it."""
     import platform
-    # SIGINT is blocked across the exec below: a Ctrl-C while the new interpreter starts
-    # (before jaxlm.interrupt is installed) waits for here instead of printing a traceback.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (sys.platform != "linux" or not sys.executable or platform.libc_ver()[0] != "glibc"
             or os.environ.get("JAXLM_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables):
@@ -271,11 +271,10 @@ def _restart_with_huge_page_malloc() -> None:
     sys.stderr.flush()
     if interrupt.held():  # Ctrl-C during an import above: the new process would not know
         raise KeyboardInterrupt
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # until `run` unblocks it
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:  # the interpreter cannot be re-executed: run on without huge pages
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
         return
 
 

@@ -33,7 +33,7 @@ _held = False
 
 def started_as_command() -> bool:
     """True in a process started as `python [options] -m jaxlm[.module] ...`."""
-    argv = list(getattr(sys, "orig_argv", []))
+    argv = sys.orig_argv
     if "-m" not in argv[1:-1]:
         return False
     return argv[argv.index("-m", 1) + 1].split(".")[0] == "jaxlm"

@@ -541,8 +541,8 @@ def test_ctrl_c_just_as_a_command_has_restarted_itself_is_one_line(tmp_path):
     traceback; then come seconds of importing JAX."""
     # Started as from a terminal: a suite run in the background passes SIGINT on ignored,
     # and a command started so stays deaf to it (jaxlm.interrupt.install).
-    proc = subprocess.Popen([sys.executable, "-c", SIGINT_DEFAULT, *_train_cmd(tmp_path / "run")[1:]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", SIGINT_DEFAULT, *_train_cmd(tmp_path / "run")[1:]]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while b"glibc.malloc.hugetlb" not in _environ(proc.pid):
