@@ -12,6 +12,7 @@ forever in a collective. With more than one process, JAX's preemption service (s
 by `jax.distributed.initialize`) catches SIGTERM on any host, agrees on a step through
 the coordination service, and `multihost_utils.reached_preemption_sync_point` turns True
 on every host at that same step. Ctrl-C then keeps Python's default (KeyboardInterrupt).
+A signal the process was started with ignored stays ignored.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class Preemption:
         self._reason: str | None = None
         self._previous: dict = {}
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_term)
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
+            for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_interrupt)):
+                # ignored at start (SIGINT in a shell script's background job): kept so
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, handler)
 
     def _on_term(self, *_):
         self._reason = self._reason or "SIGTERM"
