@@ -357,7 +357,8 @@ def test_a_flipped_byte_is_named_with_the_intact_checkpoint(run_dir):
     message = refused("evaluate", run_dir, match="damaged")
     assert "evaluate it with --config.checkpoint.step=2" in message
     code, errors = command("evaluate", DEBUG, f"--workdir={run_dir}", *TINY,
-                           "--config.checkpoint.step=2")
+                           "--config.checkpoint.step=2", "--config.evaluate.tasks=rule_mc",
+                           "--config.evaluate.shots=(0,)")
     assert code == 0, errors
     # fine-tuning from it names the intact one as well, before anything is written
     message = refused("finetune", run_dir.parent / "ft", f"--config.finetune.init={run_dir}",

@@ -137,10 +137,11 @@ def test_quantized_export_is_served_and_evaluated(trained, tmp_path):
     service.batcher.stop(10)
     setup = build(cfg, jax.devices()[:1])
     params, _ = checkpoint.load_params(cfg, setup, tmp_path)
-    tokens = list(prompt)
-    for _ in range(6):
-        out = setup.model.apply({"params": params}, jnp.array([tokens]))
-        tokens.append(int(jnp.argmax(out[0, -1])))
+    forward = jax.jit(lambda row: setup.model.apply({"params": params}, row))  # one compile
+    tokens, row = list(prompt), np.zeros((1, len(prompt) + 6), np.int32)
+    for _ in range(6):  # the full forward over the row so far; causal: the padding is unseen
+        row[0, :len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(forward(row)[0, len(tokens) - 1])))
     assert got == tokens[len(prompt):]
 
 
