@@ -134,7 +134,8 @@ def hf_step(args, cfg):
 def dispatch(compiled) -> str:
     """How XLA:CPU runs a compiled step's matmuls, read from its HLO: GFLOP in library
     (YNNPACK) fusions, GFLOP and count of the other dots, and the MB that every instruction
-    outside those fusions writes. Loop bodies (scanned layers) count once."""
+    of the entry computation outside those fusions writes. A loop body (scanned layers)
+    counts once in the GFLOP, and as its loop's output in the MB."""
     text = compiled.as_text()
     computations = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)^\}", text, re.M | re.S))
     library = set(re.findall(r"kind=kCustom, calls=%?([\w.\-]+)", text))

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO
+from test_checkpoint import wait_for_step
 from test_launch import SIGINT_DEFAULT
 from test_main import TINY, tree_digest
 
@@ -452,39 +453,27 @@ def test_evaluation_may_run_beside_a_training_run(run_dir):
 # ----------------------------------------------------------------------------- signals
 
 
-def _wait_for_step(path, step, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if (path / "metrics.jsonl").exists() and any(h["step"] >= step for h in read_history(path)):
-            return
-        time.sleep(0.01)
-    raise TimeoutError(step)
-
-
+@contextlib.contextmanager
 def _long_run_at_step_3(path, sigint=SIGINT_DEFAULT):
-    """A training run that would go on for ever, once it has logged step 3; `sigint` is the
-    `-c` script that starts it (the default: SIGINT at its default, as from a terminal)."""
+    """A training run that would go on for ever, once it has logged step 3, killed when
+    the block ends; `sigint` is the `-c` script that starts it (the default: SIGINT at its
+    default, as from a terminal)."""
     command = _train_cmd(path, "--config.train.steps=100000", "--config.train.log_every=1",
                          "--config.checkpoint.every=1000")
     proc = subprocess.Popen([sys.executable, "-c", sigint, *command[1:]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_step(path, 3, proc)
-    except BaseException:
+        wait_for_step(path, 3, proc)
+        yield proc
+    finally:
         proc.kill()
-        raise
-    return proc
 
 
 def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
     path = tmp_path / "run"
-    proc = _long_run_at_step_3(path)
-    try:
+    with _long_run_at_step_3(path) as proc:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
     saved = checkpoint.Checkpointer(path, read_only=True).steps()
     assert proc.returncode == 130 and len(saved) == 1 and saved[0] >= 3, err[-2000:]
     assert err.strip().splitlines()[-1] == (f"error: interrupted (Ctrl-C): saved checkpoint "
@@ -496,14 +485,11 @@ def test_a_run_started_with_ctrl_c_ignored_stays_deaf_to_it(tmp_path):
     """A shell script starts its background jobs with SIGINT ignored, so that Ctrl-C at
     the terminal does not reach them: the run trains on (SIGTERM still stops it)."""
     path = tmp_path / "run"
-    proc = _long_run_at_step_3(path, sigint=SIGINT_DEFAULT.replace("SIG_DFL", "SIG_IGN"))
-    try:
+    with _long_run_at_step_3(path, sigint=SIGINT_DEFAULT.replace("SIG_DFL", "SIG_IGN")) as proc:
         proc.send_signal(signal.SIGINT)
-        _wait_for_step(path, max(h["step"] for h in read_history(path)) + 3, proc)
+        wait_for_step(path, max(h["step"] for h in read_history(path)) + 3, proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
     saved = checkpoint.Checkpointer(path, read_only=True).steps()
     assert proc.returncode == 0 and len(saved) == 1, err[-2000:]
     assert f"preempted (SIGTERM): saved step {saved[0]}; exiting" in err
@@ -811,12 +797,9 @@ def test_a_trained_tokenizer_follows_the_umask(tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
-    proc = _long_run_at_step_3(tmp_path / "run")
-    try:
+    with _long_run_at_step_3(tmp_path / "run") as proc:
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")

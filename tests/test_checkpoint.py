@@ -63,7 +63,10 @@ def wait_for_step(workdir: pathlib.Path, step: int, proc, timeout=300, saved=Fal
     path = workdir / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if proc.poll() is not None:
+            output = [text for text in proc.communicate() if text]  # what was piped
+            raise AssertionError("the run ended before it could be interrupted" +
+                                 (":\n" + output[-1][-2000:] if output else ""))
         if (path.exists() and any(h["step"] >= step for h in read_history(workdir))
                 and (not saved or any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir()))):
             return
